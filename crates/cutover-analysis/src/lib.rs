@@ -1,0 +1,1 @@
+//! The judge: thresholds and canary-versus-stable statistics, pure.

@@ -1,0 +1,1 @@
+//! cutover.toml to validated settings, with diagnostics naming file:line:col and key.

@@ -1,0 +1,1 @@
+//! The release controller: a pure step function and the async driver that runs its commands.

@@ -1,0 +1,109 @@
+//! The closed sets of rollout phases, outcomes and strategies (CONTRACT §3).
+//!
+//! Their kebab-case names are part of the user-facing contract, so `as_str`/`parse` live here
+//! once instead of as string literals scattered over the API, CLI and store.
+
+use std::fmt;
+
+macro_rules! kebab_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+
+            /// The value named `s`, exactly as `as_str` spells it.
+            pub fn parse(s: &str) -> Option<Self> {
+                match s {
+                    $($text => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+kebab_enum!(
+    /// Where a service stands. `Stable` means no rollout is in progress.
+    Phase {
+        Stable => "stable",
+        /// Candidate instances are starting and must pass health checks.
+        Starting => "starting",
+        /// Steps are running and analysis judges the candidate.
+        Progressing => "progressing",
+        /// A timed pause between steps, or a person paused the rollout.
+        Paused => "paused",
+        /// Waiting for `cutover promote`.
+        AwaitingApproval => "awaiting-approval",
+        /// The candidate has all traffic; the old version drains and stops.
+        Promoting => "promoting",
+        Promoted => "promoted",
+        RolledBack => "rolled-back",
+        Aborted => "aborted",
+        Failed => "failed",
+    }
+);
+
+kebab_enum!(
+    /// How a rollout ended, or that it has not.
+    RolloutOutcome {
+        InProgress => "in-progress",
+        Promoted => "promoted",
+        /// Analysis or health failed: cutover decided.
+        RolledBack => "rolled-back",
+        /// A person decided.
+        Aborted => "aborted",
+        /// The candidate never became healthy; traffic never moved.
+        Failed => "failed",
+    }
+);
+
+kebab_enum!(
+    /// How traffic moves from the stable version to the candidate.
+    StrategyKind {
+        Canary => "canary",
+        BlueGreen => "blue-green",
+        Rolling => "rolling",
+    }
+);
+
+impl RolloutOutcome {
+    pub fn is_final(self) -> bool {
+        self != RolloutOutcome::InProgress
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for p in Phase::ALL {
+            assert_eq!(Phase::parse(p.as_str()), Some(*p));
+        }
+        for o in RolloutOutcome::ALL {
+            assert_eq!(RolloutOutcome::parse(o.as_str()), Some(*o));
+        }
+        for s in StrategyKind::ALL {
+            assert_eq!(StrategyKind::parse(s.as_str()), Some(*s));
+        }
+        assert_eq!(StrategyKind::parse("bluegreen"), None);
+    }
+}

@@ -1,0 +1,1 @@
+//! The sample upstream used by the demo, tests and benchmarks.

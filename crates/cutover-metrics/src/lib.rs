@@ -1,0 +1,1 @@
+//! Per-version request metrics: lock-light counters, HDR histograms, windows, Prometheus text.

@@ -1,0 +1,1 @@
+//! The data plane: weighted HTTP/1.1 reverse proxy, health checks, draining.

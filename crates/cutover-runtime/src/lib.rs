@@ -1,0 +1,1 @@
+//! Runtimes that start and stop instances: process and static.

@@ -1,0 +1,1 @@
+//! SQLite persistence of rollouts, events and instances, with its own migrations.

@@ -1,0 +1,3 @@
+//! The cutover binary: parses arguments, loads settings and wires the parts together.
+
+fn main() {}
