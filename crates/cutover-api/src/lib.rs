@@ -1,1 +1,37 @@
-//! The daemon's HTTP API, auth, server-sent events and dashboard.
+//! cutover-api: the daemon's HTTP API (CONTRACT §5), its authentication, the live event stream,
+//! `/metrics`, and the dashboard.
+//!
+//! Every route but `GET /healthz` and the login form requires the token, as a bearer header or
+//! as the HttpOnly cookie the login form sets; the comparison is constant-time. Errors are JSON
+//! `{"error":{"code","message"}}`. This crate translates between HTTP and the controller's
+//! handle; it must make no decision of its own and hold no state beyond the token.
+
+mod auth;
+mod dashboard;
+mod routes;
+pub mod wire;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use cutover_controller::Controller;
+use cutover_metrics::Metrics;
+
+pub use routes::router;
+
+/// What the API's handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub controller: Controller,
+    pub metrics: Metrics,
+    pub token: Arc<str>,
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}

@@ -1,3 +1,98 @@
 //! The cutover binary: parses arguments, loads settings and wires the parts together.
+//!
+//! Wiring only: every decision lives in a library crate (controller, judge, proxy). This crate
+//! owns the command line, exit codes, terminal output and the demo tour.
 
-fn main() {}
+mod cli;
+mod client;
+mod commands;
+mod daemon;
+mod demo;
+mod exit;
+mod render;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use serde_json::json;
+
+use crate::cli::{Cli, Command};
+use crate::client::Client;
+use crate::exit::{CliError, CliResult, Code};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Up => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CUTOVER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cutover: {e}");
+            ExitCode::from(e.code as u8)
+        }
+    }
+}
+
+fn load(cli: &Cli) -> CliResult<cutover_config::Settings> {
+    cutover_config::load(&cli.config).map_err(|e| CliError::new(Code::Usage, e.to_string()))
+}
+
+/// A small runtime for commands that talk to the daemon.
+fn block_on<F: std::future::Future<Output = CliResult>>(f: F) -> CliResult {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::new(Code::Failure, format!("cannot start the async runtime: {e}")))?
+        .block_on(f)
+}
+
+fn run(cli: Cli) -> CliResult {
+    match &cli.command {
+        Command::Init { force } => commands::init(&cli.config, *force),
+        Command::Validate(r) => commands::validate(&load(&cli)?, r.json),
+        Command::Up => daemon::up(load(&cli)?),
+        Command::DemoApp(a) => demo::demo_app(a),
+        Command::Demo { keep } => demo::run(*keep),
+        Command::Deploy { service, version, env, strategy, wait, read } => {
+            let client = Client::new(&load(&cli)?)?;
+            block_on(commands::deploy(
+                &client,
+                commands::DeployArgs {
+                    service,
+                    version,
+                    env,
+                    strategy: strategy.as_deref(),
+                    wait: *wait,
+                    json: read.json,
+                },
+            ))
+        }
+        Command::Status { service, watch, read } => {
+            let client = Client::new(&load(&cli)?)?;
+            block_on(commands::status(&client, service.as_deref(), *watch, read.json))
+        }
+        Command::Promote { service, full, read } => {
+            let client = Client::new(&load(&cli)?)?;
+            block_on(commands::act(&client, service, "promote", json!({"full": full}), read.json))
+        }
+        Command::Abort(a) | Command::Rollback(a) | Command::Pause(a) | Command::Resume(a) => {
+            let verb = match &cli.command {
+                Command::Abort(_) => "abort",
+                Command::Rollback(_) => "rollback",
+                Command::Pause(_) => "pause",
+                _ => "resume",
+            };
+            let client = Client::new(&load(&cli)?)?;
+            block_on(commands::act(&client, &a.service, verb, json!({}), a.read.json))
+        }
+        Command::History { service, limit, read } => {
+            let client = Client::new(&load(&cli)?)?;
+            block_on(commands::history(&client, service.as_deref(), *limit, read.json))
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Routes and handlers: each one asks the controller and turns its answer into JSON.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router, middleware};
+use cutover_controller::{Action, ControlError, DeployRequest};
+use cutover_core::StrategyKind;
+use futures_util::{Stream, StreamExt};
+use serde::Deserialize;
+use tokio_stream::wrappers::BroadcastStream;
+
+use crate::wire::{self, DeployBody, ErrorBody, ErrorDetail, PromoteBody};
+use crate::{ApiState, auth, dashboard};
+
+pub fn router(state: ApiState) -> Router {
+    let api = Router::new()
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/services/{name}", get(service))
+        .route("/api/v1/services/{name}/deploy", post(deploy))
+        .route("/api/v1/services/{name}/promote", post(promote))
+        .route("/api/v1/services/{name}/abort", post(abort))
+        .route("/api/v1/services/{name}/rollback", post(rollback))
+        .route("/api/v1/services/{name}/pause", post(pause))
+        .route("/api/v1/services/{name}/resume", post(resume))
+        .route("/api/v1/history", get(history))
+        .route("/api/v1/rollouts/{id}", get(rollout))
+        .route("/api/v1/events", get(events))
+        .route("/api/v1/services/{name}/series", get(series))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(dashboard::routes())
+        .merge(api)
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such route; see CONTRACT §5") })
+        .with_state(state)
+}
+
+pub fn error(status: StatusCode, code: &str, message: &str) -> (StatusCode, Json<ErrorBody>) {
+    (
+        status,
+        Json(ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message: message.to_owned(),
+            },
+        }),
+    )
+}
+
+/// A controller error as the HTTP answer its kind deserves.
+pub struct ApiError(ControlError);
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self.0 {
+            ControlError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ControlError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ControlError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ControlError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        error(status, code, &self.0.to_string()).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+async fn status(State(s): State<ApiState>) -> ApiResult<wire::Status> {
+    let services = s.controller.status().await?;
+    Ok(Json(wire::Status {
+        services: services.iter().map(wire::Service::from).collect(),
+    }))
+}
+
+async fn service(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<wire::Service> {
+    Ok(Json(wire::Service::from(&s.controller.service(&name).await?)))
+}
+
+/// Parses a JSON body leniently about its absence but strictly about its content: a bad body is
+/// a 400 naming what is wrong, not axum's plain-text rejection.
+fn body<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| ApiError(ControlError::BadRequest(format!("invalid JSON body: {e}"))))
+}
+
+async fn deploy(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Result<(StatusCode, Json<wire::Rollout>), ApiError> {
+    let b: DeployBody = body(&bytes)?;
+    if b.version.trim().is_empty() {
+        return Err(ApiError(ControlError::BadRequest("the body needs a \"version\"".into())));
+    }
+    let strategy = match b.strategy.as_deref() {
+        None => None,
+        Some(x) => Some(StrategyKind::parse(x).ok_or_else(|| {
+            ApiError(ControlError::BadRequest(format!(
+                "unknown strategy {x:?}; use canary, blue-green or rolling"
+            )))
+        })?),
+    };
+    let r = s
+        .controller
+        .deploy(DeployRequest {
+            service: name,
+            version: b.version,
+            env: b.env,
+            strategy,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(wire::Rollout::from(&r))))
+}
+
+async fn act(s: &ApiState, name: &str, action: Action) -> ApiResult<wire::Service> {
+    Ok(Json(wire::Service::from(&s.controller.act(name, action).await?)))
+}
+
+async fn promote(State(s): State<ApiState>, Path(name): Path<String>, bytes: axum::body::Bytes) -> ApiResult<wire::Service> {
+    let b: PromoteBody = body(&bytes)?;
+    act(&s, &name, Action::Promote { full: b.full }).await
+}
+
+async fn abort(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<wire::Service> {
+    act(&s, &name, Action::Abort).await
+}
+
+async fn rollback(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<wire::Service> {
+    act(&s, &name, Action::Rollback).await
+}
+
+async fn pause(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<wire::Service> {
+    act(&s, &name, Action::Pause).await
+}
+
+async fn resume(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<wire::Service> {
+    act(&s, &name, Action::Resume).await
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    service: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn history(State(s): State<ApiState>, Query(q): Query<HistoryQuery>) -> ApiResult<wire::History> {
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let rows = s.controller.history(q.service.as_deref(), limit).await?;
+    Ok(Json(wire::History {
+        rollouts: rows.iter().map(wire::Rollout::from).collect(),
+    }))
+}
+
+async fn rollout(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<wire::Rollout> {
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError(ControlError::BadRequest(format!("rollout id {id:?} is not a number"))))?;
+    Ok(Json(wire::Rollout::from(&s.controller.rollout(id).await?)))
+}
+
+/// Server-sent events: one `event: rollout` message per recorded event, as JSON.
+async fn events(State(s): State<ApiState>) -> Sse<impl Stream<Item = Result<axum::response::sse::Event, Infallible>>> {
+    let stream = BroadcastStream::new(s.controller.subscribe()).filter_map(|n| async move {
+        // A lagging client skips what it missed rather than stalling the controller.
+        let n = n.ok()?;
+        let mut e = wire::Event::from(&n.event);
+        e.phase = Some(n.phase.as_str().to_owned());
+        let data = serde_json::to_string(&e).ok()?;
+        Some(Ok(axum::response::sse::Event::default().event("rollout").data(data)))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// The last 15 minutes of per-version request rate, error rate and p99, for the dashboard chart.
+async fn series(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let svc = s.controller.service(&name).await?;
+    Ok(Json(dashboard::series_json(&s.metrics, &svc.name)).into_response())
+}
+
+async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        s.metrics.render_prometheus(),
+    )
+}

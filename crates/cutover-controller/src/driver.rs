@@ -1,0 +1,1066 @@
+//! The driver: the one task that owns every service's release state and runs the fsm's
+//! commands against the world.
+//!
+//! It receives messages (API requests, health changes from the proxy, instance exits from the
+//! runtime, drain completions) and timer ticks; for each it asks `fsm::step` what to do,
+//! persists the transition with its events in one SQLite transaction, and only then carries out
+//! the commands: reconciling instance counts through the runtime and publishing route tables
+//! through the data plane. It is the single owner of this state; readers get copies (views).
+//!
+//! It must not make decisions itself (those are the fsm's and the judge's) and must not be on
+//! the request path: the proxy keeps serving the last table if this task stops.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cutover_analysis::judge;
+use cutover_core::{
+    Backend, DataPlane, Health, HealthChange, InstanceId, Phase, RolloutOutcome, RolloutSpec, RouteTable,
+    RouteVersion, ServiceName, StrategyKind, Timestamp, Version, Weight,
+};
+use cutover_metrics::{Metrics, VersionSnapshot};
+use cutover_runtime::{InstanceExit, Runtime, StartSpec};
+use cutover_store::{InstanceRow, NewEvent, NewRollout, RolloutRow, ServiceRow, Store};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::checkpoint;
+use crate::fsm::{self, Command, Event, HealthCounts, Rollout, Verdict};
+use crate::view::{
+    Action, ControlError, DeployRequest, EventView, InstanceView, Notice, RolloutView, ServiceView,
+};
+
+/// How often pause holds, deadlines and scale-down delays are checked.
+const TICK: Duration = Duration::from_millis(200);
+/// How many recent events a service view carries.
+const RECENT_EVENTS: usize = 20;
+
+/// What the driver needs to know about one service; the binary builds it from the settings.
+pub struct ServiceSetup {
+    pub name: ServiceName,
+    pub listen: SocketAddr,
+    pub preview_listen: Option<SocketAddr>,
+    /// Deployed when the state has no stable version yet.
+    pub initial_version: Version,
+    pub spec: RolloutSpec,
+    /// Command template for process services (empty for static ones).
+    pub command: Vec<String>,
+    /// The service's configured environment, below any per-rollout `--env`.
+    pub env: BTreeMap<String, String>,
+    /// For static services: the versions that exist. `None`: any version can be started.
+    pub known_versions: Option<Vec<Version>>,
+    pub runtime: Arc<Runtime>,
+}
+
+/// A request to the driver with the channel its answer goes back on.
+enum Request {
+    Status(oneshot::Sender<Vec<ServiceView>>),
+    Service(String, oneshot::Sender<Result<ServiceView, ControlError>>),
+    Deploy(DeployRequest, oneshot::Sender<Result<RolloutView, ControlError>>),
+    Act(String, Action, oneshot::Sender<Result<ServiceView, ControlError>>),
+    History(Option<String>, usize, oneshot::Sender<Result<Vec<RolloutView>, ControlError>>),
+    Rollout(i64, oneshot::Sender<Result<RolloutView, ControlError>>),
+}
+
+/// A cheap, cloneable handle for talking to the driver.
+#[derive(Clone)]
+pub struct Controller {
+    tx: mpsc::Sender<Request>,
+    notices: broadcast::Sender<Notice>,
+}
+
+fn gone() -> ControlError {
+    ControlError::Internal("the controller has stopped; restart `cutover up`".into())
+}
+
+impl Controller {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Result<T, ControlError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+
+    pub async fn status(&self) -> Result<Vec<ServiceView>, ControlError> {
+        self.ask(Request::Status).await
+    }
+
+    pub async fn service(&self, name: &str) -> Result<ServiceView, ControlError> {
+        self.ask(|tx| Request::Service(name.to_owned(), tx)).await?
+    }
+
+    pub async fn deploy(&self, req: DeployRequest) -> Result<RolloutView, ControlError> {
+        self.ask(|tx| Request::Deploy(req, tx)).await?
+    }
+
+    pub async fn act(&self, service: &str, action: Action) -> Result<ServiceView, ControlError> {
+        self.ask(|tx| Request::Act(service.to_owned(), action, tx)).await?
+    }
+
+    pub async fn history(&self, service: Option<&str>, limit: usize) -> Result<Vec<RolloutView>, ControlError> {
+        self.ask(|tx| Request::History(service.map(str::to_owned), limit, tx)).await?
+    }
+
+    pub async fn rollout(&self, id: i64) -> Result<RolloutView, ControlError> {
+        self.ask(|tx| Request::Rollout(id, tx)).await?
+    }
+
+    /// Every event the controller records from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Notice> {
+        self.notices.subscribe()
+    }
+}
+
+/// Messages from the other parts of the daemon.
+enum Internal {
+    /// An instance left the route table, drained and stopped.
+    Stopped(InstanceId),
+}
+
+struct Instance {
+    version: Version,
+    addr: SocketAddr,
+    pid: Option<u32>,
+    health: Health,
+    /// Out of the route table; finishing its requests, then stopped.
+    draining: bool,
+}
+
+/// A rollout in progress, with what the driver keeps around it.
+struct Active {
+    rollout: Rollout,
+    row: RolloutRow,
+    spec: RolloutSpec,
+    /// Metric snapshots at the start of the current analysis window.
+    baseline: (VersionSnapshot, VersionSnapshot),
+    last_analysis: Option<String>,
+    next_analysis: Timestamp,
+}
+
+struct Svc {
+    setup: ServiceSetup,
+    stable: Version,
+    stable_env: BTreeMap<String, String>,
+    previous: Option<(Version, BTreeMap<String, String>)>,
+    instances: BTreeMap<InstanceId, Instance>,
+    active: Option<Active>,
+    /// The candidate's share and whether the preview listener serves it, as last commanded.
+    candidate_weight: Weight,
+    preview: bool,
+    generation: u64,
+    next_instance: u64,
+}
+
+/// Everything the driver is given at start.
+pub struct DriverParts {
+    pub services: Vec<ServiceSetup>,
+    pub store: Store,
+    pub dataplane: Arc<dyn DataPlane>,
+    pub metrics: Metrics,
+    pub health: mpsc::UnboundedReceiver<HealthChange>,
+    pub exits: mpsc::UnboundedReceiver<InstanceExit>,
+}
+
+/// Creates the driver and its handle. Run the driver with [`Driver::run`] on a runtime of its
+/// own (so SQLite writes never stall proxy workers); the handle works from any runtime.
+pub fn driver(parts: DriverParts) -> (Driver, Controller) {
+    let (tx, rx) = mpsc::channel(256);
+    let (notices, _) = broadcast::channel(1024);
+    let (itx, irx) = mpsc::unbounded_channel();
+    let services = parts
+        .services
+        .into_iter()
+        .map(|setup| {
+            let name = setup.name.clone();
+            let svc = Svc {
+                stable: setup.initial_version.clone(),
+                stable_env: BTreeMap::new(),
+                previous: None,
+                instances: BTreeMap::new(),
+                active: None,
+                candidate_weight: Weight::ZERO,
+                preview: false,
+                generation: 0,
+                next_instance: 1,
+                setup,
+            };
+            (name, svc)
+        })
+        .collect();
+    let d = Driver {
+        services,
+        store: parts.store,
+        dataplane: parts.dataplane,
+        metrics: parts.metrics,
+        notices: notices.clone(),
+        requests: rx,
+        health: parts.health,
+        exits: parts.exits,
+        internal_tx: itx,
+        internal: irx,
+    };
+    (d, Controller { tx, notices })
+}
+
+pub struct Driver {
+    services: BTreeMap<ServiceName, Svc>,
+    store: Store,
+    dataplane: Arc<dyn DataPlane>,
+    metrics: Metrics,
+    notices: broadcast::Sender<Notice>,
+    requests: mpsc::Receiver<Request>,
+    health: mpsc::UnboundedReceiver<HealthChange>,
+    exits: mpsc::UnboundedReceiver<InstanceExit>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    internal: mpsc::UnboundedReceiver<Internal>,
+}
+
+fn now() -> Timestamp {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    Timestamp(u64::try_from(ms).unwrap_or(u64::MAX))
+}
+
+impl Driver {
+    /// Restores state, starts the stable versions, resumes rollouts, then serves until
+    /// `shutdown` resolves; finally stops every instance it started.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        self.restore().await;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sample = tokio::time::interval(Duration::from_secs(1));
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(req) = self.requests.recv() => self.request(req).await,
+                Some(h) = self.health.recv() => self.on_health(h).await,
+                Some(e) = self.exits.recv() => self.on_exit(e).await,
+                Some(i) = self.internal.recv() => self.on_internal(i),
+                _ = tick.tick() => self.on_tick().await,
+                _ = sample.tick() => self.metrics.sample(now()),
+            }
+        }
+        self.stop_everything().await;
+    }
+
+    // ---- start-up -----------------------------------------------------------------------
+
+    async fn restore(&mut self) {
+        // Instances a previous daemon started and did not stop (it was killed) are gone or
+        // orphans: kill what is left, then start what the state requires.
+        match self.store.instances(None) {
+            Ok(rows) => {
+                let groups: Vec<(u32, u32)> =
+                    rows.iter().filter_map(|r| Some((r.pid?, r.pgid.or(r.pid)?))).collect();
+                let killed = cutover_runtime::kill_orphans(&groups);
+                if killed > 0 {
+                    tracing::warn!(killed, "killed instances left over by a previous daemon");
+                }
+                for r in rows {
+                    if let Err(e) = self.store.delete_instance(&r.id) {
+                        tracing::warn!(error = %e, "could not forget an old instance");
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "could not read recorded instances"),
+        }
+        let names: Vec<ServiceName> = self.services.keys().cloned().collect();
+        for name in &names {
+            match self.store.service(name.as_str()) {
+                Ok(Some(row)) => {
+                    if let Some(svc) = self.services.get_mut(name) {
+                        svc.stable = Version::new(&row.stable_version);
+                        svc.stable_env = row.stable_env;
+                        svc.previous = row.previous_version.map(|v| (Version::new(v), row.previous_env));
+                    }
+                }
+                Ok(None) => self.save_service(name),
+                Err(e) => tracing::error!(error = %e, service = %name, "could not read service state"),
+            }
+        }
+        let active = self.store.active_rollouts().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "could not read rollouts in progress");
+            Vec::new()
+        });
+        for name in &names {
+            if let Some(svc) = self.services.get(name) {
+                let (stable, n) = (svc.stable.clone(), svc.setup.spec.instances);
+                self.publish(name);
+                self.scale(name, &stable, n).await;
+            }
+        }
+        for row in active {
+            self.resume_rollout(row).await;
+        }
+    }
+
+    async fn resume_rollout(&mut self, mut row: RolloutRow) {
+        let name = ServiceName::new(&row.service);
+        let Some(svc) = self.services.get(&name) else {
+            row.outcome = RolloutOutcome::Failed;
+            row.reason = Some(format!("service {} is no longer in the configuration", row.service));
+            row.finished_at = Some(now());
+            if let Err(e) = self.store.update_rollout(&row) {
+                tracing::error!(error = %e, "could not close an orphaned rollout");
+            }
+            return;
+        };
+        let mut spec = svc.setup.spec.clone();
+        spec.strategy = row.strategy;
+        match checkpoint::decode(row.id, &row.checkpoint) {
+            Ok(rollout) => {
+                let baseline = self.snapshots(&name, &rollout.stable, &rollout.candidate);
+                let t = now();
+                let active = Active {
+                    rollout,
+                    row,
+                    baseline,
+                    last_analysis: None,
+                    next_analysis: t.plus(spec.analysis.interval),
+                    spec,
+                };
+                if let Some(svc) = self.services.get_mut(&name) {
+                    svc.active = Some(active);
+                }
+                self.feed(&name, Event::Resumed).await;
+            }
+            Err(e) => {
+                row.outcome = RolloutOutcome::RolledBack;
+                row.reason = Some(format!("could not resume after a restart ({e}); traffic stays on stable"));
+                row.finished_at = Some(now());
+                if let Err(e) = self.store.update_rollout(&row) {
+                    tracing::error!(error = %e, "could not close an unreadable rollout");
+                }
+            }
+        }
+    }
+
+    // ---- requests ---------------------------------------------------------------------------
+
+    async fn request(&mut self, req: Request) {
+        match req {
+            Request::Status(tx) => {
+                let names: Vec<ServiceName> = self.services.keys().cloned().collect();
+                let views = names.iter().filter_map(|n| self.view(n).ok()).collect();
+                let _ = tx.send(views);
+            }
+            Request::Service(name, tx) => {
+                let _ = tx.send(self.view(&ServiceName::new(&name)));
+            }
+            Request::Deploy(req, tx) => {
+                let r = self.deploy(req).await;
+                let _ = tx.send(r);
+            }
+            Request::Act(name, action, tx) => {
+                let r = self.act(&ServiceName::new(&name), action).await;
+                let _ = tx.send(r);
+            }
+            Request::History(service, limit, tx) => {
+                let r = self
+                    .store
+                    .rollouts(service.as_deref(), limit)
+                    .map(|rows| rows.into_iter().map(rollout_view).collect())
+                    .map_err(|e| ControlError::Internal(e.to_string()));
+                let _ = tx.send(r);
+            }
+            Request::Rollout(id, tx) => {
+                let _ = tx.send(self.rollout_with_events(id));
+            }
+        }
+    }
+
+    fn rollout_with_events(&self, id: i64) -> Result<RolloutView, ControlError> {
+        let row = self
+            .store
+            .rollout(id)
+            .map_err(|e| ControlError::Internal(e.to_string()))?
+            .ok_or_else(|| ControlError::NotFound(format!("no rollout {id}")))?;
+        let mut v = rollout_view(row);
+        v.events = self
+            .store
+            .events_for_rollout(id)
+            .map_err(|e| ControlError::Internal(e.to_string()))?
+            .into_iter()
+            .map(event_view)
+            .collect();
+        Ok(v)
+    }
+
+    fn unknown(name: &ServiceName) -> ControlError {
+        ControlError::NotFound(format!("no service named {name:?} in the configuration"))
+    }
+
+    async fn deploy(&mut self, req: DeployRequest) -> Result<RolloutView, ControlError> {
+        let name = ServiceName::new(&req.service);
+        let svc = self.services.get(&name).ok_or_else(|| Self::unknown(&name))?;
+        if let Some(a) = &svc.active {
+            return Err(ControlError::Conflict(format!(
+                "rollout {} of {name} to {} is in progress ({}); wait for it, or run `cutover abort {name}`",
+                a.rollout.id,
+                a.rollout.candidate,
+                a.rollout.phase()
+            )));
+        }
+        let version = Version::new(req.version.trim());
+        if version.as_str().is_empty()
+            || !version.as_str().chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            return Err(ControlError::BadRequest(format!(
+                "version {:?} is not a valid label (letters, digits, '.', '_', '-')",
+                req.version
+            )));
+        }
+        if version == svc.stable {
+            return Err(ControlError::Conflict(format!("{name} already runs {version} as stable")));
+        }
+        if let Some(known) = &svc.setup.known_versions {
+            if !known.contains(&version) {
+                let list: Vec<&str> = known.iter().map(Version::as_str).collect();
+                return Err(ControlError::BadRequest(format!(
+                    "static service {name} has no upstreams for {version}; configured: {}",
+                    list.join(", ")
+                )));
+            }
+        }
+        let strategy = req.strategy.unwrap_or(svc.setup.spec.strategy);
+        let mut spec = svc.setup.spec.clone();
+        spec.strategy = strategy;
+        self.begin(&name, version, req.env, spec).await
+    }
+
+    async fn begin(
+        &mut self,
+        name: &ServiceName,
+        version: Version,
+        env: BTreeMap<String, String>,
+        spec: RolloutSpec,
+    ) -> Result<RolloutView, ControlError> {
+        let Some(svc) = self.services.get(name) else {
+            return Err(Self::unknown(name));
+        };
+        let stable = svc.stable.clone();
+        let t = now();
+        let new = NewRollout {
+            service: name.to_string(),
+            from_version: stable.to_string(),
+            to_version: version.to_string(),
+            strategy: spec.strategy,
+            env,
+            started_at: t,
+            checkpoint: String::new(),
+        };
+        let id = self.store.insert_rollout(&new).map_err(|e| ControlError::Internal(e.to_string()))?;
+        let (rollout, cmds) = Rollout::begin(&spec, id, stable.clone(), version.clone(), spec.strategy, t);
+        let row = RolloutRow {
+            id,
+            service: new.service,
+            from_version: new.from_version,
+            to_version: new.to_version,
+            strategy: spec.strategy,
+            env: new.env,
+            outcome: RolloutOutcome::InProgress,
+            reason: None,
+            started_at: t,
+            finished_at: None,
+            checkpoint: checkpoint::encode(&rollout),
+        };
+        let baseline = self.snapshots(name, &stable, &version);
+        if let Some(svc) = self.services.get_mut(name) {
+            svc.active = Some(Active {
+                rollout,
+                row,
+                baseline,
+                last_analysis: None,
+                next_analysis: t.plus(spec.analysis.interval),
+                spec,
+            });
+        }
+        self.commit(name, cmds).await;
+        let row = self
+            .store
+            .rollout(id)
+            .map_err(|e| ControlError::Internal(e.to_string()))?
+            .ok_or_else(|| ControlError::Internal(format!("rollout {id} vanished")))?;
+        Ok(rollout_view(row))
+    }
+
+    async fn act(&mut self, name: &ServiceName, action: Action) -> Result<ServiceView, ControlError> {
+        let svc = self.services.get(name).ok_or_else(|| Self::unknown(name))?;
+        if svc.active.is_none() {
+            if action == Action::Rollback {
+                // After a finished promotion the previous version is started again and takes
+                // all traffic as soon as it is healthy: a blue-green switch with no delay.
+                let Some((prev, env)) = svc.previous.clone() else {
+                    return Err(ControlError::Conflict(format!(
+                        "{name} has no previous version to roll back to"
+                    )));
+                };
+                let mut spec = svc.setup.spec.clone();
+                spec.strategy = StrategyKind::BlueGreen;
+                spec.blue_green.auto_promote = true;
+                spec.blue_green.scale_down_delay = Duration::ZERO;
+                self.begin(name, prev, env, spec).await?;
+                return self.view(name);
+            }
+            return Err(ControlError::Conflict(format!(
+                "{name} has no rollout in progress; nothing to {}",
+                action.name()
+            )));
+        }
+        let event = match action {
+            Action::Promote { full } => Event::Promote { full },
+            Action::Abort => Event::Abort,
+            Action::Rollback => Event::Rollback,
+            Action::Pause => Event::Pause,
+            Action::Resume => Event::Resume,
+        };
+        self.feed_checked(name, event).await.map_err(|r| ControlError::Conflict(r.0))?;
+        self.view(name)
+    }
+
+    // ---- events from the world ---------------------------------------------------------------
+
+    async fn on_health(&mut self, h: HealthChange) {
+        let Some(svc) = self.services.get_mut(&h.service) else { return };
+        let Some(inst) = svc.instances.get_mut(&h.instance) else { return };
+        if inst.draining || inst.health == h.health {
+            return;
+        }
+        inst.health = h.health;
+        let rollout_id = svc.active.as_ref().map(|a| a.rollout.id);
+        let msg = format!("instance {} ({}) is {}: {}", h.instance, h.version, h.health, h.reason);
+        self.record_loose(&h.service, rollout_id, "health", msg);
+        self.update_instance_gauges(&h.service);
+        self.feed_health(&h.service, Some(h.reason)).await;
+    }
+
+    async fn on_exit(&mut self, e: InstanceExit) {
+        let Some(svc) = self.services.get_mut(&e.service) else { return };
+        let Some(inst) = svc.instances.get_mut(&e.instance) else { return };
+        if inst.draining {
+            return;
+        }
+        let how = match (e.code, e.signal) {
+            (Some(c), _) => format!("exited with code {c}"),
+            (None, Some(s)) => format!("was killed by signal {s}"),
+            (None, None) => "exited".to_owned(),
+        };
+        let again = e
+            .restart_in
+            .map(|d| format!("; restarting in {}", fsm::fmt_duration(d)))
+            .unwrap_or_default();
+        let was_healthy = inst.health == Health::Healthy;
+        // A crashed instance takes no traffic until the health checker admits it again.
+        if was_healthy {
+            inst.health = Health::Unhealthy;
+        }
+        let rollout_id = svc.active.as_ref().map(|a| a.rollout.id);
+        let msg = format!("instance {} ({}) {how}{again}", e.instance, e.version);
+        self.record_loose(&e.service, rollout_id, "instance-exit", msg.clone());
+        self.update_instance_gauges(&e.service);
+        if was_healthy {
+            self.feed_health(&e.service, Some(msg)).await;
+        }
+    }
+
+    fn on_internal(&mut self, i: Internal) {
+        match i {
+            Internal::Stopped(id) => {
+                for (name, svc) in self.services.iter_mut() {
+                    if svc.instances.remove(&id).is_some() {
+                        if let Err(e) = self.store.delete_instance(id.as_str()) {
+                            tracing::warn!(error = %e, "could not forget a stopped instance");
+                        }
+                        let name = name.clone();
+                        self.update_instance_gauges(&name);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_tick(&mut self) {
+        let t = now();
+        let names: Vec<ServiceName> = self.services.keys().cloned().collect();
+        for name in names {
+            let Some(a) = self.services.get(&name).and_then(|s| s.active.as_ref()) else { continue };
+            let due = t >= a.next_analysis;
+            self.feed(&name, Event::Tick).await;
+            if due {
+                self.analyse(&name, t).await;
+            }
+        }
+    }
+
+    /// Judges the window since the last conclusive verdict and feeds the verdict to the fsm.
+    async fn analyse(&mut self, name: &ServiceName, t: Timestamp) {
+        let Some(svc) = self.services.get_mut(name) else { return };
+        let stable_weight = svc.candidate_weight.complement();
+        let Some(a) = svc.active.as_mut() else { return };
+        a.next_analysis = t.plus(a.spec.analysis.interval);
+        if !a.rollout.judging(&a.spec) {
+            return;
+        }
+        let cand = self.metrics.snapshot(name, &a.rollout.candidate).window_since(Some(&a.baseline.1));
+        let stable = self.metrics.snapshot(name, &a.rollout.stable).window_since(Some(&a.baseline.0));
+        let compare = a.spec.analysis.compare_to_stable && stable_weight > Weight::ZERO;
+        let j = judge(&a.spec.analysis, &cand, compare.then_some(&stable));
+        let verdict = match j.verdict {
+            cutover_analysis::Verdict::Pass => Verdict::Pass,
+            cutover_analysis::Verdict::Fail => Verdict::Fail,
+            cutover_analysis::Verdict::Inconclusive => Verdict::Inconclusive,
+        };
+        if verdict != Verdict::Inconclusive {
+            a.last_analysis = Some(j.reason.clone());
+        }
+        self.feed(name, Event::Judged { verdict, reason: j.reason }).await;
+    }
+
+    async fn feed_health(&mut self, name: &ServiceName, detail: Option<String>) {
+        let Some(svc) = self.services.get(name) else { return };
+        let Some(a) = &svc.active else { return };
+        let cand = &a.rollout.candidate;
+        let mut counts = HealthCounts { detail, ..HealthCounts::default() };
+        for i in svc.instances.values().filter(|i| &i.version == cand && !i.draining) {
+            match i.health {
+                Health::Healthy => counts.candidate_healthy += 1,
+                Health::Unhealthy => counts.candidate_unhealthy += 1,
+                Health::Starting | Health::Draining => {}
+            }
+        }
+        self.feed(name, Event::Health(counts)).await;
+    }
+
+    // ---- the fsm loop -------------------------------------------------------------------------
+
+    async fn feed(&mut self, name: &ServiceName, event: Event) {
+        if let Err(r) = self.feed_checked(name, event).await {
+            tracing::debug!(refusal = %r, "event refused");
+        }
+    }
+
+    /// Steps the service's rollout with `event`, persists the result, then runs its commands.
+    async fn feed_checked(&mut self, name: &ServiceName, event: Event) -> Result<(), fsm::Refusal> {
+        let Some(a) = self.services.get_mut(name).and_then(|s| s.active.as_mut()) else {
+            return Ok(());
+        };
+        let (next, cmds) = fsm::step(&a.spec, &a.rollout, &event, now())?;
+        if next == a.rollout && cmds.is_empty() {
+            return Ok(());
+        }
+        a.rollout = next;
+        self.commit(name, cmds).await;
+        Ok(())
+    }
+
+    /// Persists the active rollout of `name` with the events its commands record, then runs
+    /// the commands, then finishes the rollout if it ended.
+    async fn commit(&mut self, name: &ServiceName, cmds: Vec<Command>) {
+        let t = now();
+        let Some(svc) = self.services.get_mut(name) else { return };
+        let Some(a) = svc.active.as_mut() else { return };
+        a.row.checkpoint = checkpoint::encode(&a.rollout);
+        a.row.outcome = a.rollout.outcome();
+        a.row.reason = a.rollout.reason().map(str::to_owned);
+        if a.rollout.is_done() {
+            a.row.finished_at = Some(t);
+        }
+        let phase = a.rollout.phase();
+        let weight = a.rollout.candidate_weight(&a.spec).percent();
+        let events: Vec<NewEvent> = cmds
+            .iter()
+            .filter_map(|c| match c {
+                Command::Record { kind, message } => Some(NewEvent {
+                    service: name.to_string(),
+                    rollout_id: Some(a.rollout.id),
+                    at: t,
+                    kind: kind.as_str().to_owned(),
+                    message: message.clone(),
+                    data: format!(
+                        "{{\"phase\":\"{phase}\",\"candidate_weight\":{weight},\"failures\":{}}}",
+                        a.rollout.failures
+                    ),
+                }),
+                _ => None,
+            })
+            .collect();
+        // Persist before acting: if the daemon dies between here and the commands, a restart
+        // re-applies the recorded state instead of forgetting a decision.
+        match self.store.record_transition(&a.row, &events) {
+            Ok(ids) => {
+                for (id, e) in ids.into_iter().zip(events) {
+                    let _ = self.notices.send(Notice {
+                        event: EventView {
+                            id,
+                            service: e.service,
+                            rollout_id: e.rollout_id,
+                            at: e.at,
+                            kind: e.kind,
+                            message: e.message,
+                        },
+                        phase,
+                    });
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "could not persist a transition; acting anyway"),
+        }
+        for c in cmds {
+            self.run_command(name, c).await;
+        }
+        self.finish_if_done(name);
+    }
+
+    async fn run_command(&mut self, name: &ServiceName, c: Command) {
+        match c {
+            Command::Scale { version, instances } => self.scale(name, &version, instances).await,
+            Command::Route { candidate, preview } => {
+                if let Some(svc) = self.services.get_mut(name) {
+                    svc.candidate_weight = candidate;
+                    svc.preview = preview;
+                }
+                self.publish(name);
+            }
+            Command::ResetAnalysis => {
+                let Some(a) = self.services.get(name).and_then(|s| s.active.as_ref()) else { return };
+                let (stable, cand) = (a.rollout.stable.clone(), a.rollout.candidate.clone());
+                let snaps = self.snapshots(name, &stable, &cand);
+                if let Some(a) = self.services.get_mut(name).and_then(|s| s.active.as_mut()) {
+                    a.baseline = snaps;
+                    a.next_analysis = now().plus(a.spec.analysis.interval);
+                }
+            }
+            Command::Record { .. } => {}
+        }
+    }
+
+    fn finish_if_done(&mut self, name: &ServiceName) {
+        let Some(svc) = self.services.get_mut(name) else { return };
+        let Some(a) = &svc.active else { return };
+        if !a.rollout.is_done() {
+            return;
+        }
+        let outcome = a.rollout.outcome();
+        if outcome == RolloutOutcome::Promoted {
+            let old = std::mem::replace(&mut svc.stable, a.rollout.candidate.clone());
+            let old_env = std::mem::replace(&mut svc.stable_env, a.row.env.clone());
+            svc.previous = Some((old, old_env));
+        }
+        svc.active = None;
+        svc.candidate_weight = Weight::ZERO;
+        svc.preview = false;
+        self.metrics.inc_rollouts(name, outcome);
+        self.save_service(name);
+        self.publish(name);
+    }
+
+    // ---- the world: instances and routes -------------------------------------------------------
+
+    /// Makes `want` instances of `version` run: starts missing ones, drains extra ones.
+    async fn scale(&mut self, name: &ServiceName, version: &Version, want: u32) {
+        let Some(svc) = self.services.get(name) else { return };
+        let live: Vec<InstanceId> = svc
+            .instances
+            .iter()
+            .filter(|(_, i)| &i.version == version && !i.draining)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let have = u32::try_from(live.len()).unwrap_or(u32::MAX);
+        if have > want {
+            // Newest first, so the longest-running (warmest) instances stay.
+            let extra: Vec<InstanceId> = live.iter().rev().take((have - want) as usize).cloned().collect();
+            for id in extra {
+                self.drain(name, &id);
+            }
+            self.publish(name);
+            return;
+        }
+        for index in have..want {
+            if let Err(reason) = self.start(name, version, index as usize).await {
+                let candidate = self
+                    .services
+                    .get(name)
+                    .and_then(|s| s.active.as_ref())
+                    .is_some_and(|a| &a.rollout.candidate == version);
+                let rollout_id = self.services.get(name).and_then(|s| s.active.as_ref()).map(|a| a.rollout.id);
+                self.record_loose(name, rollout_id, "start-failed", format!("could not start {version}: {reason}"));
+                if candidate {
+                    // Boxed: the fsm reacts by scaling, which can come back here.
+                    Box::pin(self.feed(name, Event::StartFailed { reason })).await;
+                }
+                return;
+            }
+        }
+        self.publish(name);
+    }
+
+    async fn start(&mut self, name: &ServiceName, version: &Version, index: usize) -> Result<(), String> {
+        let Some(svc) = self.services.get_mut(name) else { return Err("unknown service".into()) };
+        let seq = svc.next_instance;
+        svc.next_instance += 1;
+        let instance = InstanceId::new(format!("{name}-{version}-{seq}"));
+        let mut env = svc.setup.env.clone();
+        let extra = match &svc.active {
+            Some(a) if &a.rollout.candidate == version => a.row.env.clone(),
+            _ if &svc.stable == version => svc.stable_env.clone(),
+            _ => svc.previous.as_ref().filter(|(v, _)| v == version).map(|(_, e)| e.clone()).unwrap_or_default(),
+        };
+        env.extend(extra);
+        let spec = StartSpec {
+            service: name.clone(),
+            version: version.clone(),
+            instance: instance.clone(),
+            index,
+            command: svc.setup.command.clone(),
+            env,
+            port: None,
+        };
+        let runtime = svc.setup.runtime.clone();
+        let started = runtime.start(spec).await.map_err(|e| e.to_string())?;
+        let row = InstanceRow {
+            id: instance.to_string(),
+            service: name.to_string(),
+            version: version.to_string(),
+            address: started.addr.to_string(),
+            pid: started.pid,
+            pgid: started.pgid,
+            started_at: now(),
+        };
+        if let Err(e) = self.store.upsert_instance(&row) {
+            tracing::warn!(error = %e, "could not record a started instance");
+        }
+        if let Some(svc) = self.services.get_mut(name) {
+            svc.instances.insert(
+                instance,
+                Instance {
+                    version: version.clone(),
+                    addr: started.addr,
+                    pid: started.pid,
+                    health: Health::Starting,
+                    draining: false,
+                },
+            );
+        }
+        self.update_instance_gauges(name);
+        Ok(())
+    }
+
+    /// Takes an instance out of the table; a task waits for its requests to finish (up to
+    /// `drain_timeout`), stops it, and reports back.
+    fn drain(&mut self, name: &ServiceName, id: &InstanceId) {
+        let Some(svc) = self.services.get_mut(name) else { return };
+        let Some(inst) = svc.instances.get_mut(id) else { return };
+        inst.draining = true;
+        inst.health = Health::Draining;
+        let drain_timeout = svc.setup.spec.drain_timeout;
+        let stop_timeout = svc.setup.spec.stop_timeout;
+        let runtime = svc.setup.runtime.clone();
+        let dataplane = self.dataplane.clone();
+        let tx = self.internal_tx.clone();
+        let (name, id) = (name.clone(), id.clone());
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + drain_timeout;
+            // The instance is already out of the published table, so no new request reaches
+            // it; poll until the ones in flight are done.
+            while dataplane.inflight(&name, &id) > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if let Err(e) = runtime.stop(&id, stop_timeout).await {
+                tracing::warn!(error = %e, instance = %id, "could not stop instance");
+            }
+            let _ = tx.send(Internal::Stopped(id));
+        });
+    }
+
+    /// Builds and publishes the route table of `name` from the current state.
+    fn publish(&mut self, name: &ServiceName) {
+        let Some(svc) = self.services.get_mut(name) else { return };
+        svc.generation += 1;
+        let backends = |v: &Version| -> Vec<Backend> {
+            svc.instances
+                .iter()
+                .filter(|(_, i)| &i.version == v && !i.draining)
+                .map(|(id, i)| Backend { instance: id.clone(), addr: i.addr })
+                .collect()
+        };
+        let mut versions = vec![RouteVersion {
+            version: svc.stable.clone(),
+            weight: svc.candidate_weight.complement(),
+            backends: backends(&svc.stable),
+        }];
+        let candidate = svc.active.as_ref().map(|a| a.rollout.candidate.clone());
+        if let Some(c) = candidate.as_ref().filter(|c| **c != svc.stable) {
+            versions.push(RouteVersion {
+                version: c.clone(),
+                weight: svc.candidate_weight,
+                backends: backends(c),
+            });
+        }
+        let table = RouteTable {
+            service: name.clone(),
+            generation: svc.generation,
+            stable: svc.stable.clone(),
+            preview: candidate.filter(|_| svc.preview),
+            versions,
+        };
+        let weights: Vec<(Version, u8)> =
+            table.versions.iter().map(|v| (v.version.clone(), v.weight.percent())).collect();
+        self.metrics.set_weights(name, &weights);
+        self.dataplane.publish(table);
+    }
+
+    fn update_instance_gauges(&self, name: &ServiceName) {
+        let Some(svc) = self.services.get(name) else { return };
+        let mut counts: HashMap<(Version, Health), u64> = HashMap::new();
+        for i in svc.instances.values() {
+            *counts.entry((i.version.clone(), i.health)).or_default() += 1;
+        }
+        let list: Vec<(Version, Health, u64)> = counts.into_iter().map(|((v, h), n)| (v, h, n)).collect();
+        self.metrics.set_instances(name, &list);
+    }
+
+    fn snapshots(&self, name: &ServiceName, stable: &Version, cand: &Version) -> (VersionSnapshot, VersionSnapshot) {
+        (self.metrics.snapshot(name, stable), self.metrics.snapshot(name, cand))
+    }
+
+    async fn stop_everything(&mut self) {
+        let runtimes: Vec<(Arc<Runtime>, Duration)> = self
+            .services
+            .values()
+            .map(|s| (s.setup.runtime.clone(), s.setup.spec.stop_timeout))
+            .collect();
+        for (rt, timeout) in runtimes {
+            rt.stop_all(timeout).await;
+        }
+        for svc in self.services.values() {
+            for id in svc.instances.keys() {
+                if let Err(e) = self.store.delete_instance(id.as_str()) {
+                    tracing::warn!(error = %e, "could not forget a stopped instance");
+                }
+            }
+        }
+    }
+
+    // ---- records and views -----------------------------------------------------------------------
+
+    fn save_service(&mut self, name: &ServiceName) {
+        let Some(svc) = self.services.get(name) else { return };
+        let row = ServiceRow {
+            name: name.to_string(),
+            stable_version: svc.stable.to_string(),
+            stable_env: svc.stable_env.clone(),
+            previous_version: svc.previous.as_ref().map(|(v, _)| v.to_string()),
+            previous_env: svc.previous.as_ref().map(|(_, e)| e.clone()).unwrap_or_default(),
+        };
+        if let Err(e) = self.store.upsert_service(&row) {
+            tracing::error!(error = %e, "could not save service state");
+        }
+    }
+
+    /// Records an event that is not an fsm transition (health changes, exits).
+    fn record_loose(&mut self, name: &ServiceName, rollout_id: Option<i64>, kind: &str, message: String) {
+        let phase = self.phase(name);
+        let e = NewEvent {
+            service: name.to_string(),
+            rollout_id,
+            at: now(),
+            kind: kind.to_owned(),
+            message,
+            data: "{}".to_owned(),
+        };
+        match self.store.append_event(&e) {
+            Ok(id) => {
+                let _ = self.notices.send(Notice {
+                    event: EventView {
+                        id,
+                        service: e.service,
+                        rollout_id,
+                        at: e.at,
+                        kind: e.kind,
+                        message: e.message,
+                    },
+                    phase,
+                });
+            }
+            Err(err) => tracing::warn!(error = %err, "could not record an event"),
+        }
+    }
+
+    fn phase(&self, name: &ServiceName) -> Phase {
+        self.services
+            .get(name)
+            .and_then(|s| s.active.as_ref())
+            .map(|a| a.rollout.phase())
+            .unwrap_or(Phase::Stable)
+    }
+
+    fn view(&self, name: &ServiceName) -> Result<ServiceView, ControlError> {
+        let svc = self.services.get(name).ok_or_else(|| Self::unknown(name))?;
+        let a = svc.active.as_ref();
+        let mut weights = vec![(svc.stable.clone(), svc.candidate_weight.complement().percent())];
+        if let Some(a) = a {
+            weights.push((a.rollout.candidate.clone(), svc.candidate_weight.percent()));
+        }
+        let instances = svc
+            .instances
+            .iter()
+            .map(|(id, i)| InstanceView {
+                id: id.clone(),
+                version: i.version.clone(),
+                address: i.addr,
+                health: i.health,
+                pid: i.pid,
+            })
+            .collect();
+        let recent_events = self
+            .store
+            .recent_events(Some(name.as_str()), RECENT_EVENTS)
+            .unwrap_or_default()
+            .into_iter()
+            .map(event_view)
+            .collect();
+        Ok(ServiceView {
+            name: name.clone(),
+            listen: svc.setup.listen,
+            preview_listen: svc.setup.preview_listen,
+            phase: a.map(|a| a.rollout.phase()).unwrap_or(Phase::Stable),
+            stable: svc.stable.clone(),
+            candidate: a.map(|a| a.rollout.candidate.clone()),
+            strategy: a.map(|a| a.rollout.strategy).unwrap_or(svc.setup.spec.strategy),
+            weights,
+            step: a.and_then(|a| a.rollout.step_progress(&a.spec)),
+            rollout_id: a.map(|a| a.rollout.id),
+            failures: a.map(|a| a.rollout.failures).unwrap_or(0),
+            last_analysis: a.and_then(|a| a.last_analysis.clone()),
+            instances,
+            recent_events,
+        })
+    }
+}
+
+fn rollout_view(r: RolloutRow) -> RolloutView {
+    RolloutView {
+        id: r.id,
+        service: r.service,
+        from: r.from_version,
+        to: r.to_version,
+        strategy: r.strategy,
+        outcome: r.outcome,
+        reason: r.reason,
+        started_at: r.started_at,
+        finished_at: r.finished_at,
+        env: r.env,
+        events: Vec::new(),
+    }
+}
+
+fn event_view(e: cutover_store::EventRow) -> EventView {
+    EventView {
+        id: e.id,
+        service: e.service,
+        rollout_id: e.rollout_id,
+        at: e.at,
+        kind: e.kind,
+        message: e.message,
+    }
+}

@@ -1,0 +1,120 @@
+//! The command line (CONTRACT §1) as clap derive types. Parsing only; no behaviour here.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "cutover", version, about = "Deployments that promote or roll back on their own.")]
+pub struct Cli {
+    /// The configuration file.
+    #[arg(short, long, global = true, default_value = "cutover.toml", env = "CUTOVER_CONFIG")]
+    pub config: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Write a commented cutover.toml (demo service) and .cutover/ in the current directory.
+    Init {
+        /// Overwrite an existing cutover.toml.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check the config and print what would run; no side effects.
+    Validate(ReadOpts),
+    /// Run the daemon in the foreground: proxies, controller, API, dashboard.
+    Up,
+    /// Start a rollout of SERVICE to VERSION.
+    Deploy {
+        service: String,
+        version: String,
+        /// Extra environment for the new version's instances (repeatable).
+        #[arg(long = "env", value_name = "KEY=VAL")]
+        env: Vec<String>,
+        /// Override the configured strategy for this rollout: canary, blue-green or rolling.
+        #[arg(long)]
+        strategy: Option<String>,
+        /// Follow progress until the rollout ends; exit 1 unless it was promoted.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
+    /// Services, versions, weights, instances and the current step.
+    Status {
+        service: Option<String>,
+        /// Redraw in place until interrupted.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
+    /// Pass the current pause or approval gate.
+    Promote {
+        service: String,
+        /// Skip the remaining steps: straight to 100%.
+        #[arg(long)]
+        full: bool,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
+    /// Stop the rollout now: all traffic back to stable, candidate stopped.
+    Abort(ServiceArg),
+    /// After a promotion: return to the previous version.
+    Rollback(ServiceArg),
+    /// Hold the rollout where it is (analysis keeps judging).
+    Pause(ServiceArg),
+    /// Continue a paused rollout.
+    Resume(ServiceArg),
+    /// Past rollouts with outcome, reason and timings.
+    History {
+        service: Option<String>,
+        /// How many rollouts to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
+    /// A self-contained tour on free ports in a temporary directory.
+    Demo {
+        /// Leave the daemon and dashboard running afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// The sample upstream used by the demo and tests.
+    DemoApp(DemoAppArgs),
+}
+
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct ReadOpts {
+    /// Print one JSON document on stdout, nothing else.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ServiceArg {
+    pub service: String,
+    #[command(flatten)]
+    pub read: ReadOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoAppArgs {
+    #[arg(long, env = "PORT")]
+    pub port: u16,
+    #[arg(long, env = "CUTOVER_VERSION", default_value = "v1")]
+    pub version: String,
+    /// Share of requests to `/` answered with 500 (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub error_rate: f64,
+    /// Delay added to each request to `/`, e.g. 20ms.
+    #[arg(long)]
+    pub latency: Option<String>,
+    /// Answer /healthz with 503.
+    #[arg(long)]
+    pub fail_health: bool,
+}
