@@ -21,7 +21,10 @@ pub fn token_matches(given: &str, expected: &str) -> bool {
 
 /// The token a request presents, from `Authorization: Bearer` or the dashboard cookie.
 pub fn presented(headers: &HeaderMap) -> Option<String> {
-    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         return v.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
     }
     headers
@@ -49,8 +52,10 @@ pub async fn require_token(State(state): State<ApiState>, req: Request, next: Ne
         "this route needs `Authorization: Bearer <token>`; the token is in .cutover/token beside the config"
     };
     let mut resp = error(StatusCode::UNAUTHORIZED, "unauthorized", msg).into_response();
-    resp.headers_mut()
-        .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
     resp
 }
 
@@ -65,7 +70,10 @@ mod tests {
         h.insert(header::COOKIE, "a=b; cutover_token=abc".parse().unwrap());
         assert!(authorised(&h, "abc"));
         h.insert(header::AUTHORIZATION, "Bearer abd".parse().unwrap());
-        assert!(!authorised(&h, "abc"), "a wrong bearer is not rescued by a cookie");
+        assert!(
+            !authorised(&h, "abc"),
+            "a wrong bearer is not rescued by a cookie"
+        );
         assert!(!token_matches("ab", "abc"));
     }
 }

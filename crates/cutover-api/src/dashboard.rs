@@ -1,16 +1,20 @@
 //! The dashboard: a login form that sets the token cookie, and server-rendered pages.
 //!
-//! No front-end build step: HTML is rendered here, charts are inline SVG, and a small inline
-//! script listens to the SSE stream to refresh the page's parts. It must not hold any state of
-//! its own; everything it shows comes from the controller and the metrics.
+//! No front-end build step: HTML is rendered here, charts are inline SVG drawn from the metrics'
+//! 15-minute series, and a small inline script listens to the SSE stream and swaps in a freshly
+//! rendered service panel whenever something is recorded. Buttons post to the same API routes
+//! the CLI uses, authenticated by the HttpOnly SameSite=Strict cookie. It holds no state.
 
-use axum::extract::State;
+use std::fmt::Write;
+
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::{Form, Router};
-use cutover_core::ServiceName;
-use cutover_metrics::Metrics;
+use cutover_controller::{EventView, ServiceView};
+use cutover_core::{Phase, ServiceName, Timestamp};
+use cutover_metrics::{Metrics, VersionSeries};
 use serde::Deserialize;
 
 use crate::{ApiState, auth};
@@ -18,11 +22,13 @@ use crate::{ApiState, auth};
 pub fn routes() -> Router<ApiState> {
     Router::new()
         .route("/", get(index))
+        .route("/services/{name}", get(service_page))
+        .route("/ui/services/{name}/panel", get(service_panel))
         .route("/login", get(login_form).post(login))
         .route("/logout", axum::routing::post(logout))
 }
 
-fn escape(s: &str) -> String {
+pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -37,9 +43,39 @@ fn escape(s: &str) -> String {
     out
 }
 
-const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:0;background:#0f1115;color:#e6e6e6}\
-main{max-width:1100px;margin:auto;padding:1rem}input,button{font:inherit;padding:.4rem .7rem}\
-.card{background:#181b22;border-radius:8px;padding:1rem;margin:1rem 0}";
+const STYLE: &str = r#"
+:root{--bg:#0f1115;--card:#181b22;--fg:#e6e6e6;--dim:#9aa3b2;--ok:#3fb950;--bad:#f85149;--warn:#d29922;--acc:#58a6ff}
+*{box-sizing:border-box}body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:0;background:var(--bg);color:var(--fg);line-height:1.4}
+main{max-width:1100px;margin:auto;padding:.75rem}header{display:flex;justify-content:space-between;align-items:center;gap:1rem;flex-wrap:wrap}
+a{color:var(--acc)}h1{font-size:1.3rem;margin:.3rem 0}h2{font-size:1.1rem;margin:.2rem 0}h3{font-size:.95rem;margin:.8rem 0 .3rem;color:var(--dim)}
+.card{background:var(--card);border-radius:10px;padding:.9rem;margin:.75rem 0}
+.phase{display:inline-block;padding:.1rem .55rem;border-radius:999px;font-weight:600;font-size:.85rem;background:#30363d}
+.phase-stable,.phase-promoted{background:#1f3d2a;color:var(--ok)}.phase-rolled-back,.phase-failed,.phase-aborted{background:#3d1f22;color:var(--bad)}
+.phase-paused,.phase-awaiting-approval{background:#3d321f;color:var(--warn)}.phase-progressing,.phase-starting,.phase-promoting{background:#1f2d3d;color:var(--acc)}
+.bar{background:#30363d;border-radius:4px;height:.8rem;overflow:hidden;flex:1}.bar>span{display:block;height:100%}
+.wrow{display:flex;align-items:center;gap:.6rem;margin:.25rem 0}.wrow b{min-width:4.5rem}.wrow i{min-width:3rem;text-align:right;font-style:normal}
+table{width:100%;border-collapse:collapse;font-size:.88rem}td,th{padding:.3rem .4rem;border-bottom:1px solid #262b33;text-align:left;vertical-align:top}
+.h-healthy{color:var(--ok)}.h-unhealthy{color:var(--bad)}.h-starting,.h-draining{color:var(--warn)}
+button,input{font:inherit;padding:.45rem .8rem;border-radius:6px;border:1px solid #30363d;background:#21262d;color:var(--fg)}
+button{cursor:pointer}button:hover{border-color:var(--acc)}button.danger{border-color:#6e2b2b}button:disabled{opacity:.4;cursor:default}
+.actions{display:flex;gap:.5rem;flex-wrap:wrap;margin:.6rem 0}.dim{color:var(--dim)}.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:.6rem}
+svg{width:100%;height:auto;background:#12151b;border-radius:6px}.ev-kind{white-space:nowrap;color:var(--dim)}
+.legend span{margin-right:.8rem;font-size:.85rem}code{background:#21262d;padding:.05rem .3rem;border-radius:4px}
+@media (max-width:600px){td.hide-sm,th.hide-sm{display:none}main{padding:.4rem}}
+"#;
+
+/// Colours for versions in charts and bars, stable first.
+const PALETTE: &[&str] = &[
+    "#58a6ff", "#3fb950", "#d29922", "#bc8cff", "#f85149", "#39c5cf",
+];
+
+fn page(title: &str, body: &str, script: &str) -> String {
+    format!(
+        "<!doctype html><html lang=en><head><meta charset=utf-8><meta name=viewport content=\"width=device-width,initial-scale=1\">\
+<title>{}</title><style>{STYLE}</style></head><body><main>{body}</main>{script}</body></html>",
+        escape(title)
+    )
+}
 
 async fn login_form() -> Html<String> {
     Html(login_page(None))
@@ -47,13 +83,17 @@ async fn login_form() -> Html<String> {
 
 fn login_page(error: Option<&str>) -> String {
     let err = error
-        .map(|e| format!("<p role=alert style=color:#ff6b6b>{}</p>", escape(e)))
+        .map(|e| format!("<p role=alert style=color:var(--bad)>{}</p>", escape(e)))
         .unwrap_or_default();
-    format!(
-        "<!doctype html><html lang=en><head><meta charset=utf-8><meta name=viewport content=\"width=device-width,initial-scale=1\">\
-<title>cutover · login</title><style>{STYLE}</style></head><body><main><div class=card><h1>cutover</h1>{err}\
-<form method=post action=/login><label>Token <input id=token name=token type=password autocomplete=current-password required></label> \
-<button id=login type=submit>Log in</button></form><p>The token is in <code>.cutover/token</code> beside your config.</p></div></main></body></html>"
+    page(
+        "cutover · log in",
+        &format!(
+            "<div class=card><h1>cutover</h1>{err}<form method=post action=/login>\
+<p><label>API token<br><input id=token name=token type=password autocomplete=current-password required size=40></label></p>\
+<button id=login type=submit>Log in</button></form>\
+<p class=dim>The token is in <code>.cutover/token</code> beside your config.</p></div>"
+        ),
+        "",
     )
 }
 
@@ -63,16 +103,37 @@ struct LoginForm {
 }
 
 async fn login(State(s): State<ApiState>, Form(f): Form<LoginForm>) -> Response {
-    if !auth::token_matches(f.token.trim(), &s.token) {
-        return (StatusCode::UNAUTHORIZED, Html(login_page(Some("That token is not right.")))).into_response();
+    let token = f.token.trim();
+    if !auth::token_matches(token, &s.token) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Html(login_page(Some("That token is not right."))),
+        )
+            .into_response();
     }
-    let cookie = format!("{}={}; HttpOnly; SameSite=Strict; Path=/", auth::COOKIE, f.token.trim());
+    // The cookie holds the token itself: it is as secret as the token file, HttpOnly keeps it
+    // from scripts and SameSite=Strict keeps other sites from riding it.
+    let cookie = format!(
+        "{}={token}; HttpOnly; SameSite=Strict; Path=/",
+        auth::COOKIE
+    );
     ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
 }
 
 async fn logout() -> Response {
-    let cookie = format!("{}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0", auth::COOKIE);
+    let cookie = format!(
+        "{}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0",
+        auth::COOKIE
+    );
     ([(header::SET_COOKIE, cookie)], Redirect::to("/login")).into_response()
+}
+
+fn header_bar(title: &str) -> String {
+    format!(
+        "<header><h1><a href=/ style=color:inherit;text-decoration:none>cutover</a> · {}</h1>\
+<form method=post action=/logout><button type=submit>Log out</button></form></header>",
+        escape(title)
+    )
 }
 
 async fn index(State(s): State<ApiState>, headers: HeaderMap) -> Response {
@@ -83,23 +144,382 @@ async fn index(State(s): State<ApiState>, headers: HeaderMap) -> Response {
         Ok(v) => v,
         Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     };
-    let mut body = String::new();
+    let mut body = header_bar("services");
     for svc in &services {
-        body.push_str(&format!(
-            "<section class=card data-service=\"{n}\"><h2>{n}</h2><p>phase <b class=phase>{p}</b> · stable {st}</p></section>",
+        let _ = write!(
+            body,
+            "<section class=card data-service=\"{n}\"><h2><a href=\"/services/{n}\">{n}</a> <span class=\"phase phase-{p}\">{p}</span></h2>\
+<p class=dim>listen {listen} · stable {st}{cand} · {strategy}</p>{weights}</section>",
             n = escape(svc.name.as_str()),
             p = svc.phase,
+            listen = svc.listen,
             st = escape(svc.stable.as_str()),
-        ));
+            cand = svc
+                .candidate
+                .as_ref()
+                .map(|c| format!(" · candidate {}", escape(c.as_str())))
+                .unwrap_or_default(),
+            strategy = svc.strategy,
+            weights = weight_bars(svc),
+        );
     }
-    Html(format!(
-        "<!doctype html><html lang=en><head><meta charset=utf-8><meta name=viewport content=\"width=device-width,initial-scale=1\">\
-<title>cutover</title><style>{STYLE}</style></head><body><main><h1>cutover</h1>{body}</main></body></html>"
-    ))
-    .into_response()
+    if services.is_empty() {
+        body.push_str("<p class=card>No services are configured.</p>");
+    }
+    Html(page("cutover", &body, &live_script(None))).into_response()
 }
 
-/// Per-version points of the last 15 minutes as JSON for the chart.
+async fn service_page(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !auth::authorised(&headers, &s.token) {
+        return Redirect::to("/login").into_response();
+    }
+    match s.controller.service(&name).await {
+        Ok(svc) => {
+            let body = format!(
+                "{}<div id=panel>{}</div>",
+                header_bar(svc.name.as_str()),
+                panel(&svc, &s.metrics)
+            );
+            Html(page(
+                &format!("cutover · {}", svc.name),
+                &body,
+                &live_script(Some(svc.name.as_str())),
+            ))
+            .into_response()
+        }
+        Err(e) => (
+            StatusCode::NOT_FOUND,
+            Html(page(
+                "cutover",
+                &format!("<p class=card>{}</p>", escape(&e.to_string())),
+                "",
+            )),
+        )
+            .into_response(),
+    }
+}
+
+/// The service panel alone, for the live script to swap in.
+async fn service_panel(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !auth::authorised(&headers, &s.token) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    match s.controller.service(&name).await {
+        Ok(svc) => Html(panel(&svc, &s.metrics)).into_response(),
+        Err(e) => (StatusCode::NOT_FOUND, e.to_string()).into_response(),
+    }
+}
+
+fn weight_bars(svc: &ServiceView) -> String {
+    let mut out = String::from("<div class=weights>");
+    for (i, (v, w)) in svc.weights.iter().enumerate() {
+        let _ = write!(
+            out,
+            "<div class=wrow><b>{}</b><div class=bar><span style=\"width:{w}%;background:{}\"></span></div><i class=weight data-version=\"{}\">{w}%</i></div>",
+            escape(v.as_str()),
+            PALETTE[i % PALETTE.len()],
+            escape(v.as_str()),
+        );
+    }
+    out.push_str("</div>");
+    out
+}
+
+fn panel(svc: &ServiceView, metrics: &Metrics) -> String {
+    let name = escape(svc.name.as_str());
+    let mut out = String::new();
+    let step = svc
+        .step
+        .map(|(i, n)| format!(" · step {i}/{n}"))
+        .unwrap_or_default();
+    let rollout = match (&svc.candidate, svc.rollout_id) {
+        (Some(c), Some(id)) => format!(
+            "rollout #{id}: {} → {} ({})",
+            escape(svc.stable.as_str()),
+            escape(c.as_str()),
+            svc.strategy
+        ),
+        _ => format!("stable {} ({})", escape(svc.stable.as_str()), svc.strategy),
+    };
+    let _ = write!(
+        out,
+        "<section class=card><h2>{name} <span id=phase class=\"phase phase-{p}\">{p}</span></h2>\
+<p class=dim>{rollout}{step} · listen {listen}{preview}</p>{weights}",
+        p = svc.phase,
+        listen = svc.listen,
+        preview = svc
+            .preview_listen
+            .map(|p| format!(" · preview {p}"))
+            .unwrap_or_default(),
+        weights = weight_bars(svc),
+    );
+    if let Some(a) = &svc.last_analysis {
+        let _ = write!(
+            out,
+            "<p class=dim>analysis: {} failed evaluation(s); last verdict: {}</p>",
+            svc.failures,
+            escape(a)
+        );
+    }
+    let in_progress = svc.rollout_id.is_some();
+    let paused = svc.phase == Phase::Paused;
+    let button = |action: &str, label: &str, enabled: bool, danger: bool| {
+        format!(
+            "<button type=button data-action={action} data-service=\"{name}\"{}{}>{label}</button>",
+            if danger { " class=danger" } else { "" },
+            if enabled { "" } else { " disabled" }
+        )
+    };
+    let _ = write!(
+        out,
+        "<div class=actions>{}{}{}{}{}</div></section>",
+        button("promote", "Promote", in_progress, false),
+        button("pause", "Pause", in_progress && !paused, false),
+        button("resume", "Resume", paused, false),
+        button("abort", "Abort", in_progress, true),
+        button("rollback", "Roll back", true, true),
+    );
+    out.push_str(&charts(metrics, svc));
+    let _ = write!(
+        out,
+        "<section class=card><h3>Instances</h3><table><tr><th>instance</th><th>version</th><th class=hide-sm>address</th><th>health</th></tr>"
+    );
+    for i in &svc.instances {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td class=hide-sm>{}</td><td class=\"h-{h}\">{h}</td></tr>",
+            escape(i.id.as_str()),
+            escape(i.version.as_str()),
+            i.address,
+            h = i.health
+        );
+    }
+    out.push_str("</table></section>");
+    let _ = write!(out, "<section class=card><h3>Events</h3><table id=events>");
+    for e in &svc.recent_events {
+        let _ = write!(
+            out,
+            "<tr><td class=dim>{}</td><td class=ev-kind>{}</td><td>{}</td></tr>",
+            clock(e.at),
+            escape(&e.kind),
+            escape(&e.message)
+        );
+    }
+    out.push_str("</table></section>");
+    out
+}
+
+fn clock(t: Timestamp) -> String {
+    let s = crate::wire::rfc3339(t);
+    s.get(11..19).unwrap_or(&s).to_owned()
+}
+
+/// What one chart plots from a series point.
+#[derive(Clone, Copy)]
+enum Plot {
+    Rate,
+    ErrorRate,
+    P99,
+}
+
+impl Plot {
+    fn title(self) -> &'static str {
+        match self {
+            Plot::Rate => "requests/s",
+            Plot::ErrorRate => "5xx %",
+            Plot::P99 => "p99 ms",
+        }
+    }
+}
+
+/// Three small SVG charts of the last 15 minutes, with decisions marked as vertical lines.
+fn charts(metrics: &Metrics, svc: &ServiceView) -> String {
+    let series = metrics.series(&svc.name);
+    let end = series
+        .iter()
+        .filter_map(|s| s.points.last().map(|p| p.at))
+        .max()
+        .or_else(|| svc.recent_events.first().map(|e| e.at))
+        .unwrap_or_default();
+    let start = Timestamp(end.as_millis().saturating_sub(15 * 60 * 1000));
+    let mut out = String::from("<section class=card><h3>Last 15 minutes</h3><div class=legend>");
+    for (i, s) in series.iter().enumerate() {
+        let _ = write!(
+            out,
+            "<span style=color:{}>■ {}</span>",
+            PALETTE[i % PALETTE.len()],
+            escape(s.version.as_str())
+        );
+    }
+    out.push_str("</div><div class=charts>");
+    for plot in [Plot::Rate, Plot::ErrorRate, Plot::P99] {
+        out.push_str(&chart(plot, &series, &svc.recent_events, start, end));
+    }
+    out.push_str("</div></section>");
+    out
+}
+
+fn value(plot: Plot, requests: u64, errors: u64, p99: Option<std::time::Duration>) -> Option<f64> {
+    match plot {
+        Plot::Rate => Some(requests as f64),
+        Plot::ErrorRate => (requests > 0).then(|| 100.0 * errors as f64 / requests as f64),
+        Plot::P99 => p99.map(|d| d.as_secs_f64() * 1000.0),
+    }
+}
+
+fn chart(
+    plot: Plot,
+    series: &[VersionSeries],
+    events: &[EventView],
+    start: Timestamp,
+    end: Timestamp,
+) -> String {
+    const W: f64 = 320.0;
+    const H: f64 = 120.0;
+    const PAD: f64 = 22.0;
+    let span = end.as_millis().saturating_sub(start.as_millis()).max(1) as f64;
+    let x = |t: Timestamp| {
+        PAD + (t.as_millis().saturating_sub(start.as_millis()) as f64 / span) * (W - PAD - 4.0)
+    };
+    let max = series
+        .iter()
+        .flat_map(|s| {
+            s.points
+                .iter()
+                .filter_map(|p| value(plot, p.requests, p.errors, p.p99))
+        })
+        .fold(0.0f64, f64::max);
+    let top = nice_ceiling(max);
+    let y = |v: f64| H - 14.0 - (v / top) * (H - 24.0);
+    let mut out = format!(
+        "<svg viewBox=\"0 0 {W} {H}\" role=img aria-label=\"{t}\"><text x=4 y=12 fill=#9aa3b2 font-size=10>{t}</text>\
+<text x={PAD} y={yt} fill=#9aa3b2 font-size=9 text-anchor=end>{top}</text><line x1={PAD} y1={yb} x2={W} y2={yb} stroke=#30363d />",
+        t = plot.title(),
+        yt = y(top) + 3.0,
+        yb = y(0.0),
+        top = fmt_axis(top),
+    );
+    // Decisions and steps on the time axis.
+    for e in events
+        .iter()
+        .filter(|e| e.at >= start && is_marker(&e.kind))
+    {
+        let colour = match e.kind.as_str() {
+            "rolled-back" | "analysis-failed" | "health-failed" | "failed" | "aborted" => "#f85149",
+            "promoted" | "promoting" => "#3fb950",
+            _ => "#6e7681",
+        };
+        let _ = write!(
+            out,
+            "<line x1={x:.1} y1=16 x2={x:.1} y2={yb:.1} stroke={colour} stroke-dasharray=2,2><title>{} {}</title></line>",
+            escape(&e.kind),
+            escape(&e.message),
+            x = x(e.at),
+            yb = y(0.0),
+        );
+    }
+    for (i, s) in series.iter().enumerate() {
+        let pts: Vec<String> = s
+            .points
+            .iter()
+            .filter(|p| p.at >= start)
+            .filter_map(|p| {
+                value(plot, p.requests, p.errors, p.p99)
+                    .map(|v| format!("{:.1},{:.1}", x(p.at), y(v)))
+            })
+            .collect();
+        if !pts.is_empty() {
+            let _ = write!(
+                out,
+                "<polyline fill=none stroke={} stroke-width=1.5 points=\"{}\" />",
+                PALETTE[i % PALETTE.len()],
+                pts.join(" ")
+            );
+        }
+    }
+    out.push_str("</svg>");
+    out
+}
+
+fn is_marker(kind: &str) -> bool {
+    matches!(
+        kind,
+        "started"
+            | "step"
+            | "promoting"
+            | "promoted"
+            | "rolled-back"
+            | "aborted"
+            | "failed"
+            | "analysis-failed"
+            | "health-failed"
+    )
+}
+
+/// A round axis maximum at or above `v` (1, 2, 5 × 10^n).
+fn nice_ceiling(v: f64) -> f64 {
+    if v <= 0.0 || !v.is_finite() {
+        return 1.0;
+    }
+    let mag = 10f64.powf(v.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|c| *c >= v)
+        .unwrap_or(10.0 * mag)
+}
+
+fn fmt_axis(v: f64) -> String {
+    if v >= 10.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+/// Confirmed actions, and a live refresh of the panel on every recorded event (SSE), plus a
+/// slow timer so the charts move even when nothing is decided.
+fn live_script(service: Option<&str>) -> String {
+    let svc = service
+        .map(|s| format!("{:?}", s))
+        .unwrap_or_else(|| "null".into());
+    format!(
+        r#"<script>
+const SERVICE = {svc};
+async function refresh() {{
+  if (!SERVICE) {{ location.reload(); return; }}
+  const r = await fetch(`/ui/services/${{encodeURIComponent(SERVICE)}}/panel`, {{credentials: 'same-origin'}});
+  if (r.status === 401) {{ location.href = '/login'; return; }}
+  if (r.ok) document.getElementById('panel').innerHTML = await r.text();
+}}
+document.addEventListener('click', async (ev) => {{
+  const b = ev.target.closest('button[data-action]');
+  if (!b) return;
+  const action = b.dataset.action, service = b.dataset.service;
+  if (!confirm(`${{action}} ${{service}}?`)) return;
+  b.disabled = true;
+  const r = await fetch(`/api/v1/services/${{encodeURIComponent(service)}}/${{action}}`, {{
+    method: 'POST', credentials: 'same-origin', headers: {{'Content-Type': 'application/json'}}, body: '{{}}'}});
+  if (!r.ok) {{ const e = await r.json().catch(() => ({{}})); alert((e.error && e.error.message) || r.statusText); }}
+  refresh();
+}});
+let pending = null;
+const es = new EventSource('/api/v1/events');
+es.addEventListener('rollout', () => {{ if (!pending) pending = setTimeout(() => {{ pending = null; refresh(); }}, 150); }});
+setInterval(refresh, SERVICE ? 2000 : 5000);
+</script>"#
+    )
+}
+
+/// Per-version points of the last 15 minutes as JSON, for scripts and the API.
 pub fn series_json(metrics: &Metrics, service: &ServiceName) -> serde_json::Value {
     let series: Vec<serde_json::Value> = metrics
         .series(service)
@@ -110,7 +530,7 @@ pub fn series_json(metrics: &Metrics, service: &ServiceName) -> serde_json::Valu
                 .iter()
                 .map(|p| {
                     serde_json::json!({
-                        "at": p.at.as_millis(),
+                        "at": crate::wire::rfc3339(p.at),
                         "requests": p.requests,
                         "errors": p.errors,
                         "p99_ms": p.p99.map(|d| d.as_secs_f64() * 1000.0),
@@ -121,4 +541,25 @@ pub fn series_json(metrics: &Metrics, service: &ServiceName) -> serde_json::Valu
         })
         .collect();
     serde_json::json!({ "service": service.as_str(), "series": series })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_html() {
+        assert_eq!(
+            escape("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+    }
+
+    #[test]
+    fn axis_ceilings() {
+        assert_eq!(nice_ceiling(0.0), 1.0);
+        assert_eq!(nice_ceiling(3.2), 5.0);
+        assert_eq!(nice_ceiling(180.0), 200.0);
+        assert_eq!(nice_ceiling(1000.0), 1000.0);
+    }
 }

@@ -33,12 +33,21 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/events", get(events))
         .route("/api/v1/services/{name}/series", get(series))
         .route("/metrics", get(metrics))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .merge(dashboard::routes())
         .merge(api)
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such route; see CONTRACT §5") })
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route; see CONTRACT §5",
+            )
+        })
         .with_state(state)
 }
 
@@ -85,7 +94,9 @@ async fn status(State(s): State<ApiState>) -> ApiResult<wire::Status> {
 }
 
 async fn service(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<wire::Service> {
-    Ok(Json(wire::Service::from(&s.controller.service(&name).await?)))
+    Ok(Json(wire::Service::from(
+        &s.controller.service(&name).await?,
+    )))
 }
 
 /// Parses a JSON body leniently about its absence but strictly about its content: a bad body is
@@ -94,7 +105,8 @@ fn body<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Result<T, ApiEr
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(bytes).map_err(|e| ApiError(ControlError::BadRequest(format!("invalid JSON body: {e}"))))
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError(ControlError::BadRequest(format!("invalid JSON body: {e}"))))
 }
 
 async fn deploy(
@@ -104,7 +116,9 @@ async fn deploy(
 ) -> Result<(StatusCode, Json<wire::Rollout>), ApiError> {
     let b: DeployBody = body(&bytes)?;
     if b.version.trim().is_empty() {
-        return Err(ApiError(ControlError::BadRequest("the body needs a \"version\"".into())));
+        return Err(ApiError(ControlError::BadRequest(
+            "the body needs a \"version\"".into(),
+        )));
     }
     let strategy = match b.strategy.as_deref() {
         None => None,
@@ -127,10 +141,16 @@ async fn deploy(
 }
 
 async fn act(s: &ApiState, name: &str, action: Action) -> ApiResult<wire::Service> {
-    Ok(Json(wire::Service::from(&s.controller.act(name, action).await?)))
+    Ok(Json(wire::Service::from(
+        &s.controller.act(name, action).await?,
+    )))
 }
 
-async fn promote(State(s): State<ApiState>, Path(name): Path<String>, bytes: axum::body::Bytes) -> ApiResult<wire::Service> {
+async fn promote(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    bytes: axum::body::Bytes,
+) -> ApiResult<wire::Service> {
     let b: PromoteBody = body(&bytes)?;
     act(&s, &name, Action::Promote { full: b.full }).await
 }
@@ -157,7 +177,10 @@ struct HistoryQuery {
     limit: Option<usize>,
 }
 
-async fn history(State(s): State<ApiState>, Query(q): Query<HistoryQuery>) -> ApiResult<wire::History> {
+async fn history(
+    State(s): State<ApiState>,
+    Query(q): Query<HistoryQuery>,
+) -> ApiResult<wire::History> {
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
     let rows = s.controller.history(q.service.as_deref(), limit).await?;
     Ok(Json(wire::History {
@@ -166,21 +189,27 @@ async fn history(State(s): State<ApiState>, Query(q): Query<HistoryQuery>) -> Ap
 }
 
 async fn rollout(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<wire::Rollout> {
-    let id: i64 = id
-        .parse()
-        .map_err(|_| ApiError(ControlError::BadRequest(format!("rollout id {id:?} is not a number"))))?;
+    let id: i64 = id.parse().map_err(|_| {
+        ApiError(ControlError::BadRequest(format!(
+            "rollout id {id:?} is not a number"
+        )))
+    })?;
     Ok(Json(wire::Rollout::from(&s.controller.rollout(id).await?)))
 }
 
 /// Server-sent events: one `event: rollout` message per recorded event, as JSON.
-async fn events(State(s): State<ApiState>) -> Sse<impl Stream<Item = Result<axum::response::sse::Event, Infallible>>> {
+async fn events(
+    State(s): State<ApiState>,
+) -> Sse<impl Stream<Item = Result<axum::response::sse::Event, Infallible>>> {
     let stream = BroadcastStream::new(s.controller.subscribe()).filter_map(|n| async move {
         // A lagging client skips what it missed rather than stalling the controller.
         let n = n.ok()?;
         let mut e = wire::Event::from(&n.event);
         e.phase = Some(n.phase.as_str().to_owned());
         let data = serde_json::to_string(&e).ok()?;
-        Some(Ok(axum::response::sse::Event::default().event("rollout").data(data)))
+        Some(Ok(axum::response::sse::Event::default()
+            .event("rollout")
+            .data(data)))
     });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
@@ -193,7 +222,10 @@ async fn series(State(s): State<ApiState>, Path(name): Path<String>) -> Result<R
 
 async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.metrics.render_prometheus(),
     )
 }

@@ -27,13 +27,32 @@ struct Checkpoint {
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "stage", rename_all = "kebab-case")]
 enum CpStage {
-    Starting { deadline: u64 },
-    Canary { step: usize, weight: u8, hold_until: Option<u64> },
-    Rolling { ready: u32 },
-    AwaitingApproval { step: usize, weight: u8 },
-    Paused { prior: Box<CpStage>, remaining_ms: Option<u64> },
-    Promoting { scale_down_at: u64 },
-    Done { outcome: String, reason: String },
+    Starting {
+        deadline: u64,
+    },
+    Canary {
+        step: usize,
+        weight: u8,
+        hold_until: Option<u64>,
+    },
+    Rolling {
+        ready: u32,
+    },
+    AwaitingApproval {
+        step: usize,
+        weight: u8,
+    },
+    Paused {
+        prior: Box<CpStage>,
+        remaining_ms: Option<u64>,
+    },
+    Promoting {
+        scale_down_at: u64,
+    },
+    Done {
+        outcome: String,
+        reason: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,8 +102,14 @@ pub fn decode(id: i64, text: &str) -> Result<Rollout, CheckpointError> {
 
 fn stage_out(s: &Stage) -> CpStage {
     match s {
-        Stage::Starting { deadline } => CpStage::Starting { deadline: deadline.0 },
-        Stage::Canary { step, weight, hold_until } => CpStage::Canary {
+        Stage::Starting { deadline } => CpStage::Starting {
+            deadline: deadline.0,
+        },
+        Stage::Canary {
+            step,
+            weight,
+            hold_until,
+        } => CpStage::Canary {
             step: *step,
             weight: weight.percent(),
             hold_until: hold_until.map(|t| t.0),
@@ -119,7 +144,11 @@ fn stage_in(s: CpStage) -> Result<Stage, CheckpointError> {
         CpStage::Starting { deadline } => Stage::Starting {
             deadline: Timestamp(deadline),
         },
-        CpStage::Canary { step, weight: w, hold_until } => Stage::Canary {
+        CpStage::Canary {
+            step,
+            weight: w,
+            hold_until,
+        } => Stage::Canary {
             step,
             weight: weight(w)?,
             hold_until: hold_until.map(Timestamp),
@@ -129,7 +158,10 @@ fn stage_in(s: CpStage) -> Result<Stage, CheckpointError> {
             step,
             weight: weight(w)?,
         },
-        CpStage::Paused { prior, remaining_ms } => Stage::Paused {
+        CpStage::Paused {
+            prior,
+            remaining_ms,
+        } => Stage::Paused {
             prior: Box::new(stage_in(*prior)?),
             remaining: remaining_ms.map(Duration::from_millis),
         },

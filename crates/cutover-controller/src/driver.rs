@@ -17,8 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cutover_analysis::judge;
 use cutover_core::{
-    Backend, DataPlane, Health, HealthChange, InstanceId, Phase, RolloutOutcome, RolloutSpec, RouteTable,
-    RouteVersion, ServiceName, StrategyKind, Timestamp, Version, Weight,
+    Backend, DataPlane, Health, HealthChange, InstanceId, Phase, RolloutOutcome, RolloutSpec,
+    RouteTable, RouteVersion, ServiceName, StrategyKind, Timestamp, Version, Weight,
 };
 use cutover_metrics::{Metrics, VersionSnapshot};
 use cutover_runtime::{InstanceExit, Runtime, StartSpec};
@@ -57,9 +57,20 @@ pub struct ServiceSetup {
 enum Request {
     Status(oneshot::Sender<Vec<ServiceView>>),
     Service(String, oneshot::Sender<Result<ServiceView, ControlError>>),
-    Deploy(DeployRequest, oneshot::Sender<Result<RolloutView, ControlError>>),
-    Act(String, Action, oneshot::Sender<Result<ServiceView, ControlError>>),
-    History(Option<String>, usize, oneshot::Sender<Result<Vec<RolloutView>, ControlError>>),
+    Deploy(
+        DeployRequest,
+        oneshot::Sender<Result<RolloutView, ControlError>>,
+    ),
+    Act(
+        String,
+        Action,
+        oneshot::Sender<Result<ServiceView, ControlError>>,
+    ),
+    History(
+        Option<String>,
+        usize,
+        oneshot::Sender<Result<Vec<RolloutView>, ControlError>>,
+    ),
     Rollout(i64, oneshot::Sender<Result<RolloutView, ControlError>>),
 }
 
@@ -75,7 +86,10 @@ fn gone() -> ControlError {
 }
 
 impl Controller {
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Result<T, ControlError> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, ControlError> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())
@@ -94,11 +108,17 @@ impl Controller {
     }
 
     pub async fn act(&self, service: &str, action: Action) -> Result<ServiceView, ControlError> {
-        self.ask(|tx| Request::Act(service.to_owned(), action, tx)).await?
+        self.ask(|tx| Request::Act(service.to_owned(), action, tx))
+            .await?
     }
 
-    pub async fn history(&self, service: Option<&str>, limit: usize) -> Result<Vec<RolloutView>, ControlError> {
-        self.ask(|tx| Request::History(service.map(str::to_owned), limit, tx)).await?
+    pub async fn history(
+        &self,
+        service: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RolloutView>, ControlError> {
+        self.ask(|tx| Request::History(service.map(str::to_owned), limit, tx))
+            .await?
     }
 
     pub async fn rollout(&self, id: i64) -> Result<RolloutView, ControlError> {
@@ -216,7 +236,10 @@ pub struct Driver {
 }
 
 fn now() -> Timestamp {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
     Timestamp(u64::try_from(ms).unwrap_or(u64::MAX))
 }
 
@@ -250,8 +273,10 @@ impl Driver {
         // orphans: kill what is left, then start what the state requires.
         match self.store.instances(None) {
             Ok(rows) => {
-                let groups: Vec<(u32, u32)> =
-                    rows.iter().filter_map(|r| Some((r.pid?, r.pgid.or(r.pid)?))).collect();
+                let groups: Vec<(u32, u32)> = rows
+                    .iter()
+                    .filter_map(|r| Some((r.pid?, r.pgid.or(r.pid)?)))
+                    .collect();
                 let killed = cutover_runtime::kill_orphans(&groups);
                 if killed > 0 {
                     tracing::warn!(killed, "killed instances left over by a previous daemon");
@@ -271,11 +296,15 @@ impl Driver {
                     if let Some(svc) = self.services.get_mut(name) {
                         svc.stable = Version::new(&row.stable_version);
                         svc.stable_env = row.stable_env;
-                        svc.previous = row.previous_version.map(|v| (Version::new(v), row.previous_env));
+                        svc.previous = row
+                            .previous_version
+                            .map(|v| (Version::new(v), row.previous_env));
                     }
                 }
                 Ok(None) => self.save_service(name),
-                Err(e) => tracing::error!(error = %e, service = %name, "could not read service state"),
+                Err(e) => {
+                    tracing::error!(error = %e, service = %name, "could not read service state")
+                }
             }
         }
         let active = self.store.active_rollouts().unwrap_or_else(|e| {
@@ -298,7 +327,10 @@ impl Driver {
         let name = ServiceName::new(&row.service);
         let Some(svc) = self.services.get(&name) else {
             row.outcome = RolloutOutcome::Failed;
-            row.reason = Some(format!("service {} is no longer in the configuration", row.service));
+            row.reason = Some(format!(
+                "service {} is no longer in the configuration",
+                row.service
+            ));
             row.finished_at = Some(now());
             if let Err(e) = self.store.update_rollout(&row) {
                 tracing::error!(error = %e, "could not close an orphaned rollout");
@@ -326,7 +358,9 @@ impl Driver {
             }
             Err(e) => {
                 row.outcome = RolloutOutcome::RolledBack;
-                row.reason = Some(format!("could not resume after a restart ({e}); traffic stays on stable"));
+                row.reason = Some(format!(
+                    "could not resume after a restart ({e}); traffic stays on stable"
+                ));
                 row.finished_at = Some(now());
                 if let Err(e) = self.store.update_rollout(&row) {
                     tracing::error!(error = %e, "could not close an unreadable rollout");
@@ -392,7 +426,10 @@ impl Driver {
 
     async fn deploy(&mut self, req: DeployRequest) -> Result<RolloutView, ControlError> {
         let name = ServiceName::new(&req.service);
-        let svc = self.services.get(&name).ok_or_else(|| Self::unknown(&name))?;
+        let svc = self
+            .services
+            .get(&name)
+            .ok_or_else(|| Self::unknown(&name))?;
         if let Some(a) = &svc.active {
             return Err(ControlError::Conflict(format!(
                 "rollout {} of {name} to {} is in progress ({}); wait for it, or run `cutover abort {name}`",
@@ -403,7 +440,10 @@ impl Driver {
         }
         let version = Version::new(req.version.trim());
         if version.as_str().is_empty()
-            || !version.as_str().chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            || !version
+                .as_str()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
         {
             return Err(ControlError::BadRequest(format!(
                 "version {:?} is not a valid label (letters, digits, '.', '_', '-')",
@@ -411,16 +451,18 @@ impl Driver {
             )));
         }
         if version == svc.stable {
-            return Err(ControlError::Conflict(format!("{name} already runs {version} as stable")));
+            return Err(ControlError::Conflict(format!(
+                "{name} already runs {version} as stable"
+            )));
         }
-        if let Some(known) = &svc.setup.known_versions {
-            if !known.contains(&version) {
-                let list: Vec<&str> = known.iter().map(Version::as_str).collect();
-                return Err(ControlError::BadRequest(format!(
-                    "static service {name} has no upstreams for {version}; configured: {}",
-                    list.join(", ")
-                )));
-            }
+        if let Some(known) = &svc.setup.known_versions
+            && !known.contains(&version)
+        {
+            let list: Vec<&str> = known.iter().map(Version::as_str).collect();
+            return Err(ControlError::BadRequest(format!(
+                "static service {name} has no upstreams for {version}; configured: {}",
+                list.join(", ")
+            )));
         }
         let strategy = req.strategy.unwrap_or(svc.setup.spec.strategy);
         let mut spec = svc.setup.spec.clone();
@@ -449,8 +491,12 @@ impl Driver {
             started_at: t,
             checkpoint: String::new(),
         };
-        let id = self.store.insert_rollout(&new).map_err(|e| ControlError::Internal(e.to_string()))?;
-        let (rollout, cmds) = Rollout::begin(&spec, id, stable.clone(), version.clone(), spec.strategy, t);
+        let id = self
+            .store
+            .insert_rollout(&new)
+            .map_err(|e| ControlError::Internal(e.to_string()))?;
+        let (rollout, cmds) =
+            Rollout::begin(&spec, id, stable.clone(), version.clone(), spec.strategy, t);
         let row = RolloutRow {
             id,
             service: new.service,
@@ -484,7 +530,11 @@ impl Driver {
         Ok(rollout_view(row))
     }
 
-    async fn act(&mut self, name: &ServiceName, action: Action) -> Result<ServiceView, ControlError> {
+    async fn act(
+        &mut self,
+        name: &ServiceName,
+        action: Action,
+    ) -> Result<ServiceView, ControlError> {
         let svc = self.services.get(name).ok_or_else(|| Self::unknown(name))?;
         if svc.active.is_none() {
             if action == Action::Rollback {
@@ -514,29 +564,42 @@ impl Driver {
             Action::Pause => Event::Pause,
             Action::Resume => Event::Resume,
         };
-        self.feed_checked(name, event).await.map_err(|r| ControlError::Conflict(r.0))?;
+        self.feed_checked(name, event)
+            .await
+            .map_err(|r| ControlError::Conflict(r.0))?;
         self.view(name)
     }
 
     // ---- events from the world ---------------------------------------------------------------
 
     async fn on_health(&mut self, h: HealthChange) {
-        let Some(svc) = self.services.get_mut(&h.service) else { return };
-        let Some(inst) = svc.instances.get_mut(&h.instance) else { return };
+        let Some(svc) = self.services.get_mut(&h.service) else {
+            return;
+        };
+        let Some(inst) = svc.instances.get_mut(&h.instance) else {
+            return;
+        };
         if inst.draining || inst.health == h.health {
             return;
         }
         inst.health = h.health;
         let rollout_id = svc.active.as_ref().map(|a| a.rollout.id);
-        let msg = format!("instance {} ({}) is {}: {}", h.instance, h.version, h.health, h.reason);
+        let msg = format!(
+            "instance {} ({}) is {}: {}",
+            h.instance, h.version, h.health, h.reason
+        );
         self.record_loose(&h.service, rollout_id, "health", msg);
         self.update_instance_gauges(&h.service);
         self.feed_health(&h.service, Some(h.reason)).await;
     }
 
     async fn on_exit(&mut self, e: InstanceExit) {
-        let Some(svc) = self.services.get_mut(&e.service) else { return };
-        let Some(inst) = svc.instances.get_mut(&e.instance) else { return };
+        let Some(svc) = self.services.get_mut(&e.service) else {
+            return;
+        };
+        let Some(inst) = svc.instances.get_mut(&e.instance) else {
+            return;
+        };
         if inst.draining {
             return;
         }
@@ -584,7 +647,9 @@ impl Driver {
         let t = now();
         let names: Vec<ServiceName> = self.services.keys().cloned().collect();
         for name in names {
-            let Some(a) = self.services.get(&name).and_then(|s| s.active.as_ref()) else { continue };
+            let Some(a) = self.services.get(&name).and_then(|s| s.active.as_ref()) else {
+                continue;
+            };
             let due = t >= a.next_analysis;
             self.feed(&name, Event::Tick).await;
             if due {
@@ -595,15 +660,23 @@ impl Driver {
 
     /// Judges the window since the last conclusive verdict and feeds the verdict to the fsm.
     async fn analyse(&mut self, name: &ServiceName, t: Timestamp) {
-        let Some(svc) = self.services.get_mut(name) else { return };
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
         let stable_weight = svc.candidate_weight.complement();
         let Some(a) = svc.active.as_mut() else { return };
         a.next_analysis = t.plus(a.spec.analysis.interval);
         if !a.rollout.judging(&a.spec) {
             return;
         }
-        let cand = self.metrics.snapshot(name, &a.rollout.candidate).window_since(Some(&a.baseline.1));
-        let stable = self.metrics.snapshot(name, &a.rollout.stable).window_since(Some(&a.baseline.0));
+        let cand = self
+            .metrics
+            .snapshot(name, &a.rollout.candidate)
+            .window_since(Some(&a.baseline.1));
+        let stable = self
+            .metrics
+            .snapshot(name, &a.rollout.stable)
+            .window_since(Some(&a.baseline.0));
         let compare = a.spec.analysis.compare_to_stable && stable_weight > Weight::ZERO;
         let j = judge(&a.spec.analysis, &cand, compare.then_some(&stable));
         let verdict = match j.verdict {
@@ -614,15 +687,31 @@ impl Driver {
         if verdict != Verdict::Inconclusive {
             a.last_analysis = Some(j.reason.clone());
         }
-        self.feed(name, Event::Judged { verdict, reason: j.reason }).await;
+        self.feed(
+            name,
+            Event::Judged {
+                verdict,
+                reason: j.reason,
+            },
+        )
+        .await;
     }
 
     async fn feed_health(&mut self, name: &ServiceName, detail: Option<String>) {
-        let Some(svc) = self.services.get(name) else { return };
+        let Some(svc) = self.services.get(name) else {
+            return;
+        };
         let Some(a) = &svc.active else { return };
         let cand = &a.rollout.candidate;
-        let mut counts = HealthCounts { detail, ..HealthCounts::default() };
-        for i in svc.instances.values().filter(|i| &i.version == cand && !i.draining) {
+        let mut counts = HealthCounts {
+            detail,
+            ..HealthCounts::default()
+        };
+        for i in svc
+            .instances
+            .values()
+            .filter(|i| &i.version == cand && !i.draining)
+        {
             match i.health {
                 Health::Healthy => counts.candidate_healthy += 1,
                 Health::Unhealthy => counts.candidate_unhealthy += 1,
@@ -658,7 +747,9 @@ impl Driver {
     /// the commands, then finishes the rollout if it ended.
     async fn commit(&mut self, name: &ServiceName, cmds: Vec<Command>) {
         let t = now();
-        let Some(svc) = self.services.get_mut(name) else { return };
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
         let Some(a) = svc.active.as_mut() else { return };
         a.row.checkpoint = checkpoint::encode(&a.rollout);
         a.row.outcome = a.rollout.outcome();
@@ -722,7 +813,9 @@ impl Driver {
                 self.publish(name);
             }
             Command::ResetAnalysis => {
-                let Some(a) = self.services.get(name).and_then(|s| s.active.as_ref()) else { return };
+                let Some(a) = self.services.get(name).and_then(|s| s.active.as_ref()) else {
+                    return;
+                };
                 let (stable, cand) = (a.rollout.stable.clone(), a.rollout.candidate.clone());
                 let snaps = self.snapshots(name, &stable, &cand);
                 if let Some(a) = self.services.get_mut(name).and_then(|s| s.active.as_mut()) {
@@ -735,7 +828,9 @@ impl Driver {
     }
 
     fn finish_if_done(&mut self, name: &ServiceName) {
-        let Some(svc) = self.services.get_mut(name) else { return };
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
         let Some(a) = &svc.active else { return };
         if !a.rollout.is_done() {
             return;
@@ -758,7 +853,9 @@ impl Driver {
 
     /// Makes `want` instances of `version` run: starts missing ones, drains extra ones.
     async fn scale(&mut self, name: &ServiceName, version: &Version, want: u32) {
-        let Some(svc) = self.services.get(name) else { return };
+        let Some(svc) = self.services.get(name) else {
+            return;
+        };
         let live: Vec<InstanceId> = svc
             .instances
             .iter()
@@ -768,7 +865,12 @@ impl Driver {
         let have = u32::try_from(live.len()).unwrap_or(u32::MAX);
         if have > want {
             // Newest first, so the longest-running (warmest) instances stay.
-            let extra: Vec<InstanceId> = live.iter().rev().take((have - want) as usize).cloned().collect();
+            let extra: Vec<InstanceId> = live
+                .iter()
+                .rev()
+                .take((have - want) as usize)
+                .cloned()
+                .collect();
             for id in extra {
                 self.drain(name, &id);
             }
@@ -782,8 +884,17 @@ impl Driver {
                     .get(name)
                     .and_then(|s| s.active.as_ref())
                     .is_some_and(|a| &a.rollout.candidate == version);
-                let rollout_id = self.services.get(name).and_then(|s| s.active.as_ref()).map(|a| a.rollout.id);
-                self.record_loose(name, rollout_id, "start-failed", format!("could not start {version}: {reason}"));
+                let rollout_id = self
+                    .services
+                    .get(name)
+                    .and_then(|s| s.active.as_ref())
+                    .map(|a| a.rollout.id);
+                self.record_loose(
+                    name,
+                    rollout_id,
+                    "start-failed",
+                    format!("could not start {version}: {reason}"),
+                );
                 if candidate {
                     // Boxed: the fsm reacts by scaling, which can come back here.
                     Box::pin(self.feed(name, Event::StartFailed { reason })).await;
@@ -794,8 +905,15 @@ impl Driver {
         self.publish(name);
     }
 
-    async fn start(&mut self, name: &ServiceName, version: &Version, index: usize) -> Result<(), String> {
-        let Some(svc) = self.services.get_mut(name) else { return Err("unknown service".into()) };
+    async fn start(
+        &mut self,
+        name: &ServiceName,
+        version: &Version,
+        index: usize,
+    ) -> Result<(), String> {
+        let Some(svc) = self.services.get_mut(name) else {
+            return Err("unknown service".into());
+        };
         let seq = svc.next_instance;
         svc.next_instance += 1;
         let instance = InstanceId::new(format!("{name}-{version}-{seq}"));
@@ -803,7 +921,12 @@ impl Driver {
         let extra = match &svc.active {
             Some(a) if &a.rollout.candidate == version => a.row.env.clone(),
             _ if &svc.stable == version => svc.stable_env.clone(),
-            _ => svc.previous.as_ref().filter(|(v, _)| v == version).map(|(_, e)| e.clone()).unwrap_or_default(),
+            _ => svc
+                .previous
+                .as_ref()
+                .filter(|(v, _)| v == version)
+                .map(|(_, e)| e.clone())
+                .unwrap_or_default(),
         };
         env.extend(extra);
         let spec = StartSpec {
@@ -848,8 +971,12 @@ impl Driver {
     /// Takes an instance out of the table; a task waits for its requests to finish (up to
     /// `drain_timeout`), stops it, and reports back.
     fn drain(&mut self, name: &ServiceName, id: &InstanceId) {
-        let Some(svc) = self.services.get_mut(name) else { return };
-        let Some(inst) = svc.instances.get_mut(id) else { return };
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
+        let Some(inst) = svc.instances.get_mut(id) else {
+            return;
+        };
         inst.draining = true;
         inst.health = Health::Draining;
         let drain_timeout = svc.setup.spec.drain_timeout;
@@ -874,13 +1001,18 @@ impl Driver {
 
     /// Builds and publishes the route table of `name` from the current state.
     fn publish(&mut self, name: &ServiceName) {
-        let Some(svc) = self.services.get_mut(name) else { return };
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
         svc.generation += 1;
         let backends = |v: &Version| -> Vec<Backend> {
             svc.instances
                 .iter()
                 .filter(|(_, i)| &i.version == v && !i.draining)
-                .map(|(id, i)| Backend { instance: id.clone(), addr: i.addr })
+                .map(|(id, i)| Backend {
+                    instance: id.clone(),
+                    addr: i.addr,
+                })
                 .collect()
         };
         let mut versions = vec![RouteVersion {
@@ -903,24 +1035,38 @@ impl Driver {
             preview: candidate.filter(|_| svc.preview),
             versions,
         };
-        let weights: Vec<(Version, u8)> =
-            table.versions.iter().map(|v| (v.version.clone(), v.weight.percent())).collect();
+        let weights: Vec<(Version, u8)> = table
+            .versions
+            .iter()
+            .map(|v| (v.version.clone(), v.weight.percent()))
+            .collect();
         self.metrics.set_weights(name, &weights);
         self.dataplane.publish(table);
     }
 
     fn update_instance_gauges(&self, name: &ServiceName) {
-        let Some(svc) = self.services.get(name) else { return };
+        let Some(svc) = self.services.get(name) else {
+            return;
+        };
         let mut counts: HashMap<(Version, Health), u64> = HashMap::new();
         for i in svc.instances.values() {
             *counts.entry((i.version.clone(), i.health)).or_default() += 1;
         }
-        let list: Vec<(Version, Health, u64)> = counts.into_iter().map(|((v, h), n)| (v, h, n)).collect();
+        let list: Vec<(Version, Health, u64)> =
+            counts.into_iter().map(|((v, h), n)| (v, h, n)).collect();
         self.metrics.set_instances(name, &list);
     }
 
-    fn snapshots(&self, name: &ServiceName, stable: &Version, cand: &Version) -> (VersionSnapshot, VersionSnapshot) {
-        (self.metrics.snapshot(name, stable), self.metrics.snapshot(name, cand))
+    fn snapshots(
+        &self,
+        name: &ServiceName,
+        stable: &Version,
+        cand: &Version,
+    ) -> (VersionSnapshot, VersionSnapshot) {
+        (
+            self.metrics.snapshot(name, stable),
+            self.metrics.snapshot(name, cand),
+        )
     }
 
     async fn stop_everything(&mut self) {
@@ -944,13 +1090,19 @@ impl Driver {
     // ---- records and views -----------------------------------------------------------------------
 
     fn save_service(&mut self, name: &ServiceName) {
-        let Some(svc) = self.services.get(name) else { return };
+        let Some(svc) = self.services.get(name) else {
+            return;
+        };
         let row = ServiceRow {
             name: name.to_string(),
             stable_version: svc.stable.to_string(),
             stable_env: svc.stable_env.clone(),
             previous_version: svc.previous.as_ref().map(|(v, _)| v.to_string()),
-            previous_env: svc.previous.as_ref().map(|(_, e)| e.clone()).unwrap_or_default(),
+            previous_env: svc
+                .previous
+                .as_ref()
+                .map(|(_, e)| e.clone())
+                .unwrap_or_default(),
         };
         if let Err(e) = self.store.upsert_service(&row) {
             tracing::error!(error = %e, "could not save service state");
@@ -958,7 +1110,13 @@ impl Driver {
     }
 
     /// Records an event that is not an fsm transition (health changes, exits).
-    fn record_loose(&mut self, name: &ServiceName, rollout_id: Option<i64>, kind: &str, message: String) {
+    fn record_loose(
+        &mut self,
+        name: &ServiceName,
+        rollout_id: Option<i64>,
+        kind: &str,
+        message: String,
+    ) {
         let phase = self.phase(name);
         let e = NewEvent {
             service: name.to_string(),
@@ -997,7 +1155,10 @@ impl Driver {
     fn view(&self, name: &ServiceName) -> Result<ServiceView, ControlError> {
         let svc = self.services.get(name).ok_or_else(|| Self::unknown(name))?;
         let a = svc.active.as_ref();
-        let mut weights = vec![(svc.stable.clone(), svc.candidate_weight.complement().percent())];
+        let mut weights = vec![(
+            svc.stable.clone(),
+            svc.candidate_weight.complement().percent(),
+        )];
         if let Some(a) = a {
             weights.push((a.rollout.candidate.clone(), svc.candidate_weight.percent()));
         }
@@ -1026,7 +1187,9 @@ impl Driver {
             phase: a.map(|a| a.rollout.phase()).unwrap_or(Phase::Stable),
             stable: svc.stable.clone(),
             candidate: a.map(|a| a.rollout.candidate.clone()),
-            strategy: a.map(|a| a.rollout.strategy).unwrap_or(svc.setup.spec.strategy),
+            strategy: a
+                .map(|a| a.rollout.strategy)
+                .unwrap_or(svc.setup.spec.strategy),
             weights,
             step: a.and_then(|a| a.rollout.step_progress(&a.spec)),
             rollout_id: a.map(|a| a.rollout.id),

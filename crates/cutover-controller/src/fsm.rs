@@ -11,7 +11,9 @@
 
 use std::time::Duration;
 
-use cutover_core::{CanaryStep, Phase, RolloutOutcome, RolloutSpec, StrategyKind, Timestamp, Version, Weight};
+use cutover_core::{
+    CanaryStep, Phase, RolloutOutcome, RolloutSpec, StrategyKind, Timestamp, Version, Weight,
+};
 
 /// One rollout of a service from `stable` to `candidate`, and where it stands.
 #[derive(Clone, Debug, PartialEq)]
@@ -82,10 +84,17 @@ pub enum Event {
     Health(HealthCounts),
     /// A verdict on the window since the last conclusive one. Only a rollout whose candidate
     /// takes traffic counts it.
-    Judged { verdict: Verdict, reason: String },
+    Judged {
+        verdict: Verdict,
+        reason: String,
+    },
     /// A candidate instance could not be started at all (bad command, no such static version).
-    StartFailed { reason: String },
-    Promote { full: bool },
+    StartFailed {
+        reason: String,
+    },
+    Promote {
+        full: bool,
+    },
     Abort,
     /// `cutover rollback` while the rollout has not ended yet.
     Rollback,
@@ -274,7 +283,9 @@ impl Rollout {
         let n = spec.instances;
         let (candidate, stable) = match &self.stage {
             Stage::Starting { .. } => (self.instances_to_start(spec), n),
-            Stage::Rolling { ready } => ((*ready + rolling_batch(spec)).min(n), n - (*ready).min(n)),
+            Stage::Rolling { ready } => {
+                ((*ready + rolling_batch(spec)).min(n), n - (*ready).min(n))
+            }
             Stage::Paused { prior, .. } => match prior.as_ref() {
                 Stage::Rolling { ready } => (*ready, n - (*ready).min(n)),
                 _ => (n, n),
@@ -289,7 +300,10 @@ impl Rollout {
             },
         };
         let preview = self.strategy == StrategyKind::BlueGreen
-            && matches!(self.stage, Stage::Starting { .. } | Stage::AwaitingApproval { .. });
+            && matches!(
+                self.stage,
+                Stage::Starting { .. } | Stage::AwaitingApproval { .. }
+            );
         let route = Command::Route {
             candidate: self.candidate_weight(spec),
             preview,
@@ -334,9 +348,14 @@ pub fn step(
 ) -> Result<(Rollout, Vec<Command>), Refusal> {
     if let Stage::Done { outcome, .. } = &rollout.stage {
         return match event {
-            Event::Promote { .. } | Event::Abort | Event::Rollback | Event::Pause | Event::Resume => {
-                Err(Refusal(format!("rollout {} already ended as {outcome}", rollout.id)))
-            }
+            Event::Promote { .. }
+            | Event::Abort
+            | Event::Rollback
+            | Event::Pause
+            | Event::Resume => Err(Refusal(format!(
+                "rollout {} already ended as {outcome}",
+                rollout.id
+            ))),
             _ => Ok((rollout.clone(), Vec::new())),
         };
     }
@@ -365,7 +384,10 @@ impl Transition<'_> {
             Event::Health(h) => self.health(h),
             Event::Judged { verdict, reason } => self.judged(*verdict, reason),
             Event::StartFailed { reason } => {
-                let reason = format!("candidate {} could not start: {reason}", self.next.candidate);
+                let reason = format!(
+                    "candidate {} could not start: {reason}",
+                    self.next.candidate
+                );
                 if matches!(self.next.stage, Stage::Starting { .. }) {
                     self.finish(RolloutOutcome::Failed, EventKind::Failed, reason);
                 } else {
@@ -373,7 +395,11 @@ impl Transition<'_> {
                 }
             }
             Event::Promote { full } => return self.promote(*full),
-            Event::Abort => self.finish(RolloutOutcome::Aborted, EventKind::Aborted, "aborted by user".into()),
+            Event::Abort => self.finish(
+                RolloutOutcome::Aborted,
+                EventKind::Aborted,
+                "aborted by user".into(),
+            ),
             Event::Rollback => self.rollback_requested(),
             Event::Pause => return self.pause(),
             Event::Resume => return self.resume(),
@@ -409,7 +435,9 @@ impl Transition<'_> {
                 );
                 self.finish(RolloutOutcome::Failed, EventKind::Failed, reason);
             }
-            Stage::Canary { step, hold_until, .. } if hold_until.is_none_or(|t| self.now >= t) => {
+            Stage::Canary {
+                step, hold_until, ..
+            } if hold_until.is_none_or(|t| self.now >= t) => {
                 self.canary_step(step + 1);
             }
             Stage::Promoting { scale_down_at } if self.now >= scale_down_at => {
@@ -431,7 +459,10 @@ impl Transition<'_> {
                 if h.candidate_healthy >= want {
                     self.record(
                         EventKind::Ready,
-                        format!("candidate {} ready: {}/{} instances healthy", self.next.candidate, h.candidate_healthy, want),
+                        format!(
+                            "candidate {} ready: {}/{} instances healthy",
+                            self.next.candidate, h.candidate_healthy, want
+                        ),
                     );
                     self.after_ready();
                 }
@@ -442,7 +473,10 @@ impl Transition<'_> {
                     "health check failed: {} of candidate {}'s instances unhealthy{}",
                     h.candidate_unhealthy,
                     self.next.candidate,
-                    h.detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
+                    h.detail
+                        .as_deref()
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
                 );
                 self.record(EventKind::HealthFailed, reason.clone());
                 self.finish(RolloutOutcome::RolledBack, EventKind::RolledBack, reason);
@@ -511,10 +545,16 @@ impl Transition<'_> {
                     self.promote_now("final step: 100%");
                     return;
                 }
-                let hold = pause.map(|p| format!(", holding {}", fmt_duration(p))).unwrap_or_default();
+                let hold = pause
+                    .map(|p| format!(", holding {}", fmt_duration(p)))
+                    .unwrap_or_default();
                 self.record(
                     EventKind::Step,
-                    format!("step {}/{n}: {} gets {weight} of traffic{hold}", i + 1, self.next.candidate),
+                    format!(
+                        "step {}/{n}: {} gets {weight} of traffic{hold}",
+                        i + 1,
+                        self.next.candidate
+                    ),
                 );
                 self.enter(Stage::Canary {
                     step: i,
@@ -526,7 +566,10 @@ impl Transition<'_> {
                 let weight = self.next.candidate_weight(self.spec);
                 self.record(
                     EventKind::AwaitingApproval,
-                    format!("step {}/{n}: waiting for approval at {weight}; run `cutover promote`", i + 1),
+                    format!(
+                        "step {}/{n}: waiting for approval at {weight}; run `cutover promote`",
+                        i + 1
+                    ),
                 );
                 self.enter(Stage::AwaitingApproval { step: i, weight });
             }
@@ -538,11 +581,18 @@ impl Transition<'_> {
         let keep = if delay.is_zero() {
             String::new()
         } else {
-            format!("; {} kept warm for {} for instant rollback", self.next.stable, fmt_duration(delay))
+            format!(
+                "; {} kept warm for {} for instant rollback",
+                self.next.stable,
+                fmt_duration(delay)
+            )
         };
         self.record(
             EventKind::Promoting,
-            format!("promoting {}: {why}; 100% of traffic{keep}", self.next.candidate),
+            format!(
+                "promoting {}: {why}; 100% of traffic{keep}",
+                self.next.candidate
+            ),
         );
         self.enter(Stage::Promoting {
             scale_down_at: self.now.plus(delay),
@@ -556,7 +606,10 @@ impl Transition<'_> {
         match verdict {
             Verdict::Inconclusive => {}
             Verdict::Pass => {
-                self.record(EventKind::AnalysisPassed, format!("analysis passed: {reason}"));
+                self.record(
+                    EventKind::AnalysisPassed,
+                    format!("analysis passed: {reason}"),
+                );
                 self.cmds.push(Command::ResetAnalysis);
             }
             Verdict::Fail => {
@@ -589,18 +642,27 @@ impl Transition<'_> {
                 return Err(Refusal("the rollout is already promoting".into()));
             }
             _ if full => {
-                self.record(EventKind::Approved, "promote --full by user: skipping remaining steps".into());
+                self.record(
+                    EventKind::Approved,
+                    "promote --full by user: skipping remaining steps".into(),
+                );
                 self.promote_now("promoted in full by user");
             }
             Stage::AwaitingApproval { step, .. } => {
-                self.record(EventKind::Approved, format!("step {} approved by user", step + 1));
+                self.record(
+                    EventKind::Approved,
+                    format!("step {} approved by user", step + 1),
+                );
                 match self.next.strategy {
                     StrategyKind::Canary => self.canary_step(step + 1),
                     _ => self.promote_now("approved by user"),
                 }
             }
             Stage::Canary { step, .. } => {
-                self.record(EventKind::Approved, format!("step {} skipped by user", step + 1));
+                self.record(
+                    EventKind::Approved,
+                    format!("step {} skipped by user", step + 1),
+                );
                 self.canary_step(step + 1);
             }
             Stage::Rolling { ready } => {
@@ -635,10 +697,14 @@ impl Transition<'_> {
             Stage::Rolling { .. } | Stage::AwaitingApproval { .. } => None,
             Stage::Paused { .. } => return Err(Refusal("the rollout is already paused".into())),
             Stage::Starting { .. } => {
-                return Err(Refusal("the candidate is still starting; pause once it takes traffic".into()));
+                return Err(Refusal(
+                    "the candidate is still starting; pause once it takes traffic".into(),
+                ));
             }
             Stage::Promoting { .. } | Stage::Done { .. } => {
-                return Err(Refusal("the rollout is promoting; nothing left to pause".into()));
+                return Err(Refusal(
+                    "the rollout is promoting; nothing left to pause".into(),
+                ));
             }
         };
         self.record(EventKind::Paused, "paused by user".into());
@@ -673,7 +739,11 @@ impl Transition<'_> {
             Stage::Starting { .. } => Stage::Starting {
                 deadline: now.plus(spec.progress_deadline),
             },
-            Stage::Canary { step, weight, hold_until } => Stage::Canary {
+            Stage::Canary {
+                step,
+                weight,
+                hold_until,
+            } => Stage::Canary {
                 step: *step,
                 weight: *weight,
                 hold_until: hold_until.and(step_pause(spec, *step)).map(|p| now.plus(p)),
@@ -686,7 +756,11 @@ impl Transition<'_> {
         let stage = restart(&self.next.stage, self.now, self.spec);
         self.record(
             EventKind::Restarted,
-            format!("daemon restarted; resuming {} at {}", self.next.candidate, self.next.phase()),
+            format!(
+                "daemon restarted; resuming {} at {}",
+                self.next.candidate,
+                self.next.phase()
+            ),
         );
         self.enter(stage);
     }
@@ -726,7 +800,10 @@ fn stage_weight(stage: &Stage, spec: &RolloutSpec) -> Weight {
 
 /// Instances replaced per rolling batch: at least one, at most what surge or unavailability allow.
 fn rolling_batch(spec: &RolloutSpec) -> u32 {
-    spec.rolling.max_surge.max(spec.rolling.max_unavailable).max(1)
+    spec.rolling
+        .max_surge
+        .max(spec.rolling.max_unavailable)
+        .max(1)
 }
 
 /// `20s`, `1m30s`, `250ms`: durations as a person writes them in the config.
@@ -736,7 +813,7 @@ pub fn fmt_duration(d: Duration) -> String {
         "0s".into()
     } else if ms < 1000 {
         format!("{ms}ms")
-    } else if ms % 1000 != 0 && ms < 10_000 {
+    } else if !ms.is_multiple_of(1000) && ms < 10_000 {
         format!("{:.1}s", d.as_secs_f64())
     } else {
         let s = d.as_secs();

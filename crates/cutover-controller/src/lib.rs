@@ -9,9 +9,11 @@
 //! route table it was given if this crate's tasks stop.
 
 pub mod checkpoint;
-pub mod fsm;
 pub mod driver;
+pub mod fsm;
 pub mod view;
 
 pub use driver::{Controller, Driver, DriverParts, ServiceSetup, driver};
-pub use view::{Action, ControlError, DeployRequest, EventView, InstanceView, Notice, RolloutView, ServiceView};
+pub use view::{
+    Action, ControlError, DeployRequest, EventView, InstanceView, Notice, RolloutView, ServiceView,
+};

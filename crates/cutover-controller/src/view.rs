@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use cutover_core::{Health, InstanceId, Phase, RolloutOutcome, ServiceName, StrategyKind, Timestamp, Version};
+use cutover_core::{
+    Health, InstanceId, Phase, RolloutOutcome, ServiceName, StrategyKind, Timestamp, Version,
+};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct InstanceView {

@@ -1,11 +1,18 @@
 //! Table-driven tests of the rollout state machine: every transition of CONTRACT §3, with
 //! made-up times and no tokio.
 
+// In tests a panic is the failure report, with its location; helpers unwrap freely.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use cutover_controller::checkpoint;
-use cutover_controller::fsm::{Command, Event, EventKind, HealthCounts, Rollout, Stage, Verdict, step};
-use cutover_core::{CanaryStep, Phase, RolloutOutcome, RolloutSpec, StrategyKind, Timestamp, Version, Weight};
+use cutover_controller::fsm::{
+    Command, Event, EventKind, HealthCounts, Rollout, Stage, Verdict, step,
+};
+use cutover_core::{
+    CanaryStep, Phase, RolloutOutcome, RolloutSpec, StrategyKind, Timestamp, Version, Weight,
+};
 
 fn w(p: u32) -> Weight {
     Weight::new(p).unwrap()
@@ -17,17 +24,30 @@ fn spec(strategy: StrategyKind) -> RolloutSpec {
         ..RolloutSpec::default()
     };
     s.canary_steps = vec![
-        CanaryStep::SetWeight { weight: w(10), pause: Some(Duration::from_secs(20)) },
-        CanaryStep::SetWeight { weight: w(50), pause: Some(Duration::from_secs(20)) },
+        CanaryStep::SetWeight {
+            weight: w(10),
+            pause: Some(Duration::from_secs(20)),
+        },
+        CanaryStep::SetWeight {
+            weight: w(50),
+            pause: Some(Duration::from_secs(20)),
+        },
         CanaryStep::Approve,
-        CanaryStep::SetWeight { weight: w(100), pause: None },
+        CanaryStep::SetWeight {
+            weight: w(100),
+            pause: None,
+        },
     ];
     s.blue_green.scale_down_delay = Duration::from_secs(30);
     s
 }
 
 fn healthy(n: u32) -> Event {
-    Event::Health(HealthCounts { candidate_healthy: n, candidate_unhealthy: 0, detail: None })
+    Event::Health(HealthCounts {
+        candidate_healthy: n,
+        candidate_unhealthy: 0,
+        detail: None,
+    })
 }
 
 fn unhealthy() -> Event {
@@ -39,7 +59,10 @@ fn unhealthy() -> Event {
 }
 
 fn judged(v: Verdict) -> Event {
-    Event::Judged { verdict: v, reason: "candidate error rate 7.9% (41/519) > max 1.0%; stable 0.2%".into() }
+    Event::Judged {
+        verdict: v,
+        reason: "candidate error rate 7.9% (41/519) > max 1.0%; stable 0.2%".into(),
+    }
 }
 
 /// What a script of events must lead to.
@@ -61,22 +84,36 @@ struct Run {
 }
 
 fn run(spec: &RolloutSpec, events: &[(u64, Event)]) -> Run {
-    let (mut rollout, mut cmds) =
-        Rollout::begin(spec, 1, Version::new("v1"), Version::new("v2"), spec.strategy, Timestamp(0));
+    let (mut rollout, mut cmds) = Rollout::begin(
+        spec,
+        1,
+        Version::new("v1"),
+        Version::new("v2"),
+        spec.strategy,
+        Timestamp(0),
+    );
     let mut refusals = Vec::new();
     for (t, e) in events {
         match step(spec, &rollout, e, Timestamp(t * 1000)) {
             Ok((next, c)) => {
                 // Every state must survive a checkpoint round trip unchanged.
                 let text = checkpoint::encode(&next);
-                assert_eq!(checkpoint::decode(1, &text).unwrap(), next, "checkpoint of {next:?}");
+                assert_eq!(
+                    checkpoint::decode(1, &text).unwrap(),
+                    next,
+                    "checkpoint of {next:?}"
+                );
                 rollout = next;
                 cmds.extend(c);
             }
             Err(r) => refusals.push(r.0),
         }
     }
-    Run { rollout, cmds, refusals }
+    Run {
+        rollout,
+        cmds,
+        refusals,
+    }
 }
 
 fn recorded(cmds: &[Command]) -> Vec<EventKind> {
@@ -90,12 +127,27 @@ fn recorded(cmds: &[Command]) -> Vec<EventKind> {
 
 fn check(case: Case) {
     let r = run(&case.spec, &case.events);
-    assert_eq!(r.rollout.phase(), case.phase, "{}: phase (stage {:?})", case.name, r.rollout.stage);
-    assert_eq!(r.rollout.candidate_weight(&case.spec), w(case.weight), "{}: weight", case.name);
+    assert_eq!(
+        r.rollout.phase(),
+        case.phase,
+        "{}: phase (stage {:?})",
+        case.name,
+        r.rollout.stage
+    );
+    assert_eq!(
+        r.rollout.candidate_weight(&case.spec),
+        w(case.weight),
+        "{}: weight",
+        case.name
+    );
     let got = recorded(&r.cmds);
     let mut it = got.iter();
     for want in case.records {
-        assert!(it.any(|k| k == want), "{}: {want:?} not recorded in order; got {got:?}", case.name);
+        assert!(
+            it.any(|k| k == want),
+            "{}: {want:?} not recorded in order; got {got:?}",
+            case.name
+        );
     }
 }
 
@@ -148,7 +200,12 @@ fn transitions() {
         Case {
             name: "promote passes approval; the final 100% step promotes",
             spec: spec(Canary),
-            events: vec![(1, healthy(2)), (21, Event::Tick), (41, Event::Tick), (50, Event::Promote { full: false })],
+            events: vec![
+                (1, healthy(2)),
+                (21, Event::Tick),
+                (41, Event::Tick),
+                (50, Event::Promote { full: false }),
+            ],
             phase: Phase::Promoting,
             weight: 100,
             records: &[K::Approved, K::Promoting],
@@ -170,7 +227,11 @@ fn transitions() {
         Case {
             name: "promote --full skips every step",
             spec: spec(Canary),
-            events: vec![(1, healthy(2)), (2, Event::Promote { full: true }), (2, Event::Tick)],
+            events: vec![
+                (1, healthy(2)),
+                (2, Event::Promote { full: true }),
+                (2, Event::Tick),
+            ],
             phase: Phase::Promoted,
             weight: 100,
             records: &[K::Approved, K::Promoting, K::Promoted],
@@ -202,7 +263,12 @@ fn transitions() {
         Case {
             name: "inconclusive verdicts never count",
             spec: spec(Canary),
-            events: vec![(1, healthy(2)), (3, judged(Inconclusive)), (5, judged(Inconclusive)), (7, judged(Inconclusive))],
+            events: vec![
+                (1, healthy(2)),
+                (3, judged(Inconclusive)),
+                (5, judged(Inconclusive)),
+                (7, judged(Inconclusive)),
+            ],
             phase: Phase::Progressing,
             weight: 10,
             records: &[K::Step],
@@ -234,7 +300,12 @@ fn transitions() {
         Case {
             name: "a candidate that cannot start fails",
             spec: spec(Canary),
-            events: vec![(0, Event::StartFailed { reason: "no such file".into() })],
+            events: vec![(
+                0,
+                Event::StartFailed {
+                    reason: "no such file".into(),
+                },
+            )],
             phase: Phase::Failed,
             weight: 0,
             records: &[K::Failed],
@@ -258,7 +329,13 @@ fn transitions() {
         Case {
             name: "pause freezes the hold; resume continues with what was left",
             spec: spec(Canary),
-            events: vec![(1, healthy(2)), (11, Event::Pause), (100, Event::Tick), (200, Event::Resume), (209, Event::Tick)],
+            events: vec![
+                (1, healthy(2)),
+                (11, Event::Pause),
+                (100, Event::Tick),
+                (200, Event::Resume),
+                (209, Event::Tick),
+            ],
             phase: Phase::Progressing,
             weight: 10,
             records: &[K::Paused, K::Resumed],
@@ -266,7 +343,12 @@ fn transitions() {
         Case {
             name: "after resume the remaining hold elapses",
             spec: spec(Canary),
-            events: vec![(1, healthy(2)), (11, Event::Pause), (200, Event::Resume), (210, Event::Tick)],
+            events: vec![
+                (1, healthy(2)),
+                (11, Event::Pause),
+                (200, Event::Resume),
+                (210, Event::Tick),
+            ],
             phase: Phase::Progressing,
             weight: 50,
             records: &[K::Paused, K::Resumed, K::Step],
@@ -274,7 +356,12 @@ fn transitions() {
         Case {
             name: "analysis still judges while paused",
             spec: spec(Canary),
-            events: vec![(1, healthy(2)), (11, Event::Pause), (12, judged(Fail)), (14, judged(Fail))],
+            events: vec![
+                (1, healthy(2)),
+                (11, Event::Pause),
+                (12, judged(Fail)),
+                (14, judged(Fail)),
+            ],
             phase: Phase::RolledBack,
             weight: 0,
             records: &[K::Paused, K::RolledBack],
@@ -314,7 +401,10 @@ fn transitions() {
         Case {
             name: "blue-green manual promote waits on preview",
             spec: RolloutSpec {
-                blue_green: cutover_core::BlueGreenSpec { auto_promote: false, ..spec(BlueGreen).blue_green },
+                blue_green: cutover_core::BlueGreenSpec {
+                    auto_promote: false,
+                    ..spec(BlueGreen).blue_green
+                },
                 ..spec(BlueGreen)
             },
             events: vec![(1, healthy(2)), (40, Event::Tick)],
@@ -325,7 +415,10 @@ fn transitions() {
         Case {
             name: "blue-green manual promote switches",
             spec: RolloutSpec {
-                blue_green: cutover_core::BlueGreenSpec { auto_promote: false, ..spec(BlueGreen).blue_green },
+                blue_green: cutover_core::BlueGreenSpec {
+                    auto_promote: false,
+                    ..spec(BlueGreen).blue_green
+                },
                 ..spec(BlueGreen)
             },
             events: vec![(1, healthy(2)), (40, Event::Promote { full: false })],
@@ -335,7 +428,10 @@ fn transitions() {
         },
         Case {
             name: "rolling replaces instance by instance",
-            spec: RolloutSpec { instances: 3, ..spec(Rolling) },
+            spec: RolloutSpec {
+                instances: 3,
+                ..spec(Rolling)
+            },
             events: vec![(1, healthy(1)), (2, healthy(2))],
             phase: Phase::Progressing,
             weight: 66,
@@ -343,15 +439,26 @@ fn transitions() {
         },
         Case {
             name: "rolling promotes when all are replaced",
-            spec: RolloutSpec { instances: 3, ..spec(Rolling) },
-            events: vec![(1, healthy(1)), (2, healthy(2)), (3, healthy(3)), (3, Event::Tick)],
+            spec: RolloutSpec {
+                instances: 3,
+                ..spec(Rolling)
+            },
+            events: vec![
+                (1, healthy(1)),
+                (2, healthy(2)),
+                (3, healthy(3)),
+                (3, Event::Tick),
+            ],
             phase: Phase::Promoted,
             weight: 100,
             records: &[K::Promoting, K::Promoted],
         },
         Case {
             name: "rolling health failure rolls back",
-            spec: RolloutSpec { instances: 3, ..spec(Rolling) },
+            spec: RolloutSpec {
+                instances: 3,
+                ..spec(Rolling)
+            },
             events: vec![(1, healthy(1)), (2, unhealthy())],
             phase: Phase::RolledBack,
             weight: 0,
@@ -390,12 +497,33 @@ fn transitions() {
 #[test]
 fn refusals_change_nothing() {
     let s = spec(StrategyKind::Canary);
-    let cases: Vec<(&str, Vec<(u64, Event)>, &str)> = vec![
-        ("promote while starting", vec![(1, Event::Promote { full: false })], "still starting"),
-        ("pause while starting", vec![(1, Event::Pause)], "still starting"),
-        ("resume when not paused", vec![(1, healthy(2)), (2, Event::Resume)], "not paused"),
-        ("pause twice", vec![(1, healthy(2)), (2, Event::Pause), (3, Event::Pause)], "already paused"),
-        ("abort after the end", vec![(1, Event::Abort), (2, Event::Abort)], "already ended as aborted"),
+    type Script = Vec<(u64, Event)>;
+    let cases: Vec<(&str, Script, &str)> = vec![
+        (
+            "promote while starting",
+            vec![(1, Event::Promote { full: false })],
+            "still starting",
+        ),
+        (
+            "pause while starting",
+            vec![(1, Event::Pause)],
+            "still starting",
+        ),
+        (
+            "resume when not paused",
+            vec![(1, healthy(2)), (2, Event::Resume)],
+            "not paused",
+        ),
+        (
+            "pause twice",
+            vec![(1, healthy(2)), (2, Event::Pause), (3, Event::Pause)],
+            "already paused",
+        ),
+        (
+            "abort after the end",
+            vec![(1, Event::Abort), (2, Event::Abort)],
+            "already ended as aborted",
+        ),
     ];
     for (name, events, want) in cases {
         let r = run(&s, &events);
@@ -408,41 +536,89 @@ fn refusals_change_nothing() {
 #[test]
 fn commands_are_ordered_for_zero_downtime() {
     let s = spec(StrategyKind::Canary);
-    let (r, cmds) = Rollout::begin(&s, 1, "v1".into(), "v2".into(), StrategyKind::Canary, Timestamp(0));
+    let (r, cmds) = Rollout::begin(
+        &s,
+        1,
+        "v1".into(),
+        "v2".into(),
+        StrategyKind::Canary,
+        Timestamp(0),
+    );
     let pos = |cmds: &[Command], f: &dyn Fn(&Command) -> bool| cmds.iter().position(f).unwrap();
     assert_eq!(
         cmds[0],
-        Command::Scale { version: "v2".into(), instances: 2 },
+        Command::Scale {
+            version: "v2".into(),
+            instances: 2
+        },
         "the candidate starts first"
     );
     let (r, cmds) = step(&s, &r, &healthy(2), Timestamp(1000)).unwrap();
-    assert!(cmds.contains(&Command::Route { candidate: w(10), preview: false }));
+    assert!(cmds.contains(&Command::Route {
+        candidate: w(10),
+        preview: false
+    }));
     assert!(cmds.contains(&Command::ResetAnalysis));
     let (_, cmds) = step(&s, &r, &Event::Abort, Timestamp(2000)).unwrap();
-    let route = pos(&cmds, &|c| matches!(c, Command::Route { candidate, .. } if *candidate == Weight::ZERO));
-    let stop = pos(&cmds, &|c| matches!(c, Command::Scale { version, instances: 0 } if version.as_str() == "v2"));
-    assert!(route < stop, "traffic returns before the candidate stops: {cmds:?}");
+    let route = pos(
+        &cmds,
+        &|c| matches!(c, Command::Route { candidate, .. } if *candidate == Weight::ZERO),
+    );
+    let stop = pos(
+        &cmds,
+        &|c| matches!(c, Command::Scale { version, instances: 0 } if version.as_str() == "v2"),
+    );
+    assert!(
+        route < stop,
+        "traffic returns before the candidate stops: {cmds:?}"
+    );
 }
 
 #[test]
 fn reasons_carry_numbers() {
     let s = spec(StrategyKind::Canary);
-    let r = run(&s, &[(1, healthy(2)), (3, judged(Verdict::Fail)), (5, judged(Verdict::Fail))]);
+    let r = run(
+        &s,
+        &[
+            (1, healthy(2)),
+            (3, judged(Verdict::Fail)),
+            (5, judged(Verdict::Fail)),
+        ],
+    );
     assert_eq!(r.rollout.outcome(), RolloutOutcome::RolledBack);
     let reason = r.rollout.reason().unwrap();
-    assert!(reason.contains("analysis failed (2/2)") && reason.contains("7.9% (41/519)"), "{reason}");
+    assert!(
+        reason.contains("analysis failed (2/2)") && reason.contains("7.9% (41/519)"),
+        "{reason}"
+    );
 }
 
 #[test]
 fn blue_green_preview_serves_the_candidate_only_before_the_switch() {
     let s = spec(StrategyKind::BlueGreen);
-    let (r, cmds) = Rollout::begin(&s, 1, "v1".into(), "v2".into(), StrategyKind::BlueGreen, Timestamp(0));
-    assert!(cmds.contains(&Command::Route { candidate: Weight::ZERO, preview: true }));
+    let (r, cmds) = Rollout::begin(
+        &s,
+        1,
+        "v1".into(),
+        "v2".into(),
+        StrategyKind::BlueGreen,
+        Timestamp(0),
+    );
+    assert!(cmds.contains(&Command::Route {
+        candidate: Weight::ZERO,
+        preview: true
+    }));
     let (r, cmds) = step(&s, &r, &healthy(2), Timestamp(1000)).unwrap();
-    assert!(cmds.contains(&Command::Route { candidate: Weight::FULL, preview: false }));
+    assert!(cmds.contains(&Command::Route {
+        candidate: Weight::FULL,
+        preview: false
+    }));
     assert!(matches!(r.stage, Stage::Promoting { .. }));
     // The old version stays at full size during the delay.
-    assert!(cmds.contains(&Command::Scale { version: "v1".into(), instances: 2 }));
+    assert!(cmds.contains(&Command::Scale {
+        version: "v1".into(),
+        instances: 2
+    }));
 }
 
 #[test]

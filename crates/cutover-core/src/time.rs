@@ -39,6 +39,9 @@ mod tests {
         let t = Timestamp::from_millis(1_000);
         assert_eq!(t.plus(Duration::from_millis(500)).as_millis(), 1_500);
         assert_eq!(t.since(Timestamp::from_millis(2_000)), Duration::ZERO);
-        assert_eq!(Timestamp(u64::MAX).plus(Duration::from_secs(1)), Timestamp(u64::MAX));
+        assert_eq!(
+            Timestamp(u64::MAX).plus(Duration::from_secs(1)),
+            Timestamp(u64::MAX)
+        );
     }
 }

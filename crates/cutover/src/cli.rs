@@ -5,10 +5,20 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "cutover", version, about = "Deployments that promote or roll back on their own.")]
+#[command(
+    name = "cutover",
+    version,
+    about = "Deployments that promote or roll back on their own."
+)]
 pub struct Cli {
     /// The configuration file.
-    #[arg(short, long, global = true, default_value = "cutover.toml", env = "CUTOVER_CONFIG")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        default_value = "cutover.toml",
+        env = "CUTOVER_CONFIG"
+    )]
     pub config: PathBuf,
 
     #[command(subcommand)]

@@ -58,20 +58,16 @@ impl Client {
         }
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    pub fn token(&self) -> &str {
-        &self.token
-    }
-
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> CliResult<T> {
         let v = self.request(hyper::Method::GET, path, None).await?;
         decode(path, v)
     }
 
-    pub async fn post<T: DeserializeOwned>(&self, path: &str, body: serde_json::Value) -> CliResult<T> {
+    pub async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> CliResult<T> {
         let v = self.request(hyper::Method::POST, path, Some(body)).await?;
         decode(path, v)
     }
@@ -88,7 +84,10 @@ impl Client {
         let req = hyper::Request::builder()
             .method(method)
             .uri(&uri)
-            .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            )
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(bytes))
             .map_err(|e| CliError::new(Code::Usage, format!("bad request to {uri}: {e}")))?;
@@ -110,11 +109,20 @@ impl Client {
             .into_body()
             .collect()
             .await
-            .map_err(|e| CliError::new(Code::Unreachable, format!("the daemon's answer broke off: {e}")))?
+            .map_err(|e| {
+                CliError::new(
+                    Code::Unreachable,
+                    format!("the daemon's answer broke off: {e}"),
+                )
+            })?
             .to_bytes();
         if status.is_success() {
-            return serde_json::from_slice(&body)
-                .map_err(|e| CliError::new(Code::Failure, format!("the daemon answered {path} with invalid JSON: {e}")));
+            return serde_json::from_slice(&body).map_err(|e| {
+                CliError::new(
+                    Code::Failure,
+                    format!("the daemon answered {path} with invalid JSON: {e}"),
+                )
+            });
         }
         let message = serde_json::from_slice::<ErrorBody>(&body)
             .map(|e| e.error.message)

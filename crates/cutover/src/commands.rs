@@ -26,14 +26,29 @@ pub fn init(config: &Path, force: bool) -> CliResult {
     if config.exists() && !force {
         return Err(CliError::new(
             Code::Usage,
-            format!("{} already exists; use `cutover init --force` to overwrite it", config.display()),
+            format!(
+                "{} already exists; use `cutover init --force` to overwrite it",
+                config.display()
+            ),
         ));
     }
-    std::fs::write(config, cutover_config::INIT_TEMPLATE)
-        .map_err(|e| CliError::new(Code::Failure, format!("cannot write {}: {e}", config.display())))?;
-    let dir = config.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join(".cutover");
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| CliError::new(Code::Failure, format!("cannot create {}: {e}", dir.display())))?;
+    std::fs::write(config, cutover_config::INIT_TEMPLATE).map_err(|e| {
+        CliError::new(
+            Code::Failure,
+            format!("cannot write {}: {e}", config.display()),
+        )
+    })?;
+    let dir = config
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join(".cutover");
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        CliError::new(
+            Code::Failure,
+            format!("cannot create {}: {e}", dir.display()),
+        )
+    })?;
     println!(
         "wrote {} and {}/\nnext: `cutover validate`, then `cutover up`, then in another terminal `cutover deploy web v2 --wait`",
         config.display(),
@@ -74,15 +89,27 @@ pub fn validate(settings: &Settings, json: bool) -> CliResult {
         }));
     }
     println!("{}: valid", settings.file.display());
-    println!("api and dashboard on http://{}/, state in {}", settings.daemon.api, settings.daemon.state_dir.display());
+    println!(
+        "api and dashboard on http://{}/, state in {}",
+        settings.daemon.api,
+        settings.daemon.state_dir.display()
+    );
     for s in &settings.services {
         let what = match &s.runtime {
-            RuntimeSettings::Process { command, .. } => format!("{} × `{}`", s.rollout.instances, command.join(" ")),
+            RuntimeSettings::Process { command, .. } => {
+                format!("{} × `{}`", s.rollout.instances, command.join(" "))
+            }
             RuntimeSettings::Static { upstreams } => format!(
                 "static upstreams: {}",
                 upstreams
                     .iter()
-                    .map(|(v, a)| format!("{v}={}", a.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")))
+                    .map(|(v, a)| format!(
+                        "{v}={}",
+                        a.iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ))
                     .collect::<Vec<_>>()
                     .join(" ")
             ),
@@ -100,7 +127,10 @@ fn parse_env(pairs: &[String]) -> CliResult<BTreeMap<String, String>> {
         .iter()
         .map(|p| match p.split_once('=') {
             Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-            _ => Err(CliError::new(Code::Usage, format!("--env {p:?} is not KEY=VAL"))),
+            _ => Err(CliError::new(
+                Code::Usage,
+                format!("--env {p:?} is not KEY=VAL"),
+            )),
         })
         .collect()
 }
@@ -117,7 +147,9 @@ pub struct DeployArgs<'a> {
 pub async fn deploy(client: &Client, a: DeployArgs<'_>) -> CliResult {
     let env = parse_env(a.env)?;
     let body = json!({"version": a.version, "env": env, "strategy": a.strategy});
-    let r: Rollout = client.post(&format!("/api/v1/services/{}/deploy", a.service), body).await?;
+    let r: Rollout = client
+        .post(&format!("/api/v1/services/{}/deploy", a.service), body)
+        .await?;
     if !a.wait {
         if a.json {
             return print_json(&r);
@@ -166,7 +198,8 @@ async fn follow(client: &Client, r: &Rollout, quiet: bool) -> CliResult<Rollout>
     let mut seen = 0i64;
     loop {
         let cur: Rollout = client.get(&format!("/api/v1/rollouts/{}", r.id)).await?;
-        for e in cur.events.iter().filter(|e| e.id > seen) {
+        let last = seen;
+        for e in cur.events.iter().filter(|e| e.id > last) {
             seen = seen.max(e.id);
             if quiet {
                 continue;
@@ -176,15 +209,17 @@ async fn follow(client: &Client, r: &Rollout, quiet: bool) -> CliResult<Rollout>
                 None => eprintln!("{}", render::event_line(e)),
             }
         }
-        if let Some(b) = &bar {
-            if let Ok(svc) = client.get::<Service>(&format!("/api/v1/services/{}", r.service)).await {
-                b.set_position(u64::from(svc.weights.get(&r.to).copied().unwrap_or(0)));
-                let step = match (svc.step, svc.steps) {
-                    (Some(i), Some(n)) => format!(" step {i}/{n}"),
-                    _ => String::new(),
-                };
-                b.set_message(format!("{}{step}", svc.phase));
-            }
+        if let Some(b) = &bar
+            && let Ok(svc) = client
+                .get::<Service>(&format!("/api/v1/services/{}", r.service))
+                .await
+        {
+            b.set_position(u64::from(svc.weights.get(&r.to).copied().unwrap_or(0)));
+            let step = match (svc.step, svc.steps) {
+                (Some(i), Some(n)) => format!(" step {i}/{n}"),
+                _ => String::new(),
+            };
+            b.set_message(format!("{}{step}", svc.phase));
         }
         if cur.outcome != "in-progress" {
             if let Some(b) = bar {
@@ -195,7 +230,10 @@ async fn follow(client: &Client, r: &Rollout, quiet: bool) -> CliResult<Rollout>
                     "rollout #{} {}{}",
                     cur.id,
                     cur.outcome,
-                    cur.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+                    cur.reason
+                        .as_deref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
                 );
             }
             return Ok(cur);
@@ -229,22 +267,36 @@ pub async fn status(client: &Client, service: Option<&str>, watch: bool, json: b
 
 async fn fetch_services(client: &Client, service: Option<&str>) -> CliResult<Vec<Service>> {
     Ok(match service {
-        Some(s) => vec![client.get::<Service>(&format!("/api/v1/services/{s}")).await?],
+        Some(s) => vec![
+            client
+                .get::<Service>(&format!("/api/v1/services/{s}"))
+                .await?,
+        ],
         None => client.get::<Status>("/api/v1/status").await?.services,
     })
 }
 
 async fn status_text(client: &Client, service: Option<&str>) -> CliResult<String> {
     let services = fetch_services(client, service).await?;
-    Ok(services.iter().map(|s| render::service(s, 8)).collect::<Vec<_>>().join("\n"))
+    Ok(services
+        .iter()
+        .map(|s| render::service(s, 8))
+        .collect::<Vec<_>>()
+        .join("\n"))
 }
 
-async fn status_once(client: &Client, service: Option<&str>, json: bool) -> CliResult<Vec<Service>> {
+async fn status_once(
+    client: &Client,
+    service: Option<&str>,
+    json: bool,
+) -> CliResult<Vec<Service>> {
     let services = fetch_services(client, service).await?;
     if json {
         match service {
             Some(_) => print_json(&services[0])?,
-            None => print_json(&Status { services: services.clone() })?,
+            None => print_json(&Status {
+                services: services.clone(),
+            })?,
         }
     } else {
         for s in &services {
@@ -254,17 +306,34 @@ async fn status_once(client: &Client, service: Option<&str>, json: bool) -> CliR
     Ok(services)
 }
 
-pub async fn act(client: &Client, service: &str, verb: &str, body: serde_json::Value, json: bool) -> CliResult {
-    let s: Service = client.post(&format!("/api/v1/services/{service}/{verb}"), body).await?;
+pub async fn act(
+    client: &Client,
+    service: &str,
+    verb: &str,
+    body: serde_json::Value,
+    json: bool,
+) -> CliResult {
+    let s: Service = client
+        .post(&format!("/api/v1/services/{service}/{verb}"), body)
+        .await?;
     if json {
         return print_json(&s);
     }
-    let last = s.events.first().map(|e| e.message.clone()).unwrap_or_default();
+    let last = s
+        .events
+        .first()
+        .map(|e| e.message.clone())
+        .unwrap_or_default();
     println!("{}: {} ({})", s.name, s.phase, last);
     Ok(())
 }
 
-pub async fn history(client: &Client, service: Option<&str>, limit: usize, json: bool) -> CliResult {
+pub async fn history(
+    client: &Client,
+    service: Option<&str>,
+    limit: usize,
+    json: bool,
+) -> CliResult {
     let mut path = format!("/api/v1/history?limit={limit}");
     if let Some(s) = service {
         path.push_str(&format!("&service={s}"));

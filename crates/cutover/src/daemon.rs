@@ -41,10 +41,12 @@ pub fn up(settings: Settings) -> CliResult {
         }
         b
     };
-    let rt = builder
-        .enable_all()
-        .build()
-        .map_err(|e| CliError::new(Code::Failure, format!("cannot start the async runtime: {e}")))?;
+    let rt = builder.enable_all().build().map_err(|e| {
+        CliError::new(
+            Code::Failure,
+            format!("cannot start the async runtime: {e}"),
+        )
+    })?;
     rt.block_on(run(settings))
 }
 
@@ -56,7 +58,10 @@ struct Listeners {
 
 async fn bind(addr: SocketAddr, key: &str) -> CliResult<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
-        CliError::new(Code::Usage, format!("cannot listen on {addr} ({key}): {e}; choose another address in the config"))
+        CliError::new(
+            Code::Usage,
+            format!("cannot listen on {addr} ({key}): {e}; choose another address in the config"),
+        )
     })
 }
 
@@ -66,7 +71,9 @@ async fn bind_all(settings: &Settings) -> CliResult<Listeners> {
     for s in &settings.services {
         let main = bind(s.listen, &format!("services.{}.listen", s.name)).await?;
         let preview = match s.rollout.blue_green.preview_listen {
-            Some(a) => Some(bind(a, &format!("services.{}.blue_green.preview_listen", s.name)).await?),
+            Some(a) => {
+                Some(bind(a, &format!("services.{}.blue_green.preview_listen", s.name)).await?)
+            }
             None => None,
         };
         services.push((main, preview));
@@ -76,7 +83,13 @@ async fn bind_all(settings: &Settings) -> CliResult<Listeners> {
 
 async fn run(settings: Settings) -> CliResult {
     let store = Store::open(&settings.daemon.state_dir).map_err(|e| {
-        CliError::new(Code::Failure, format!("cannot open the state in {}: {e}", settings.daemon.state_dir.display()))
+        CliError::new(
+            Code::Failure,
+            format!(
+                "cannot open the state in {}: {e}",
+                settings.daemon.state_dir.display()
+            ),
+        )
     })?;
     let token = cutover_store::ensure_token(&settings.daemon.state_dir)
         .map_err(|e| CliError::new(Code::Failure, format!("cannot set up the API token: {e}")))?;
@@ -106,8 +119,22 @@ async fn run(settings: Settings) -> CliResult {
         }));
     }
 
-    let (controller, driver_thread, stop_driver) = start_controller(&settings, store, &proxy, &metrics, health_rx)?;
+    let (controller, driver_thread, stop_driver) =
+        start_controller(&settings, store, &proxy, &metrics, health_rx)?;
 
+    if let Some(url) = &settings.notify.webhook {
+        match url.parse::<hyper::Uri>() {
+            Ok(uri) => {
+                tokio::spawn(crate::notify::webhook(uri, controller.clone()));
+            }
+            Err(e) => {
+                return Err(CliError::new(
+                    Code::Usage,
+                    format!("notify.webhook {url:?} is not a URL: {e}"),
+                ));
+            }
+        }
+    }
     let (stop_api, api_stopping) = watch::channel(false);
     let api_state = ApiState {
         controller,
@@ -115,7 +142,11 @@ async fn run(settings: Settings) -> CliResult {
         token: Arc::from(token.as_str()),
     };
     let api_addr = listeners.api.local_addr().unwrap_or(settings.daemon.api);
-    let api = tokio::spawn(cutover_api::serve(listeners.api, api_state, wait_true(api_stopping)));
+    let api = tokio::spawn(cutover_api::serve(
+        listeners.api,
+        api_state,
+        wait_true(api_stopping),
+    ));
     eprintln!(
         "cutover is up: dashboard and API on http://{api_addr}/ (token in {}); {} service(s): {}",
         settings.daemon.state_dir.join("token").display(),
@@ -142,7 +173,10 @@ async fn run(settings: Settings) -> CliResult {
     // this thread free to run the proxies' last tasks meanwhile.
     let joined = tokio::task::spawn_blocking(move || driver_thread.join()).await;
     if !matches!(joined, Ok(Ok(()))) {
-        return Err(CliError::new(Code::Failure, "the controller thread ended abnormally"));
+        return Err(CliError::new(
+            Code::Failure,
+            "the controller thread ended abnormally",
+        ));
     }
     eprintln!("cutover: stopped");
     Ok(())
@@ -155,10 +189,8 @@ async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
 }
 
 /// Resolves once the watch turns true (or its sender is gone).
-fn wait_true(mut rx: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
-    async move {
-        let _ = rx.wait_for(|v| *v).await;
-    }
+async fn wait_true(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
 }
 
 async fn shutdown_signal() {
@@ -192,8 +224,12 @@ fn start_controller(
 ) -> CliResult<(Controller, std::thread::JoinHandle<()>, watch::Sender<bool>)> {
     let services: Vec<ServiceSettings> = settings.services.clone();
     let logs = settings.daemon.state_dir.join("logs");
-    let self_exe = std::env::current_exe()
-        .map_err(|e| CliError::new(Code::Failure, format!("cannot find cutover's own executable: {e}")))?;
+    let self_exe = std::env::current_exe().map_err(|e| {
+        CliError::new(
+            Code::Failure,
+            format!("cannot find cutover's own executable: {e}"),
+        )
+    })?;
     let dataplane: Arc<dyn DataPlane> = Arc::new(proxy.clone());
     let metrics = metrics.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -201,17 +237,26 @@ fn start_controller(
     let thread = std::thread::Builder::new()
         .name("cutover-controller".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
-                    let _ = handle_tx.send(Err(format!("cannot start the controller runtime: {e}")));
+                    let _ =
+                        handle_tx.send(Err(format!("cannot start the controller runtime: {e}")));
                     return;
                 }
             };
             rt.block_on(async move {
                 let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
-                let process = Arc::new(Runtime::Process(ProcessRuntime::new(logs, self_exe, exits_tx)));
-                let setups = services.iter().map(|s| service_setup(s, &process)).collect();
+                let process = Arc::new(Runtime::Process(ProcessRuntime::new(
+                    logs, self_exe, exits_tx,
+                )));
+                let setups = services
+                    .iter()
+                    .map(|s| service_setup(s, &process))
+                    .collect();
                 let (driver, controller) = cutover_controller::driver(DriverParts {
                     services: setups,
                     store,
@@ -224,17 +269,29 @@ fn start_controller(
                 driver.run(wait_true(stop_rx)).await;
             });
         })
-        .map_err(|e| CliError::new(Code::Failure, format!("cannot start the controller thread: {e}")))?;
+        .map_err(|e| {
+            CliError::new(
+                Code::Failure,
+                format!("cannot start the controller thread: {e}"),
+            )
+        })?;
     let controller = handle_rx
         .recv()
-        .map_err(|_| CliError::new(Code::Failure, "the controller thread ended before it started"))?
+        .map_err(|_| {
+            CliError::new(
+                Code::Failure,
+                "the controller thread ended before it started",
+            )
+        })?
         .map_err(|e| CliError::new(Code::Failure, e))?;
     Ok((controller, thread, stop_tx))
 }
 
 fn service_setup(s: &ServiceSettings, process: &Arc<Runtime>) -> ServiceSetup {
     let (runtime, command, env, known) = match &s.runtime {
-        RuntimeSettings::Process { command, env } => (process.clone(), command.clone(), env.clone(), None),
+        RuntimeSettings::Process { command, env } => {
+            (process.clone(), command.clone(), env.clone(), None)
+        }
         RuntimeSettings::Static { upstreams } => (
             Arc::new(Runtime::Static(StaticRuntime::new(upstreams.clone()))),
             Vec::new(),
@@ -249,7 +306,11 @@ fn service_setup(s: &ServiceSettings, process: &Arc<Runtime>) -> ServiceSetup {
             RuntimeSettings::Static { upstreams } => upstreams.get(v).map(Vec::len),
             RuntimeSettings::Process { .. } => None,
         });
-        spec.instances = fewest.min().and_then(|n| u32::try_from(n).ok()).unwrap_or(1).max(1);
+        spec.instances = fewest
+            .min()
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(1)
+            .max(1);
     }
     ServiceSetup {
         name: s.name.clone(),

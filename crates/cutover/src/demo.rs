@@ -41,12 +41,20 @@ pub fn demo_app(a: &DemoAppArgs) -> CliResult {
     opts.apply_env(|k| std::env::var(k).ok())
         .map_err(|e| CliError::new(Code::Usage, e.to_string()))?;
     if !(0.0..=1.0).contains(&opts.error_rate) {
-        return Err(CliError::new(Code::Usage, format!("--error-rate {} is not between 0 and 1", opts.error_rate)));
+        return Err(CliError::new(
+            Code::Usage,
+            format!("--error-rate {} is not between 0 and 1", opts.error_rate),
+        ));
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| CliError::new(Code::Failure, format!("cannot start the async runtime: {e}")))?;
+        .map_err(|e| {
+            CliError::new(
+                Code::Failure,
+                format!("cannot start the async runtime: {e}"),
+            )
+        })?;
     rt.block_on(async move {
         let addr = SocketAddr::from(([127, 0, 0, 1], a.port));
         let listener = tokio::net::TcpListener::bind(addr)
@@ -66,7 +74,8 @@ pub fn demo_app(a: &DemoAppArgs) -> CliResult {
 }
 
 fn humantime_parse(s: &str) -> CliResult<Duration> {
-    humantime::parse_duration(s).map_err(|e| CliError::new(Code::Usage, format!("--latency {s:?}: {e}")))
+    humantime::parse_duration(s)
+        .map_err(|e| CliError::new(Code::Usage, format!("--latency {s:?}: {e}")))
 }
 
 fn free_port() -> CliResult<u16> {
@@ -142,7 +151,10 @@ impl DaemonGuard {
         if let Some(mut c) = self.0.take() {
             let pid = c.id();
             // SIGTERM lets the daemon drain and stop its instances; SIGKILL only if it hangs.
-            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -166,7 +178,12 @@ pub fn run(keep: bool) -> CliResult {
     let dir = tempfile::Builder::new()
         .prefix("cutover-demo-")
         .tempdir()
-        .map_err(|e| CliError::new(Code::Failure, format!("cannot create a temporary directory: {e}")))?;
+        .map_err(|e| {
+            CliError::new(
+                Code::Failure,
+                format!("cannot create a temporary directory: {e}"),
+            )
+        })?;
     let (api_port, web_port) = (free_port()?, free_port()?);
     let config = DEMO_CONFIG
         .replace("API_PORT", &api_port.to_string())
@@ -174,8 +191,12 @@ pub fn run(keep: bool) -> CliResult {
     let config_path = dir.path().join("cutover.toml");
     std::fs::write(&config_path, config)
         .map_err(|e| CliError::new(Code::Failure, format!("cannot write the demo config: {e}")))?;
-    let exe = std::env::current_exe()
-        .map_err(|e| CliError::new(Code::Failure, format!("cannot find cutover's own executable: {e}")))?;
+    let exe = std::env::current_exe().map_err(|e| {
+        CliError::new(
+            Code::Failure,
+            format!("cannot find cutover's own executable: {e}"),
+        )
+    })?;
     let log = std::fs::File::create(dir.path().join("daemon.log"))
         .map_err(|e| CliError::new(Code::Failure, format!("cannot create the daemon log: {e}")))?;
     let child = std::process::Command::new(&exe)
@@ -184,7 +205,10 @@ pub fn run(keep: bool) -> CliResult {
         .arg("up")
         .current_dir(dir.path())
         .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|e| CliError::new(Code::Failure, e.to_string()))?)
+        .stdout(
+            log.try_clone()
+                .map_err(|e| CliError::new(Code::Failure, e.to_string()))?,
+        )
         .stderr(log)
         .spawn()
         .map_err(|e| CliError::new(Code::Failure, format!("cannot start `cutover up`: {e}")))?;
@@ -193,12 +217,20 @@ pub fn run(keep: bool) -> CliResult {
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| CliError::new(Code::Failure, format!("cannot start the async runtime: {e}")))?;
+        .map_err(|e| {
+            CliError::new(
+                Code::Failure,
+                format!("cannot start the async runtime: {e}"),
+            )
+        })?;
     let api = SocketAddr::from(([127, 0, 0, 1], api_port));
     let web = SocketAddr::from(([127, 0, 0, 1], web_port));
     let result = rt.block_on(tour(dir.path(), api, web, keep));
     if let Err(e) = &result {
-        eprintln!("cutover demo: {e}\n  the daemon's log: {}", dir.path().join("daemon.log").display());
+        eprintln!(
+            "cutover demo: {e}\n  the daemon's log: {}",
+            dir.path().join("daemon.log").display()
+        );
         // Keep the directory for a look at the log.
         let kept = dir.keep();
         eprintln!("  (kept {})", kept.display());
@@ -223,42 +255,83 @@ async fn tour(dir: &Path, api: SocketAddr, web: SocketAddr, keep: bool) -> CliRe
     if !std::io::stderr().is_terminal() {
         mp.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    say(&mp, format!("cutover demo: a daemon in {} with service `web` on http://{web}/", dir.display()));
+    say(
+        &mp,
+        format!(
+            "cutover demo: a daemon in {} with service `web` on http://{web}/",
+            dir.display()
+        ),
+    );
     let token = wait_for_token(&dir.join("state").join("token")).await?;
     let client = Client::with_token(api, token.clone());
-    wait_until(Duration::from_secs(30), "the daemon's API to answer", || async {
-        client.get::<serde_json::Value>("/api/v1/status").await.is_ok()
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the daemon's API to answer",
+        || async {
+            client
+                .get::<serde_json::Value>("/api/v1/status")
+                .await
+                .is_ok()
+        },
+    )
     .await?;
-    wait_until(Duration::from_secs(30), "v1's two instances to become healthy", || async {
-        client
-            .get::<Service>("/api/v1/services/web")
-            .await
-            .is_ok_and(|s| s.instances.iter().filter(|i| i.health == "healthy").count() >= 2)
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "v1's two instances to become healthy",
+        || async {
+            client
+                .get::<Service>("/api/v1/services/web")
+                .await
+                .is_ok_and(|s| s.instances.iter().filter(|i| i.health == "healthy").count() >= 2)
+        },
+    )
     .await?;
-    say(&mp, "v1 is serving on 2 instances; starting a steady load of ~200 requests/s");
+    say(
+        &mp,
+        "v1 is serving on 2 instances; starting a steady load of ~200 requests/s",
+    );
 
     let tally = Arc::new(Mutex::new(Tally::default()));
     let (stop_load, load_stopped) = tokio::sync::watch::channel(false);
     let load = tokio::spawn(load(web, tally.clone(), load_stopped));
 
     let v2 = canary(&mp, &client, &tally, "v2", json!({}), "a healthy v2").await?;
-    let v3 = canary(&mp, &client, &tally, "v3", json!({"DEMO_ERROR_RATE": "0.2"}), "a bad v3 (20% errors)").await?;
+    let v3 = canary(
+        &mp,
+        &client,
+        &tally,
+        "v3",
+        json!({"DEMO_ERROR_RATE": "0.2"}),
+        "a bad v3 (20% errors)",
+    )
+    .await?;
     let _ = stop_load.send(true);
     let _ = load.await;
 
-    let t = tally.lock().map_err(|_| CliError::new(Code::Failure, "load counters poisoned"))?;
-    println!("\n{:<8} {:>9} {:>8} {:>9}", "version", "requests", "errors", "p99");
+    // The load has stopped; take the counters out so no lock is held across the awaits below.
+    let t = match tally.lock() {
+        Ok(mut guard) => std::mem::take(&mut guard.per_version),
+        Err(_) => return Err(CliError::new(Code::Failure, "load counters poisoned")),
+    };
+    println!(
+        "\n{:<8} {:>9} {:>8} {:>9}",
+        "version", "requests", "errors", "p99"
+    );
     let mut outside_canary_errors = 0;
-    for (v, vt) in &t.per_version {
-        let p99 = vt.p99().map(|d| format!("{:.1}ms", d.as_secs_f64() * 1000.0)).unwrap_or_else(|| "-".into());
+    for (v, vt) in &t {
+        let p99 = vt
+            .p99()
+            .map(|d| format!("{:.1}ms", d.as_secs_f64() * 1000.0))
+            .unwrap_or_else(|| "-".into());
         println!("{v:<8} {:>9} {:>8} {p99:>9}", vt.requests, vt.errors);
         if v != "v3" {
             outside_canary_errors += vt.errors;
         }
     }
-    println!("\n{:<4} {:<10} {:<12} {:>16}  reason", "id", "rollout", "outcome", "time to decide");
+    println!(
+        "\n{:<4} {:<10} {:<12} {:>16}  reason",
+        "id", "rollout", "outcome", "time to decide"
+    );
     for r in [&v2, &v3] {
         println!(
             "#{:<3} {:<10} {:<12} {:>15.1}s  {}",
@@ -304,7 +377,10 @@ fn decision_seconds(r: &Rollout) -> f64 {
             .find(|e| e.kind == kind)
             .and_then(|e| e.at.parse::<jiff::Timestamp>().ok())
     };
-    let end = r.finished_at.as_deref().and_then(|f| f.parse::<jiff::Timestamp>().ok());
+    let end = r
+        .finished_at
+        .as_deref()
+        .and_then(|f| f.parse::<jiff::Timestamp>().ok());
     match (at("step"), end) {
         (Some(s), Some(e)) => (e.as_millisecond() - s.as_millisecond()) as f64 / 1000.0,
         _ => r.duration_seconds.unwrap_or(0.0),
@@ -321,7 +397,10 @@ async fn canary(
 ) -> CliResult<Rollout> {
     say(mp, format!("\n── canary of {what} ──"));
     let r: Rollout = client
-        .post("/api/v1/services/web/deploy", json!({"version": version, "env": env}))
+        .post(
+            "/api/v1/services/web/deploy",
+            json!({"version": version, "env": env}),
+        )
         .await?;
     let bar = mp.add(ProgressBar::new(100));
     bar.set_style(
@@ -334,7 +413,8 @@ async fn canary(
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let cur: Rollout = client.get(&format!("/api/v1/rollouts/{}", r.id)).await?;
-        for e in cur.events.iter().filter(|e| e.id > seen) {
+        let last = seen;
+        for e in cur.events.iter().filter(|e| e.id > last) {
             seen = seen.max(e.id);
             say(mp, format!("  {}", crate::render::event_line(e)));
         }
@@ -366,7 +446,10 @@ async fn canary(
             return Ok(cur);
         }
         if Instant::now() > deadline {
-            return Err(CliError::new(Code::Failure, format!("rollout #{} did not end within 90s", r.id)));
+            return Err(CliError::new(
+                Code::Failure,
+                format!("rollout #{} did not end within 90s", r.id),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -374,8 +457,13 @@ async fn canary(
 
 /// About 200 requests per second until told to stop, each answer tallied by the version that
 /// served it.
-async fn load(web: SocketAddr, tally: Arc<Mutex<Tally>>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let client: HyperClient<_, Empty<Bytes>> = HyperClient::builder(TokioExecutor::new()).build_http();
+async fn load(
+    web: SocketAddr,
+    tally: Arc<Mutex<Tally>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let client: HyperClient<_, Empty<Bytes>> =
+        HyperClient::builder(TokioExecutor::new()).build_http();
     let uri: hyper::Uri = match format!("http://{web}/").parse() {
         Ok(u) => u,
         Err(_) => return,
@@ -397,7 +485,12 @@ async fn load(web: SocketAddr, tally: Arc<Mutex<Tally>>, mut stop: tokio::sync::
             let (version, failed) = match client.get(uri).await {
                 Ok(resp) => {
                     let status = resp.status();
-                    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let body = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
                     let version = serde_json::from_slice::<serde_json::Value>(&body)
                         .ok()
                         .and_then(|v| v.get("version").and_then(|v| v.as_str()).map(str::to_owned))
@@ -420,13 +513,16 @@ async fn load(web: SocketAddr, tally: Arc<Mutex<Tally>>, mut stop: tokio::sync::
 async fn wait_for_token(path: &Path) -> CliResult<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(t) = std::fs::read_to_string(path) {
-            if t.trim().len() >= 32 {
-                return Ok(t.trim().to_owned());
-            }
+        if let Ok(t) = std::fs::read_to_string(path)
+            && t.trim().len() >= 32
+        {
+            return Ok(t.trim().to_owned());
         }
         if Instant::now() > deadline {
-            return Err(CliError::new(Code::Failure, "the daemon did not start within 30s"));
+            return Err(CliError::new(
+                Code::Failure,
+                "the daemon did not start within 30s",
+            ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -440,7 +536,10 @@ where
     let deadline = Instant::now() + limit;
     while !check().await {
         if Instant::now() > deadline {
-            return Err(CliError::new(Code::Failure, format!("gave up waiting for {what} after {limit:?}")));
+            return Err(CliError::new(
+                Code::Failure,
+                format!("gave up waiting for {what} after {limit:?}"),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

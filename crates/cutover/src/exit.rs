@@ -23,7 +23,10 @@ pub struct CliError {
 
 impl CliError {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
-        CliError { code, message: message.into() }
+        CliError {
+            code,
+            message: message.into(),
+        }
     }
 }
 

@@ -9,6 +9,7 @@ mod commands;
 mod daemon;
 mod demo;
 mod exit;
+mod notify;
 mod render;
 
 use std::process::ExitCode;
@@ -28,7 +29,10 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CUTOVER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -47,7 +51,12 @@ fn block_on<F: std::future::Future<Output = CliResult>>(f: F) -> CliResult {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| CliError::new(Code::Failure, format!("cannot start the async runtime: {e}")))?
+        .map_err(|e| {
+            CliError::new(
+                Code::Failure,
+                format!("cannot start the async runtime: {e}"),
+            )
+        })?
         .block_on(f)
 }
 
@@ -58,7 +67,14 @@ fn run(cli: Cli) -> CliResult {
         Command::Up => daemon::up(load(&cli)?),
         Command::DemoApp(a) => demo::demo_app(a),
         Command::Demo { keep } => demo::run(*keep),
-        Command::Deploy { service, version, env, strategy, wait, read } => {
+        Command::Deploy {
+            service,
+            version,
+            env,
+            strategy,
+            wait,
+            read,
+        } => {
             let client = Client::new(&load(&cli)?)?;
             block_on(commands::deploy(
                 &client,
@@ -72,13 +88,32 @@ fn run(cli: Cli) -> CliResult {
                 },
             ))
         }
-        Command::Status { service, watch, read } => {
+        Command::Status {
+            service,
+            watch,
+            read,
+        } => {
             let client = Client::new(&load(&cli)?)?;
-            block_on(commands::status(&client, service.as_deref(), *watch, read.json))
+            block_on(commands::status(
+                &client,
+                service.as_deref(),
+                *watch,
+                read.json,
+            ))
         }
-        Command::Promote { service, full, read } => {
+        Command::Promote {
+            service,
+            full,
+            read,
+        } => {
             let client = Client::new(&load(&cli)?)?;
-            block_on(commands::act(&client, service, "promote", json!({"full": full}), read.json))
+            block_on(commands::act(
+                &client,
+                service,
+                "promote",
+                json!({"full": full}),
+                read.json,
+            ))
         }
         Command::Abort(a) | Command::Rollback(a) | Command::Pause(a) | Command::Resume(a) => {
             let verb = match &cli.command {
@@ -88,11 +123,26 @@ fn run(cli: Cli) -> CliResult {
                 _ => "resume",
             };
             let client = Client::new(&load(&cli)?)?;
-            block_on(commands::act(&client, &a.service, verb, json!({}), a.read.json))
+            block_on(commands::act(
+                &client,
+                &a.service,
+                verb,
+                json!({}),
+                a.read.json,
+            ))
         }
-        Command::History { service, limit, read } => {
+        Command::History {
+            service,
+            limit,
+            read,
+        } => {
             let client = Client::new(&load(&cli)?)?;
-            block_on(commands::history(&client, service.as_deref(), *limit, read.json))
+            block_on(commands::history(
+                &client,
+                service.as_deref(),
+                *limit,
+                read.json,
+            ))
         }
     }
 }

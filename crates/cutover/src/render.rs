@@ -29,7 +29,15 @@ pub fn service(s: &Service, events: usize) -> String {
         _ => String::new(),
     };
     let _ = writeln!(out, "{}  {}{step}{rollout}", s.name, s.phase.to_uppercase());
-    let _ = writeln!(out, "  listen {}{}", s.listen, s.preview_listen.as_deref().map(|p| format!("  preview {p}")).unwrap_or_default());
+    let _ = writeln!(
+        out,
+        "  listen {}{}",
+        s.listen,
+        s.preview_listen
+            .as_deref()
+            .map(|p| format!("  preview {p}"))
+            .unwrap_or_default()
+    );
     let _ = writeln!(out, "  weights");
     let mut weights: Vec<(&String, &u8)> = s.weights.iter().collect();
     weights.sort_by_key(|(v, _)| (**v != s.stable, (*v).clone()));
@@ -39,7 +47,11 @@ pub fn service(s: &Service, events: usize) -> String {
     if !s.instances.is_empty() {
         let _ = writeln!(out, "  instances");
         for i in &s.instances {
-            let _ = writeln!(out, "    {:<18} {:<8} {:<22} {}", i.id, i.version, i.address, i.health);
+            let _ = writeln!(
+                out,
+                "    {:<18} {:<8} {:<22} {}",
+                i.id, i.version, i.address, i.health
+            );
         }
     }
     if s.failures > 0 || s.last_analysis.is_some() {
@@ -72,7 +84,10 @@ pub fn history(rollouts: &[Rollout]) -> String {
         "id", "service", "from → to", "strategy", "outcome", "started", "took"
     );
     for r in rollouts {
-        let took = r.duration_seconds.map(|s| format!("{s:.1}s")).unwrap_or_else(|| "-".into());
+        let took = r
+            .duration_seconds
+            .map(|s| format!("{s:.1}s"))
+            .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             out,
             "{:>4}  {:<10} {:<16} {:<10} {:<12} {:<20} {:>8}  {}",
@@ -81,7 +96,10 @@ pub fn history(rollouts: &[Rollout]) -> String {
             format!("{} → {}", r.from, r.to),
             r.strategy,
             r.outcome,
-            r.started_at.get(..19).unwrap_or(&r.started_at).replace('T', " "),
+            r.started_at
+                .get(..19)
+                .unwrap_or(&r.started_at)
+                .replace('T', " "),
             took,
             r.reason.as_deref().unwrap_or("")
         );

@@ -7,7 +7,13 @@ const SLOW_STEPS: &str = r#"[ { weight = 20, pause = "1h" }, { weight = 100 } ]"
 #[test]
 fn init_writes_a_config_that_validates() {
     let dir = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| std::process::Command::new(EXE).args(args).current_dir(dir.path()).output().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(EXE)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
     let out = run(&["init"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(dir.path().join(".cutover").is_dir());
@@ -18,7 +24,12 @@ fn init_writes_a_config_that_validates() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["valid"], true);
     let again = run(&["init"]);
-    assert_eq!(again.status.code(), Some(2), "init must not overwrite: {}", stderr(&again));
+    assert_eq!(
+        again.status.code(),
+        Some(2),
+        "init must not overwrite: {}",
+        stderr(&again)
+    );
 }
 
 #[test]
@@ -29,14 +40,24 @@ fn broken_configs_exit_2_with_their_location() {
             "[services.web]\nlisten = \"127.0.0.1:8080\"\ncommand = [\"app\", \"{port}\"]\n[services.web.canary]\nsteps = [ { weight = 140 } ]\n",
             "cutover.toml:5:",
         ),
-        ("[services.web]\nlisten = \"127.0.0.1:8080\"\nbogus = 1\n", "bogus"),
+        (
+            "[services.web]\nlisten = \"127.0.0.1:8080\"\nbogus = 1\n",
+            "bogus",
+        ),
         ("[daemon\n", "cutover.toml:1:"),
     ];
     for (text, want) in cases {
         let cfg = write(dir.path(), "cutover.toml", text);
-        let out = std::process::Command::new(EXE).args(["-c", cfg.to_str().unwrap(), "validate"]).output().unwrap();
+        let out = std::process::Command::new(EXE)
+            .args(["-c", cfg.to_str().unwrap(), "validate"])
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "{text}: {}", stderr(&out));
-        assert!(stderr(&out).contains(want), "{text}: wanted {want:?} in {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(want),
+            "{text}: wanted {want:?} in {}",
+            stderr(&out)
+        );
     }
 }
 
@@ -58,7 +79,11 @@ fn commands_without_a_daemon_exit_3() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    assert!(stderr(&out).contains("cannot reach the cutover daemon"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot reach the cutover daemon"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -68,22 +93,53 @@ fn api_refuses_requests_without_the_right_token() {
     let (status, body) = http(d.api, "GET", "/api/v1/status", None, "");
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("\"code\":\"unauthorized\""), "{body}");
-    assert_eq!(http(d.api, "GET", "/api/v1/status", Some("wrong"), "").0, 401);
-    assert_eq!(http(d.api, "POST", "/api/v1/services/web/abort", Some("wrong"), "").0, 401);
+    assert_eq!(
+        http(d.api, "GET", "/api/v1/status", Some("wrong"), "").0,
+        401
+    );
+    assert_eq!(
+        http(
+            d.api,
+            "POST",
+            "/api/v1/services/web/abort",
+            Some("wrong"),
+            ""
+        )
+        .0,
+        401
+    );
     assert_eq!(http(d.api, "GET", "/metrics", None, "").0, 401);
     let token = d.token();
     assert_eq!(token.len(), 64, "a 256-bit hex token");
-    assert_eq!(http(d.api, "GET", "/api/v1/status", Some(&token), "").0, 200);
+    assert_eq!(
+        http(d.api, "GET", "/api/v1/status", Some(&token), "").0,
+        200
+    );
     let (status, metrics) = http(d.api, "GET", "/metrics", Some(&token), "");
     assert_eq!(status, 200);
     assert!(metrics.contains("cutover_traffic_weight"), "{metrics}");
-    let (status, body) = http(d.api, "POST", "/api/v1/services/nope/deploy", Some(&token), r#"{"version":"v2"}"#);
+    let (status, body) = http(
+        d.api,
+        "POST",
+        "/api/v1/services/nope/deploy",
+        Some(&token),
+        r#"{"version":"v2"}"#,
+    );
     assert_eq!(status, 404, "{body}");
-    let (status, body) = http(d.api, "POST", "/api/v1/services/web/deploy", Some(&token), "{not json");
+    let (status, body) = http(
+        d.api,
+        "POST",
+        "/api/v1/services/web/deploy",
+        Some(&token),
+        "{not json",
+    );
     assert_eq!(status, 400, "{body}");
     // The token file is private to its owner.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(d.dir.path().join("state/token")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(d.dir.path().join("state/token"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
 
@@ -97,20 +153,86 @@ fn a_second_deploy_is_a_conflict_and_abort_returns_traffic() {
     assert!(stderr(&again).contains("in progress"), "{}", stderr(&again));
     let s = d.wait_for("v2 at 20%", |s| s["weights"]["v2"] == 20);
     assert_eq!(s["phase"], "progressing");
-    assert_eq!((s["step"].as_u64(), s["steps"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(
+        (s["step"].as_u64(), s["steps"].as_u64()),
+        (Some(1), Some(2))
+    );
     let out = d.cli(&["pause", "web"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(d.status()["phase"], "paused");
-    assert_eq!(d.cli(&["pause", "web"]).status.code(), Some(4), "pausing twice is a conflict");
+    assert_eq!(
+        d.cli(&["pause", "web"]).status.code(),
+        Some(4),
+        "pausing twice is a conflict"
+    );
     assert!(d.cli(&["resume", "web"]).status.success());
     let out = d.cli(&["abort", "web"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let s = d.wait_for("v2 stopped", |s| s["instances"].as_array().unwrap().iter().all(|i| i["version"] == "v1"));
+    let s = d.wait_for("v2 stopped", |s| {
+        s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["version"] == "v1")
+    });
     assert_eq!(s["phase"], "stable");
     assert_eq!(s["weights"]["v1"], 100);
-    let h: serde_json::Value = serde_json::from_slice(&d.cli(&["history", "--json"]).stdout).unwrap();
+    let h: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["history", "--json"]).stdout).unwrap();
     assert_eq!(h["rollouts"][0]["outcome"], "aborted");
     assert_eq!(h["rollouts"][0]["reason"], "aborted by user");
     let unknown = d.cli(&["deploy", "nope", "v2"]);
     assert_eq!(unknown.status.code(), Some(2), "{}", stderr(&unknown));
+}
+
+#[test]
+fn webhook_receives_every_decision() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", server.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for conn in server.incoming() {
+            let Ok(conn) = conn else { return };
+            let mut r = BufReader::new(conn);
+            let mut len = 0;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            r.read_exact(&mut body).unwrap();
+            let _ = r
+                .get_mut()
+                .write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+            let _ = tx.send(serde_json::from_slice(&body).unwrap());
+        }
+    });
+    let d = Daemon::start_with(SLOW_STEPS, &format!("\n[notify]\nwebhook = \"{url}\"\n"));
+    assert!(d.cli(&["deploy", "web", "v2"]).status.success());
+    d.wait_for("v2 at 20%", |s| s["weights"]["v2"] == 20);
+    assert!(d.cli(&["abort", "web"]).status.success());
+    let mut kinds = Vec::new();
+    while !kinds.contains(&"aborted".to_owned()) {
+        let e = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("webhook events");
+        assert_eq!(e["service"], "web");
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+        kinds.push(e["kind"].as_str().unwrap().to_owned());
+    }
+    for want in ["started", "ready", "step", "aborted"] {
+        assert!(
+            kinds.iter().any(|k| k == want),
+            "{want} missing from {kinds:?}"
+        );
+    }
 }

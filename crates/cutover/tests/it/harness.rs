@@ -12,7 +12,11 @@ use std::time::{Duration, Instant};
 pub const EXE: &str = env!("CARGO_BIN_EXE_cutover");
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A fast config: short health intervals and steps so a rollout takes seconds.
@@ -61,20 +65,25 @@ pub struct Daemon {
     pub config: PathBuf,
     pub api: SocketAddr,
     pub web: SocketAddr,
-    pub preview: SocketAddr,
     child: Option<Child>,
 }
 
 impl Daemon {
     /// Starts a daemon with `FAST` and the given canary steps, and waits for v1 to be healthy.
     pub fn start(steps: &str) -> Daemon {
+        Daemon::start_with(steps, "")
+    }
+
+    /// Like `start`, with `extra` TOML appended to the config.
+    pub fn start_with(steps: &str, extra: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let (api, web, preview) = (free_port(), free_port(), free_port());
         let text = FAST
             .replace("API_PORT", &api.to_string())
             .replace("WEB_PORT", &web.to_string())
             .replace("PREVIEW_PORT", &preview.to_string())
-            .replace("STEPS", steps);
+            .replace("STEPS", steps)
+            + extra;
         let config = dir.path().join("cutover.toml");
         std::fs::write(&config, text).unwrap();
         let mut d = Daemon {
@@ -82,7 +91,6 @@ impl Daemon {
             config,
             api: SocketAddr::from(([127, 0, 0, 1], api)),
             web: SocketAddr::from(([127, 0, 0, 1], web)),
-            preview: SocketAddr::from(([127, 0, 0, 1], preview)),
             child: None,
         };
         d.spawn();
@@ -107,13 +115,13 @@ impl Daemon {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while http(self.api, "GET", "/healthz", None, "").0 != 200 {
-            assert!(Instant::now() < deadline, "daemon did not come up:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not come up:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
     }
 
     pub fn log(&self) -> String {
@@ -121,7 +129,10 @@ impl Daemon {
     }
 
     pub fn token(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("state/token")).unwrap().trim().to_owned()
+        std::fs::read_to_string(self.dir.path().join("state/token"))
+            .unwrap()
+            .trim()
+            .to_owned()
     }
 
     /// Runs the CLI against this daemon.
@@ -137,13 +148,21 @@ impl Daemon {
 
     pub fn status(&self) -> serde_json::Value {
         let out = self.cli(&["status", "web", "--json"]);
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
     /// Polls `status web` until `f` holds (a readiness signal, not a timing assertion: the
     /// generous limit only stops a broken build from hanging the suite).
-    pub fn wait_for(&self, what: &str, mut f: impl FnMut(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub fn wait_for(
+        &self,
+        what: &str,
+        mut f: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let out = self.cli(&["status", "web", "--json"]);
@@ -152,9 +171,17 @@ impl Daemon {
                 if f(&s) {
                     return s;
                 }
-                assert!(Instant::now() < deadline, "gave up waiting for {what}; last status {s:#}\n{}", self.log());
+                assert!(
+                    Instant::now() < deadline,
+                    "gave up waiting for {what}; last status {s:#}\n{}",
+                    self.log()
+                );
             } else {
-                assert!(Instant::now() < deadline, "gave up waiting for {what}:\n{}", self.log());
+                assert!(
+                    Instant::now() < deadline,
+                    "gave up waiting for {what}:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -171,7 +198,9 @@ impl Daemon {
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(st)) = c.try_wait() {
@@ -194,17 +223,29 @@ impl Drop for Daemon {
 pub fn healthy(s: &serde_json::Value, version: &str) -> usize {
     s["instances"]
         .as_array()
-        .map(|a| a.iter().filter(|i| i["version"] == version && i["health"] == "healthy").count())
+        .map(|a| {
+            a.iter()
+                .filter(|i| i["version"] == version && i["health"] == "healthy")
+                .count()
+        })
         .unwrap_or(0)
 }
 
 /// A minimal blocking HTTP/1.1 request: `(status, body)`; status 0 when the connection failed.
-pub fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
         return (0, String::new());
     };
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
@@ -216,14 +257,21 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, bod
     let _ = s.read_to_end(&mut buf);
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
 pub fn pid_alive(pid: u32) -> bool {
     // A zombie is dead for our purposes: it runs no code and holds no port.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')).unwrap_or(false))
+        .map(|s| {
+            s.rsplit_once(") ")
+                .map(|(_, r)| !r.starts_with('Z'))
+                .unwrap_or(false)
+        })
         .unwrap_or(false)
 }
 
@@ -237,10 +285,6 @@ pub struct Tally {
 }
 
 impl Tally {
-    pub fn total(&self) -> u64 {
-        self.per_version.values().map(|(n, _)| n).sum::<u64>() + self.failed
-    }
-
     /// 5xx answers and failures, except those of `version`.
     pub fn errors_except(&self, version: &str) -> u64 {
         self.failed
@@ -271,11 +315,11 @@ impl Load {
                 std::thread::spawn(move || worker(addr, gap, &stop, &tally))
             })
             .collect();
-        Load { stop, tally, threads }
-    }
-
-    pub fn snapshot(&self) -> Tally {
-        self.tally.lock().unwrap().clone()
+        Load {
+            stop,
+            tally,
+            threads,
+        }
     }
 
     pub fn stop(self) -> Tally {
@@ -287,7 +331,12 @@ impl Load {
     }
 }
 
-fn worker(addr: SocketAddr, gap: Duration, stop: &std::sync::atomic::AtomicBool, tally: &Mutex<Tally>) {
+fn worker(
+    addr: SocketAddr,
+    gap: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+    tally: &Mutex<Tally>,
+) {
     let end = Instant::now() + Duration::from_secs(180);
     let mut conn: Option<std::io::BufReader<TcpStream>> = None;
     while !stop.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < end {
@@ -319,7 +368,10 @@ fn worker(addr: SocketAddr, gap: Duration, stop: &std::sync::atomic::AtomicBool,
 }
 
 /// One keep-alive GET: `(status, version that answered, server asked to close)`.
-fn one_request(c: &mut std::io::BufReader<TcpStream>, addr: SocketAddr) -> Option<(u16, String, bool)> {
+fn one_request(
+    c: &mut std::io::BufReader<TcpStream>,
+    addr: SocketAddr,
+) -> Option<(u16, String, bool)> {
     use std::io::BufRead;
     let req = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n");
     c.get_mut().write_all(req.as_bytes()).ok()?;

@@ -5,33 +5,61 @@ use std::time::Duration;
 
 use crate::harness::{Daemon, Load, healthy, pid_alive, stderr};
 
-const QUICK_STEPS: &str = r#"[ { weight = 20, pause = "2s" }, { weight = 50, pause = "1s" }, { weight = 100 } ]"#;
+const QUICK_STEPS: &str =
+    r#"[ { weight = 20, pause = "2s" }, { weight = 50, pause = "1s" }, { weight = 100 } ]"#;
 
 #[test]
 fn canary_is_promoted_and_a_bad_canary_rolled_back_by_analysis() {
     let d = Daemon::start(QUICK_STEPS);
     let load = Load::start(d.web, 4, Duration::from_millis(5));
     let out = d.cli(&["deploy", "web", "v2", "--wait"]);
-    assert!(out.status.success(), "v2 should be promoted: {}\n{}", stderr(&out), d.log());
+    assert!(
+        out.status.success(),
+        "v2 should be promoted: {}\n{}",
+        stderr(&out),
+        d.log()
+    );
     let s = d.status();
-    assert_eq!((s["phase"].as_str(), s["stable"].as_str()), (Some("stable"), Some("v2")));
+    assert_eq!(
+        (s["phase"].as_str(), s["stable"].as_str()),
+        (Some("stable"), Some("v2"))
+    );
     assert_eq!(s["weights"]["v2"], 100);
 
-    let out = d.cli(&["deploy", "web", "v3", "--env", "DEMO_ERROR_RATE=0.3", "--wait"]);
-    assert_eq!(out.status.code(), Some(1), "a bad canary ends the wait with exit 1: {}", stderr(&out));
+    let out = d.cli(&[
+        "deploy",
+        "web",
+        "v3",
+        "--env",
+        "DEMO_ERROR_RATE=0.3",
+        "--wait",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a bad canary ends the wait with exit 1: {}",
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("rolled-back"), "{}", stderr(&out));
     let tally = load.stop();
-    let h: serde_json::Value = serde_json::from_slice(&d.cli(&["history", "--json"]).stdout).unwrap();
+    let h: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["history", "--json"]).stdout).unwrap();
     let last = &h["rollouts"][0];
     assert_eq!(last["outcome"], "rolled-back");
     let reason = last["reason"].as_str().unwrap();
-    assert!(reason.contains("analysis failed"), "rolled back by analysis, with numbers: {reason}");
+    assert!(
+        reason.contains("analysis failed"),
+        "rolled back by analysis, with numbers: {reason}"
+    );
     assert_eq!(h["rollouts"][1]["outcome"], "promoted");
     let s = d.status();
     assert_eq!(s["stable"], "v2");
     assert_eq!(s["weights"]["v2"], 100);
     // Every failure the clients saw came from the bad canary's share.
-    assert!(tally.per_version.get("v3").is_some_and(|(n, _)| *n > 0), "{tally:?}");
+    assert!(
+        tally.per_version.get("v3").is_some_and(|(n, _)| *n > 0),
+        "{tally:?}"
+    );
     assert_eq!(tally.errors_except("v3"), 0, "{tally:?}");
 }
 
@@ -42,12 +70,29 @@ fn blue_green_switch_loses_no_request_under_load() {
     let out = d.cli(&["deploy", "web", "v2", "--strategy", "blue-green", "--wait"]);
     assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
     // Keep the load on through the scale-down of the old version.
-    d.wait_for("v1 stopped", |s| s["instances"].as_array().unwrap().iter().all(|i| i["version"] == "v2"));
+    d.wait_for("v1 stopped", |s| {
+        s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["version"] == "v2")
+    });
     let tally = load.stop();
-    assert!(tally.per_version.get("v1").is_some_and(|(n, _)| *n > 0), "{tally:?}");
-    assert!(tally.per_version.get("v2").is_some_and(|(n, _)| *n > 0), "{tally:?}");
-    assert_eq!(tally.errors_except(""), 0, "no failed request across the switch: {tally:?}");
-    let h: serde_json::Value = serde_json::from_slice(&d.cli(&["history", "--json"]).stdout).unwrap();
+    assert!(
+        tally.per_version.get("v1").is_some_and(|(n, _)| *n > 0),
+        "{tally:?}"
+    );
+    assert!(
+        tally.per_version.get("v2").is_some_and(|(n, _)| *n > 0),
+        "{tally:?}"
+    );
+    assert_eq!(
+        tally.errors_except(""),
+        0,
+        "no failed request across the switch: {tally:?}"
+    );
+    let h: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["history", "--json"]).stdout).unwrap();
     assert_eq!(h["rollouts"][0]["strategy"], "blue-green");
     assert_eq!(h["rollouts"][0]["outcome"], "promoted");
 }
@@ -57,29 +102,43 @@ fn sigkill_mid_rollout_resumes_and_leaves_no_orphans() {
     let steps = r#"[ { weight = 20, pause = "2s" }, { approve = true }, { weight = 100 } ]"#;
     let mut d = Daemon::start(steps);
     assert!(d.cli(&["deploy", "web", "v2"]).status.success());
-    let s = d.wait_for("v2 at 20%", |s| s["weights"]["v2"] == 20 && healthy(s, "v2") == 2);
-    let pids: Vec<u32> = s["instances"].as_array().unwrap().iter().filter_map(|i| i["pid"].as_u64()).map(|p| p as u32).collect();
+    let s = d.wait_for("v2 at 20%", |s| {
+        s["weights"]["v2"] == 20 && healthy(s, "v2") == 2
+    });
+    let pids: Vec<u32> = s["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["pid"].as_u64())
+        .map(|p| p as u32)
+        .collect();
     assert_eq!(pids.len(), 4, "two v1 and two v2 instances: {s:#}");
     d.kill9();
     // The instances die with the daemon (parent-death signal), not at the next start.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while pids.iter().any(|p| pid_alive(*p)) {
-        assert!(std::time::Instant::now() < deadline, "instances outlived a SIGKILLed daemon: {pids:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "instances outlived a SIGKILLed daemon: {pids:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     d.spawn();
-    let s = d.wait_for("the rollout to resume to its approval gate", |s| s["phase"] == "awaiting-approval");
+    let s = d.wait_for("the rollout to resume to its approval gate", |s| {
+        s["phase"] == "awaiting-approval"
+    });
     assert_eq!(s["candidate"], "v2");
     let out = d.cli(&["promote", "web"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let s = d.wait_for("promotion", |s| s["phase"] == "stable" && s["stable"] == "v2");
+    let s = d.wait_for("promotion", |s| {
+        s["phase"] == "stable" && s["stable"] == "v2"
+    });
     assert_eq!(s["weights"]["v2"], 100);
-    let h: serde_json::Value = serde_json::from_slice(&d.cli(&["history", "--json"]).stdout).unwrap();
+    let h: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["history", "--json"]).stdout).unwrap();
     assert_eq!(h["rollouts"][0]["outcome"], "promoted");
-    let r: serde_json::Value = serde_json::from_slice(
-        &d.cli(&["history", "--json"]).stdout,
-    )
-    .unwrap();
+    let r: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["history", "--json"]).stdout).unwrap();
     assert_eq!(r["rollouts"].as_array().unwrap().len(), 1);
 }
 
@@ -90,7 +149,9 @@ fn rollback_after_promotion_returns_to_the_previous_version() {
     assert!(out.status.success(), "{}", stderr(&out));
     let out = d.cli(&["rollback", "web"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let s = d.wait_for("v1 stable again", |s| s["phase"] == "stable" && s["stable"] == "v1");
+    let s = d.wait_for("v1 stable again", |s| {
+        s["phase"] == "stable" && s["stable"] == "v1"
+    });
     assert_eq!(s["weights"]["v1"], 100);
     assert_eq!(healthy(&s, "v1"), 2);
 }
