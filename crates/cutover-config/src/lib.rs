@@ -1,1 +1,143 @@
-//! cutover.toml to validated settings, with diagnostics naming file:line:col and key.
+//! cutover-config: `cutover.toml` → validated [`Settings`].
+//!
+//! Two stages, like uv and ripgrep: serde reads the text into raw structs in which every value
+//! keeps its byte span (unknown keys are errors), then `resolve` checks everything a user can
+//! get wrong and builds the core's policy types. Every problem becomes a [`Diagnostic`] naming
+//! file, line, column and key path, and all of them are reported at once. This crate starts
+//! nothing and reads nothing but the config file.
+
+mod raw;
+mod resolve;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cutover_core::{HealthSpec, RolloutSpec, ServiceName, Version};
+
+pub use resolve::parse_duration;
+
+/// A commented, working config for `cutover init`.
+pub const INIT_TEMPLATE: &str = include_str!("init.toml");
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub file: PathBuf,
+    pub daemon: DaemonSettings,
+    /// In the order of their names.
+    pub services: Vec<ServiceSettings>,
+    pub notify: NotifySettings,
+}
+
+impl Settings {
+    pub fn service(&self, name: &str) -> Option<&ServiceSettings> {
+        self.services.iter().find(|s| s.name.as_str() == name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DaemonSettings {
+    pub api: SocketAddr,
+    /// Resolved against the config file's directory when relative.
+    pub state_dir: PathBuf,
+    /// 0: one per core.
+    pub worker_threads: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct NotifySettings {
+    pub webhook: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceSettings {
+    pub name: ServiceName,
+    pub listen: SocketAddr,
+    pub version: Version,
+    pub runtime: RuntimeSettings,
+    pub health: HealthSpec,
+    pub rollout: RolloutSpec,
+    pub upstream_timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RuntimeSettings {
+    Process {
+        command: Vec<String>,
+        env: BTreeMap<String, String>,
+    },
+    Static {
+        upstreams: BTreeMap<Version, Vec<SocketAddr>>,
+    },
+}
+
+/// One problem in a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Everything wrong with a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.diagnostics.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads and validates the config at `path`.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        diagnostics: vec![Diagnostic {
+            file: path.to_owned(),
+            line: 1,
+            column: 1,
+            key: String::new(),
+            message: match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    "no such file; write one with `cutover init` or pass -c FILE".to_owned()
+                }
+                _ => format!("cannot read: {e}"),
+            },
+        }],
+    })?;
+    parse(&text, path)
+}
+
+/// Validates config `text` as if read from `path` (used in messages and to resolve
+/// relative paths).
+pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
+    let raw = raw::parse(text, path)?;
+    resolve::resolve(raw, text, path)
+}
+
+#[cfg(test)]
+mod tests;

@@ -617,10 +617,11 @@ impl Transition<'_> {
                 let limit = self.spec.analysis.failure_limit.max(1);
                 let msg = format!("analysis failed ({}/{limit}): {reason}", self.next.failures);
                 self.record(EventKind::AnalysisFailed, msg.clone());
+                // No reset after a failure: the evidence stands and the window keeps growing,
+                // so a bad candidate fails again at the next evaluation with more data, while a
+                // fluke is diluted by it.
                 if self.next.failures >= limit {
                     self.finish(RolloutOutcome::RolledBack, EventKind::RolledBack, msg);
-                } else {
-                    self.cmds.push(Command::ResetAnalysis);
                 }
             }
         }

@@ -1,1 +1,215 @@
-//! The data plane: weighted HTTP/1.1 reverse proxy, health checks, draining.
+//! cutover-proxy: the data plane. Users' traffic goes through here; it must be fast, exact and
+//! never drop a request it could have served.
+//!
+//! Per service it accepts HTTP/1.1 on the service's listener (and the blue-green preview
+//! listener), picks a version by exact weighted round robin from an immutable compiled table
+//! swapped atomically ([`arc_swap`]), picks a healthy instance of it, and forwards the request
+//! over a keep-alive pool of that instance. It probes instances actively, ejects them passively
+//! on connect failures, reports health changes, drains instances that left the table, and
+//! records every answer in the metrics.
+//!
+//! It depends on the core and the metrics only: never on the controller, store, API or runtime.
+//! If nobody publishes a new table, it keeps serving the last one.
+
+mod backend;
+mod forward;
+mod health;
+mod table;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use cutover_core::{
+    DataPlane, Health, HealthChange, HealthSpec, InstanceId, RouteTable, ServiceName, Version,
+};
+use cutover_metrics::Metrics;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::backend::Backends;
+use crate::table::Compiled;
+
+/// How one service is proxied.
+#[derive(Clone, Debug)]
+pub struct ServiceProxySpec {
+    pub service: ServiceName,
+    pub health: HealthSpec,
+    /// Longest wait for an upstream's response headers before answering 504.
+    pub upstream_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot read the listener's address: {0}")]
+    Listener(std::io::Error),
+}
+
+/// Everything the proxy keeps for one service.
+pub(crate) struct ServiceState {
+    pub(crate) name: ServiceName,
+    pub(crate) table: ArcSwap<Compiled>,
+    pub(crate) backends: Backends,
+    /// The last published table, kept to recompile when health changes.
+    pub(crate) source: std::sync::Mutex<RouteTable>,
+    pub(crate) timeouts: std::sync::Mutex<(Duration, Duration)>,
+}
+
+struct Inner {
+    metrics: Metrics,
+    health_events: mpsc::UnboundedSender<HealthChange>,
+    services: RwLock<HashMap<ServiceName, Arc<ServiceState>>>,
+}
+
+/// The data plane handle. Cheap to clone.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+impl Proxy {
+    pub fn new(metrics: Metrics, health_events: mpsc::UnboundedSender<HealthChange>) -> Self {
+        Proxy {
+            inner: Arc::new(Inner {
+                metrics,
+                health_events,
+                services: RwLock::new(HashMap::new()),
+            }),
+        }
+    }
+
+    fn service(&self, name: &ServiceName) -> Option<Arc<ServiceState>> {
+        self.inner
+            .services
+            .read()
+            .ok()
+            .and_then(|s| s.get(name).cloned())
+    }
+
+    /// The service's state, created on first use with `table` (by `serve` or `publish`,
+    /// whichever comes first).
+    fn service_or_insert(&self, table: &RouteTable) -> Arc<ServiceState> {
+        if let Some(s) = self.service(&table.service) {
+            return s;
+        }
+        let mut services = match self.inner.services.write() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        services
+            .entry(table.service.clone())
+            .or_insert_with(|| {
+                let backends = Backends::default();
+                let compiled = Compiled::build(
+                    table,
+                    &backends,
+                    &self.inner.metrics,
+                    Duration::from_secs(2),
+                );
+                Arc::new(ServiceState {
+                    name: table.service.clone(),
+                    table: ArcSwap::from_pointee(compiled),
+                    backends,
+                    source: std::sync::Mutex::new(table.clone()),
+                    timeouts: std::sync::Mutex::new((
+                        Duration::from_secs(30),
+                        Duration::from_secs(2),
+                    )),
+                })
+            })
+            .clone()
+    }
+
+    /// Serves one service until `shutdown` resolves, then stops accepting and lets requests in
+    /// flight finish.
+    pub async fn serve(
+        &self,
+        spec: ServiceProxySpec,
+        listener: TcpListener,
+        preview: Option<TcpListener>,
+        initial: RouteTable,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ProxyError> {
+        listener.local_addr().map_err(ProxyError::Listener)?;
+        let state = self.service_or_insert(&initial);
+        if let Ok(mut t) = state.timeouts.lock() {
+            *t = (spec.upstream_timeout, spec.connect_timeout);
+        }
+        self.recompile(&state);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let checker = tokio::spawn(health::run(
+            state.clone(),
+            spec.health.clone(),
+            self.clone(),
+            stop_rx.clone(),
+        ));
+        let ctx = forward::Ctx {
+            state: state.clone(),
+            proxy: self.clone(),
+            upstream_timeout: spec.upstream_timeout,
+        };
+        let preview_task = preview
+            .map(|l| tokio::spawn(forward::accept_loop(l, ctx.clone(), true, stop_rx.clone())));
+        let main = tokio::spawn(forward::accept_loop(listener, ctx, false, stop_rx));
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        let _ = main.await;
+        if let Some(p) = preview_task {
+            let _ = p.await;
+        }
+        checker.abort();
+        Ok(())
+    }
+
+    /// Rebuilds the compiled table of `state` from its last published table and current health.
+    pub(crate) fn recompile(&self, state: &ServiceState) {
+        let source = match state.source.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let connect_timeout = state
+            .timeouts
+            .lock()
+            .map(|t| t.1)
+            .unwrap_or(Duration::from_secs(2));
+        let compiled = Compiled::build(
+            &source,
+            &state.backends,
+            &self.inner.metrics,
+            connect_timeout,
+        );
+        state.table.store(Arc::new(compiled));
+    }
+
+    pub(crate) fn report(&self, change: HealthChange) {
+        let _ = self.inner.health_events.send(change);
+    }
+
+    /// The current health of every instance the proxy knows for `service`, draining included.
+    pub fn health(&self, service: &ServiceName) -> Vec<(Version, InstanceId, Health)> {
+        self.service(service)
+            .map(|s| s.backends.health())
+            .unwrap_or_default()
+    }
+}
+
+impl DataPlane for Proxy {
+    fn publish(&self, table: RouteTable) {
+        let state = self.service_or_insert(&table);
+        match state.source.lock() {
+            Ok(mut s) => *s = table,
+            Err(p) => *p.into_inner() = table,
+        }
+        self.recompile(&state);
+        state.backends.forget_drained();
+    }
+
+    fn inflight(&self, service: &ServiceName, instance: &InstanceId) -> u64 {
+        self.service(service)
+            .map(|s| s.backends.inflight(instance))
+            .unwrap_or(0)
+    }
+}

@@ -1,1 +1,169 @@
-//! Runtimes that start and stop instances: process and static.
+//! cutover-runtime: starts and stops the instances of a version.
+//!
+//! Two runtimes: `process` runs a command per instance on a free port, supervises it (restart
+//! with backoff if it dies unasked), captures its output to rotated log files, and makes sure it
+//! cannot outlive the daemon; `static` maps versions to addresses something else runs. This crate
+//! carries out what the controller decided; it never decides when to start or stop.
+
+// Signals to process groups and the parent-death signal need libc calls; every unsafe block
+// says why it is sound.
+#![allow(unsafe_code)]
+
+mod logs;
+mod process;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cutover_core::{InstanceId, ServiceName, Version};
+
+pub use process::{ProcessRuntime, kill_orphans};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("the command is empty")]
+    EmptyCommand,
+    #[error("cannot start `{program}`: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no free port: {0}")]
+    Port(std::io::Error),
+    #[error("static service has no upstream #{index} for version {version}")]
+    NoUpstream { version: Version, index: usize },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct StartSpec {
+    pub service: ServiceName,
+    pub version: Version,
+    pub instance: InstanceId,
+    /// The nth instance of this version, 0-based.
+    pub index: usize,
+    /// Command template: `{port}` and `{version}` are substituted; program `cutover` means the
+    /// daemon's own executable.
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Reuse this port (when resuming), else pick a free one.
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Started {
+    pub instance: InstanceId,
+    pub addr: SocketAddr,
+    pub pid: Option<u32>,
+    pub pgid: Option<u32>,
+}
+
+/// An instance exited without being asked to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceExit {
+    pub service: ServiceName,
+    pub version: Version,
+    pub instance: InstanceId,
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    /// When it will be started again.
+    pub restart_in: Option<Duration>,
+}
+
+/// Maps versions to fixed addresses; starting and stopping do nothing but name them.
+pub struct StaticRuntime {
+    upstreams: BTreeMap<Version, Vec<SocketAddr>>,
+}
+
+impl StaticRuntime {
+    pub fn new(upstreams: BTreeMap<Version, Vec<SocketAddr>>) -> Self {
+        StaticRuntime { upstreams }
+    }
+}
+
+pub enum Runtime {
+    Process(ProcessRuntime),
+    Static(StaticRuntime),
+}
+
+impl Runtime {
+    pub async fn start(&self, spec: StartSpec) -> Result<Started, RuntimeError> {
+        match self {
+            Runtime::Process(p) => p.start(spec).await,
+            Runtime::Static(s) => {
+                let addr = s
+                    .upstreams
+                    .get(&spec.version)
+                    .and_then(|a| a.get(spec.index))
+                    .copied()
+                    .ok_or_else(|| RuntimeError::NoUpstream {
+                        version: spec.version.clone(),
+                        index: spec.index,
+                    })?;
+                Ok(Started {
+                    instance: spec.instance,
+                    addr,
+                    pid: None,
+                    pgid: None,
+                })
+            }
+        }
+    }
+
+    /// SIGTERM to the instance's process group, SIGKILL after `stop_timeout`. Idempotent.
+    pub async fn stop(
+        &self,
+        instance: &InstanceId,
+        stop_timeout: Duration,
+    ) -> Result<(), RuntimeError> {
+        match self {
+            Runtime::Process(p) => p.stop(instance, stop_timeout).await,
+            Runtime::Static(_) => Ok(()),
+        }
+    }
+
+    pub async fn stop_all(&self, stop_timeout: Duration) {
+        if let Runtime::Process(p) = self {
+            p.stop_all(stop_timeout).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn static_runtime_names_configured_addresses() {
+        let a: SocketAddr = "127.0.0.1:18081".parse().unwrap();
+        let rt = Runtime::Static(StaticRuntime::new(BTreeMap::from([(
+            Version::new("v1"),
+            vec![a],
+        )])));
+        let spec = |v: &str, index| StartSpec {
+            service: "api".into(),
+            version: v.into(),
+            instance: "api-v1-0".into(),
+            index,
+            command: vec![],
+            env: BTreeMap::new(),
+            port: None,
+        };
+        assert_eq!(rt.start(spec("v1", 0)).await.unwrap().addr, a);
+        assert!(matches!(
+            rt.start(spec("v1", 1)).await,
+            Err(RuntimeError::NoUpstream { .. })
+        ));
+        assert!(matches!(
+            rt.start(spec("v2", 0)).await,
+            Err(RuntimeError::NoUpstream { .. })
+        ));
+        rt.stop(&"api-v1-0".into(), Duration::from_secs(1))
+            .await
+            .unwrap();
+    }
+}

@@ -1,1 +1,660 @@
-//! SQLite persistence of rollouts, events and instances, with its own migrations.
+//! cutover-store: the daemon's durable state in one SQLite file (`state_dir/state.db`).
+//!
+//! It owns the schema and its forward migrations, and the rows of rollouts, events, services and
+//! instances. It knows nothing of the controller's types: a rollout's `checkpoint` is opaque
+//! text the controller writes and reads. It also owns the API token file. Synchronous by design:
+//! the controller calls it from its own thread, never from a proxy worker.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use cutover_core::{RolloutOutcome, StrategyKind, Timestamp};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error(
+        "the state was written by a newer cutover (schema {found}, this one knows {known}); upgrade cutover"
+    )]
+    Newer { found: i64, known: i64 },
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("the token file {0} is readable by others; run `chmod 600` on it")]
+    TokenMode(String),
+}
+
+/// Forward migrations; entry `i` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &["CREATE TABLE rollouts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        service TEXT NOT NULL,
+        from_version TEXT NOT NULL,
+        to_version TEXT NOT NULL,
+        strategy TEXT NOT NULL,
+        env TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        reason TEXT,
+        started_at INTEGER NOT NULL,
+        finished_at INTEGER,
+        checkpoint TEXT NOT NULL
+    );
+    CREATE INDEX rollouts_service ON rollouts(service, id);
+    CREATE INDEX rollouts_outcome ON rollouts(outcome);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        service TEXT NOT NULL,
+        rollout_id INTEGER REFERENCES rollouts(id),
+        at INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL,
+        data TEXT NOT NULL
+    );
+    CREATE INDEX events_rollout ON events(rollout_id, id);
+    CREATE INDEX events_service ON events(service, id);
+    CREATE TABLE services (
+        name TEXT PRIMARY KEY,
+        stable_version TEXT NOT NULL,
+        stable_env TEXT NOT NULL,
+        previous_version TEXT,
+        previous_env TEXT NOT NULL
+    );
+    CREATE TABLE instances (
+        id TEXT PRIMARY KEY,
+        service TEXT NOT NULL,
+        version TEXT NOT NULL,
+        address TEXT NOT NULL,
+        pid INTEGER,
+        pgid INTEGER,
+        started_at INTEGER NOT NULL
+    );"];
+
+pub struct NewRollout {
+    pub service: String,
+    pub from_version: String,
+    pub to_version: String,
+    pub strategy: StrategyKind,
+    pub env: BTreeMap<String, String>,
+    pub started_at: Timestamp,
+    pub checkpoint: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RolloutRow {
+    pub id: i64,
+    pub service: String,
+    pub from_version: String,
+    pub to_version: String,
+    pub strategy: StrategyKind,
+    pub env: BTreeMap<String, String>,
+    pub outcome: RolloutOutcome,
+    pub reason: Option<String>,
+    pub started_at: Timestamp,
+    pub finished_at: Option<Timestamp>,
+    /// Opaque text the controller writes: its serialised state.
+    pub checkpoint: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewEvent {
+    pub service: String,
+    pub rollout_id: Option<i64>,
+    pub at: Timestamp,
+    pub kind: String,
+    pub message: String,
+    /// JSON text, opaque here.
+    pub data: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventRow {
+    pub id: i64,
+    pub service: String,
+    pub rollout_id: Option<i64>,
+    pub at: Timestamp,
+    pub kind: String,
+    pub message: String,
+    pub data: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceRow {
+    pub name: String,
+    pub stable_version: String,
+    pub stable_env: BTreeMap<String, String>,
+    pub previous_version: Option<String>,
+    pub previous_env: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstanceRow {
+    pub id: String,
+    pub service: String,
+    pub version: String,
+    pub address: String,
+    pub pid: Option<u32>,
+    pub pgid: Option<u32>,
+    pub started_at: Timestamp,
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+fn env_text(env: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(env).unwrap_or_else(|_| "{}".to_owned())
+}
+
+fn env_parse(text: &str) -> Result<BTreeMap<String, String>, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("env {text:?}: {e}")))
+}
+
+fn ts(v: i64) -> Timestamp {
+    Timestamp(u64::try_from(v).unwrap_or(0))
+}
+
+fn db_ts(t: Timestamp) -> i64 {
+    i64::try_from(t.as_millis()).unwrap_or(i64::MAX)
+}
+
+const ROLLOUT_COLS: &str = "id, service, from_version, to_version, strategy, env, outcome, reason, started_at, finished_at, checkpoint";
+const EVENT_COLS: &str = "id, service, rollout_id, at, kind, message, data";
+
+fn rollout_row(r: &Row<'_>) -> rusqlite::Result<Result<RolloutRow, StoreError>> {
+    let strategy: String = r.get(4)?;
+    let env: String = r.get(5)?;
+    let outcome: String = r.get(6)?;
+    let finished: Option<i64> = r.get(9)?;
+    let row = (|| {
+        Ok(RolloutRow {
+            id: r.get(0)?,
+            service: r.get(1)?,
+            from_version: r.get(2)?,
+            to_version: r.get(3)?,
+            strategy: StrategyKind::parse(&strategy)
+                .ok_or_else(|| StoreError::Corrupt(format!("strategy {strategy:?}")))?,
+            env: env_parse(&env)?,
+            outcome: RolloutOutcome::parse(&outcome)
+                .ok_or_else(|| StoreError::Corrupt(format!("outcome {outcome:?}")))?,
+            reason: r.get(7)?,
+            started_at: ts(r.get(8)?),
+            finished_at: finished.map(ts),
+            checkpoint: r.get(10)?,
+        })
+    })();
+    Ok(row)
+}
+
+fn event_row(r: &Row<'_>) -> rusqlite::Result<EventRow> {
+    Ok(EventRow {
+        id: r.get(0)?,
+        service: r.get(1)?,
+        rollout_id: r.get(2)?,
+        at: ts(r.get(3)?),
+        kind: r.get(4)?,
+        message: r.get(5)?,
+        data: r.get(6)?,
+    })
+}
+
+impl Store {
+    /// Opens (creating if needed) `state_dir/state.db` and brings its schema up to date.
+    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(state_dir.join("logs"))?;
+        let conn = Connection::open(state_dir.join("state.db"))?;
+        Store::init(conn)
+    }
+
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        Store::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Store, StoreError> {
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // WAL lets readers run beside the writer; NORMAL sync is durable across a crash of the
+        // process (what `kill -9` does), losing at most the last commit on a power cut.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+        let current: Option<i64> = tx
+            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+            .optional()?;
+        let known = MIGRATIONS.len() as i64;
+        let mut v = current.unwrap_or(0);
+        if v > known {
+            return Err(StoreError::Newer { found: v, known });
+        }
+        while v < known {
+            tx.execute_batch(MIGRATIONS[v as usize])?;
+            v += 1;
+        }
+        tx.execute("DELETE FROM schema_version", [])?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [v])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))?)
+    }
+
+    pub fn insert_rollout(&mut self, r: &NewRollout) -> Result<i64, StoreError> {
+        self.conn.execute(
+            "INSERT INTO rollouts (service, from_version, to_version, strategy, env, outcome, reason, started_at, finished_at, checkpoint)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7, NULL, ?8)",
+            params![
+                r.service,
+                r.from_version,
+                r.to_version,
+                r.strategy.as_str(),
+                env_text(&r.env),
+                RolloutOutcome::InProgress.as_str(),
+                db_ts(r.started_at),
+                r.checkpoint
+            ],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    fn update_rollout_in(conn: &Connection, r: &RolloutRow) -> Result<(), StoreError> {
+        conn.execute(
+            "UPDATE rollouts SET outcome = ?2, reason = ?3, finished_at = ?4, checkpoint = ?5, env = ?6 WHERE id = ?1",
+            params![
+                r.id,
+                r.outcome.as_str(),
+                r.reason,
+                r.finished_at.map(db_ts),
+                r.checkpoint,
+                env_text(&r.env)
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn update_rollout(&mut self, r: &RolloutRow) -> Result<(), StoreError> {
+        Store::update_rollout_in(&self.conn, r)
+    }
+
+    pub fn rollout(&self, id: i64) -> Result<Option<RolloutRow>, StoreError> {
+        self.conn
+            .query_row(
+                &format!("SELECT {ROLLOUT_COLS} FROM rollouts WHERE id = ?1"),
+                [id],
+                rollout_row,
+            )
+            .optional()?
+            .transpose()
+    }
+
+    /// Newest first.
+    pub fn rollouts(
+        &self,
+        service: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RolloutRow>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {ROLLOUT_COLS} FROM rollouts WHERE (?1 IS NULL OR service = ?1) ORDER BY id DESC LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![service, limit], rollout_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    pub fn active_rollouts(&self) -> Result<Vec<RolloutRow>, StoreError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {ROLLOUT_COLS} FROM rollouts WHERE outcome = ?1 ORDER BY id"
+        ))?;
+        let rows = stmt.query_map([RolloutOutcome::InProgress.as_str()], rollout_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    fn append_event_in(conn: &Connection, e: &NewEvent) -> Result<i64, StoreError> {
+        conn.execute(
+            "INSERT INTO events (service, rollout_id, at, kind, message, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![e.service, e.rollout_id, db_ts(e.at), e.kind, e.message, e.data],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    pub fn append_event(&mut self, e: &NewEvent) -> Result<i64, StoreError> {
+        Store::append_event_in(&self.conn, e)
+    }
+
+    pub fn events_for_rollout(&self, rollout_id: i64) -> Result<Vec<EventRow>, StoreError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {EVENT_COLS} FROM events WHERE rollout_id = ?1 ORDER BY id"
+        ))?;
+        let rows = stmt.query_map([rollout_id], event_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Newest first.
+    pub fn recent_events(
+        &self,
+        service: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {EVENT_COLS} FROM events WHERE (?1 IS NULL OR service = ?1) ORDER BY id DESC LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![service, limit], event_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn service(&self, name: &str) -> Result<Option<ServiceRow>, StoreError> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT name, stable_version, stable_env, previous_version, previous_env FROM services WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                        r.get::<_, String>(4)?,
+                    ))
+                },
+            )
+            .optional()?;
+        row.map(|(name, stable_version, se, previous_version, pe)| {
+            Ok(ServiceRow {
+                name,
+                stable_version,
+                stable_env: env_parse(&se)?,
+                previous_version,
+                previous_env: env_parse(&pe)?,
+            })
+        })
+        .transpose()
+    }
+
+    pub fn upsert_service(&mut self, s: &ServiceRow) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO services (name, stable_version, stable_env, previous_version, previous_env) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(name) DO UPDATE SET stable_version = ?2, stable_env = ?3, previous_version = ?4, previous_env = ?5",
+            params![s.name, s.stable_version, env_text(&s.stable_env), s.previous_version, env_text(&s.previous_env)],
+        )?;
+        Ok(())
+    }
+
+    pub fn upsert_instance(&mut self, i: &InstanceRow) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO instances (id, service, version, address, pid, pgid, started_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT(id) DO UPDATE SET service = ?2, version = ?3, address = ?4, pid = ?5, pgid = ?6, started_at = ?7",
+            params![i.id, i.service, i.version, i.address, i.pid, i.pgid, db_ts(i.started_at)],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_instance(&mut self, id: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM instances WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    pub fn instances(&self, service: Option<&str>) -> Result<Vec<InstanceRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, service, version, address, pid, pgid, started_at FROM instances WHERE (?1 IS NULL OR service = ?1) ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![service], |r| {
+            Ok(InstanceRow {
+                id: r.get(0)?,
+                service: r.get(1)?,
+                version: r.get(2)?,
+                address: r.get(3)?,
+                pid: r.get(4)?,
+                pgid: r.get(5)?,
+                started_at: ts(r.get(6)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Saves a rollout's new state and the events that explain it, all or nothing.
+    pub fn record_transition(
+        &mut self,
+        r: &RolloutRow,
+        events: &[NewEvent],
+    ) -> Result<Vec<i64>, StoreError> {
+        let tx = self.conn.transaction()?;
+        Store::update_rollout_in(&tx, r)?;
+        let ids = events
+            .iter()
+            .map(|e| Store::append_event_in(&tx, e))
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.commit()?;
+        Ok(ids)
+    }
+}
+
+/// The API token in `state_dir/token`: created at first use with mode 0600 (random 256 bits as
+/// 64 hex characters), read afterwards. A token file others can read is refused.
+pub fn ensure_token(state_dir: &Path) -> Result<String, StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::create_dir_all(state_dir)?;
+    let path = state_dir.join("token");
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+    {
+        Ok(mut f) => {
+            let bytes: [u8; 32] = rand::random();
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            f.write_all(token.as_bytes())?;
+            f.write_all(b"\n")?;
+            f.sync_all()?;
+            Ok(token)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let mode = std::fs::metadata(&path)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                return Err(StoreError::TokenMode(path.display().to_string()));
+            }
+            let token = std::fs::read_to_string(&path)?.trim().to_owned();
+            if token.is_empty() {
+                return Err(StoreError::Corrupt(format!(
+                    "{} is empty; delete it to make a new token",
+                    path.display()
+                )));
+            }
+            Ok(token)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_rollout(service: &str) -> NewRollout {
+        NewRollout {
+            service: service.into(),
+            from_version: "v1".into(),
+            to_version: "v2".into(),
+            strategy: StrategyKind::Canary,
+            env: BTreeMap::from([("A".into(), "1".into())]),
+            started_at: Timestamp(1_000),
+            checkpoint: "{}".into(),
+        }
+    }
+
+    fn event(service: &str, rollout: Option<i64>, kind: &str) -> NewEvent {
+        NewEvent {
+            service: service.into(),
+            rollout_id: rollout,
+            at: Timestamp(2_000),
+            kind: kind.into(),
+            message: format!("{kind} happened"),
+            data: "{}".into(),
+        }
+    }
+
+    #[test]
+    fn rollouts_round_trip_and_filter() {
+        let mut s = Store::open_in_memory().unwrap();
+        let a = s.insert_rollout(&new_rollout("web")).unwrap();
+        let b = s.insert_rollout(&new_rollout("api")).unwrap();
+        let mut row = s.rollout(a).unwrap().unwrap();
+        assert_eq!(
+            (row.outcome, row.env.get("A").map(String::as_str)),
+            (RolloutOutcome::InProgress, Some("1"))
+        );
+        row.outcome = RolloutOutcome::Promoted;
+        row.reason = Some("done".into());
+        row.finished_at = Some(Timestamp(9_000));
+        row.checkpoint = "{\"x\":1}".into();
+        let ids = s
+            .record_transition(&row, &[event("web", Some(a), "promoted")])
+            .unwrap();
+        assert_eq!(ids.len(), 1);
+        assert_eq!(s.rollout(a).unwrap().unwrap(), row);
+        assert_eq!(
+            s.active_rollouts()
+                .unwrap()
+                .iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>(),
+            vec![b]
+        );
+        assert_eq!(
+            s.rollouts(None, 10)
+                .unwrap()
+                .iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>(),
+            vec![b, a]
+        );
+        assert_eq!(s.rollouts(Some("web"), 10).unwrap().len(), 1);
+        assert_eq!(s.events_for_rollout(a).unwrap()[0].kind, "promoted");
+        assert!(s.rollout(999).unwrap().is_none());
+    }
+
+    #[test]
+    fn transition_is_atomic() {
+        let mut s = Store::open_in_memory().unwrap();
+        let a = s.insert_rollout(&new_rollout("web")).unwrap();
+        let mut row = s.rollout(a).unwrap().unwrap();
+        row.outcome = RolloutOutcome::Aborted;
+        // The second event points at a rollout that does not exist: the foreign key fails it,
+        // and the update of the rollout must be undone with it.
+        let err = s.record_transition(
+            &row,
+            &[
+                event("web", Some(a), "aborted"),
+                event("web", Some(999), "bad"),
+            ],
+        );
+        assert!(err.is_err());
+        assert_eq!(
+            s.rollout(a).unwrap().unwrap().outcome,
+            RolloutOutcome::InProgress
+        );
+        assert!(s.events_for_rollout(a).unwrap().is_empty());
+    }
+
+    #[test]
+    fn services_instances_and_events() {
+        let mut s = Store::open_in_memory().unwrap();
+        let row = ServiceRow {
+            name: "web".into(),
+            stable_version: "v2".into(),
+            stable_env: BTreeMap::new(),
+            previous_version: Some("v1".into()),
+            previous_env: BTreeMap::from([("K".into(), "V".into())]),
+        };
+        s.upsert_service(&row).unwrap();
+        s.upsert_service(&row).unwrap();
+        assert_eq!(s.service("web").unwrap(), Some(row));
+        assert_eq!(s.service("nope").unwrap(), None);
+        let inst = InstanceRow {
+            id: "web-v2-1".into(),
+            service: "web".into(),
+            version: "v2".into(),
+            address: "127.0.0.1:4000".into(),
+            pid: Some(42),
+            pgid: Some(42),
+            started_at: Timestamp(5),
+        };
+        s.upsert_instance(&inst).unwrap();
+        assert_eq!(s.instances(Some("web")).unwrap(), vec![inst]);
+        s.delete_instance("web-v2-1").unwrap();
+        assert!(s.instances(None).unwrap().is_empty());
+        for k in ["a", "b", "c"] {
+            s.append_event(&event("web", None, k)).unwrap();
+        }
+        let recent: Vec<String> = s
+            .recent_events(Some("web"), 2)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(recent, vec!["c", "b"]);
+    }
+
+    #[test]
+    fn migrations_are_idempotent_and_refuse_newer_schemas() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let mut s = Store::open(dir.path()).unwrap();
+            s.insert_rollout(&new_rollout("web")).unwrap()
+        };
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        assert!(s.rollout(id).unwrap().is_some(), "data survives reopening");
+        // A second connection beside the first (WAL) works.
+        let s2 = Store::open(dir.path()).unwrap();
+        assert_eq!(s2.rollouts(None, 5).unwrap().len(), 1);
+        drop((s, s2));
+        let conn = Connection::open(dir.path().join("state.db")).unwrap();
+        conn.execute("UPDATE schema_version SET version = 99", [])
+            .unwrap();
+        drop(conn);
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::Newer { found: 99, .. })
+        ));
+    }
+
+    #[test]
+    fn token_is_private_and_stable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let t1 = ensure_token(dir.path()).unwrap();
+        assert_eq!(t1.len(), 64);
+        assert!(t1.chars().all(|c| c.is_ascii_hexdigit()));
+        let mode = std::fs::metadata(dir.path().join("token"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(ensure_token(dir.path()).unwrap(), t1);
+        std::fs::set_permissions(
+            dir.path().join("token"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        assert!(matches!(
+            ensure_token(dir.path()),
+            Err(StoreError::TokenMode(_))
+        ));
+    }
+}

@@ -171,8 +171,10 @@ async fn dashboard_login_and_abort_in_chromium() {
     .await;
 
     let png = c.screenshot().await.unwrap();
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/dashboard.png");
-    std::fs::write(&out, png).unwrap();
+    // The test binary is target/<profile>/deps/it-*; the screenshot goes to target/.
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.ancestors().nth(3).unwrap();
+    std::fs::write(target.join("dashboard.png"), png).unwrap();
     c.close().await.unwrap();
 
     let h = tokio::task::spawn_blocking(move || {

@@ -1,0 +1,703 @@
+//! Raw config → validated settings: every check a user can fail, with its exact location.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cutover_core::{
+    AnalysisSpec, BlueGreenSpec, CanaryStep, HealthSpec, RollingSpec, RolloutSpec, ServiceName,
+    StrategyKind, Version, Weight,
+};
+
+use crate::raw::{Raw, RawService, S, line_col};
+use crate::{
+    ConfigError, DaemonSettings, Diagnostic, NotifySettings, RuntimeSettings, ServiceSettings,
+    Settings,
+};
+
+/// `"250ms"`, `"10s"`, `"5m"`, `"1h30m"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration like \"250ms\", \"10s\" or \"5m\" ({e})"))
+}
+
+/// Collects diagnostics while resolving.
+struct Ctx<'a> {
+    text: &'a str,
+    file: &'a Path,
+    diags: Vec<Diagnostic>,
+}
+
+impl Ctx<'_> {
+    fn err_at(&mut self, offset: usize, key: impl Into<String>, message: impl Into<String>) {
+        let (line, column) = line_col(self.text, offset);
+        self.diags.push(Diagnostic {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn err<T>(&mut self, v: &S<T>, key: impl Into<String>, message: impl Into<String>) {
+        self.err_at(v.span().start, key, message);
+    }
+
+    fn addr(&mut self, v: &S<String>, key: &str) -> Option<SocketAddr> {
+        match v.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(
+                    v,
+                    key,
+                    format!(
+                        "{:?} is not an address like \"127.0.0.1:8080\"",
+                        v.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, v: Option<&S<String>>, key: &str, default: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        match parse_duration(v.get_ref()) {
+            Ok(d) if d.is_zero() => {
+                self.err(v, key, "must be longer than 0");
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.err(v, key, e);
+                default
+            }
+        }
+    }
+
+    fn count(&mut self, v: Option<&S<i64>>, key: &str, min: i64, max: i64, default: u32) -> u32 {
+        let Some(v) = v else { return default };
+        let n = *v.get_ref();
+        if n < min {
+            self.err(v, key, format!("{n} is below {min}"));
+            default
+        } else if n > max {
+            self.err(v, key, format!("{n} is above {max}"));
+            default
+        } else {
+            u32::try_from(n).unwrap_or(default)
+        }
+    }
+}
+
+fn valid_service_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+pub fn valid_version(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigError> {
+    let mut cx = Ctx {
+        text,
+        file,
+        diags: Vec::new(),
+    };
+    let base = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_owned();
+
+    let mut daemon = DaemonSettings {
+        api: SocketAddr::from(([127, 0, 0, 1], 7070)),
+        state_dir: base.join(".cutover"),
+        worker_threads: 0,
+    };
+    if let Some(d) = &raw.daemon {
+        let d = d.get_ref();
+        if let Some(a) = &d.api {
+            daemon.api = cx.addr(a, "daemon.api").unwrap_or(daemon.api);
+        }
+        if let Some(s) = &d.state_dir {
+            if s.get_ref().trim().is_empty() {
+                cx.err(s, "daemon.state_dir", "must not be empty");
+            } else {
+                let p = PathBuf::from(s.get_ref());
+                daemon.state_dir = if p.is_absolute() { p } else { base.join(p) };
+            }
+        }
+        daemon.worker_threads = cx.count(
+            d.worker_threads.as_ref(),
+            "daemon.worker_threads",
+            0,
+            1024,
+            0,
+        ) as usize;
+    }
+
+    let mut notify = NotifySettings::default();
+    if let Some(n) = &raw.notify
+        && let Some(w) = &n.get_ref().webhook
+    {
+        if w.get_ref().starts_with("http://") && w.get_ref().len() > "http://".len() {
+            notify.webhook = Some(w.get_ref().clone());
+        } else {
+            cx.err(
+                w,
+                "notify.webhook",
+                format!("{:?} must be an http:// URL", w.get_ref()),
+            );
+        }
+    }
+
+    if raw.services.is_empty() {
+        cx.err_at(
+            text.len(),
+            "services",
+            "no service is configured; add a [services.NAME] table (see `cutover init`)",
+        );
+    }
+    // Where each listen address was claimed, to report collisions at the second use.
+    let mut listens: BTreeMap<SocketAddr, String> =
+        BTreeMap::from([(daemon.api, "daemon.api".to_owned())]);
+    let mut services = Vec::new();
+    for (name, svc) in &raw.services {
+        if !valid_service_name(name.get_ref()) {
+            cx.err(
+                name,
+                format!("services.{}", name.get_ref()),
+                "service names use lowercase letters, digits and '-'",
+            );
+            continue;
+        }
+        if let Some(s) = service(&mut cx, name.get_ref(), svc, &mut listens) {
+            services.push(s);
+        }
+    }
+    if cx.diags.is_empty() {
+        Ok(Settings {
+            file: file.to_owned(),
+            daemon,
+            services,
+            notify,
+        })
+    } else {
+        cx.diags.sort_by_key(|d| (d.line, d.column));
+        Err(ConfigError {
+            diagnostics: cx.diags,
+        })
+    }
+}
+
+fn claim(
+    cx: &mut Ctx<'_>,
+    listens: &mut BTreeMap<SocketAddr, String>,
+    v: &S<String>,
+    key: String,
+) -> Option<SocketAddr> {
+    let a = cx.addr(v, &key)?;
+    if let Some(other) = listens.get(&a) {
+        cx.err(v, key, format!("{a} is already used by {other}"));
+        return None;
+    }
+    listens.insert(a, key);
+    Some(a)
+}
+
+fn service(
+    cx: &mut Ctx<'_>,
+    name: &str,
+    s: &S<RawService>,
+    listens: &mut BTreeMap<SocketAddr, String>,
+) -> Option<ServiceSettings> {
+    let k = |key: &str| format!("services.{name}.{key}");
+    let at = s.span().start;
+    let s = s.get_ref();
+    let errors_before = cx.diags.len();
+
+    let listen = match &s.listen {
+        Some(l) => claim(cx, listens, l, k("listen")),
+        None => {
+            cx.err_at(
+                at,
+                k("listen"),
+                "is required: the address users send traffic to, e.g. \"127.0.0.1:8080\"",
+            );
+            None
+        }
+    };
+    let runtime_name = s
+        .runtime
+        .as_ref()
+        .map(|r| r.get_ref().as_str())
+        .unwrap_or("process");
+    let version = match &s.version {
+        Some(v) if valid_version(v.get_ref()) => Some(Version::new(v.get_ref())),
+        Some(v) => {
+            cx.err(
+                v,
+                k("version"),
+                format!(
+                    "{:?} is not a version label (letters, digits, '.', '_', '-')",
+                    v.get_ref()
+                ),
+            );
+            None
+        }
+        None => Some(Version::new("v1")),
+    };
+
+    let runtime = match runtime_name {
+        "process" => {
+            if let Some(u) = &s.upstreams {
+                cx.err(
+                    u,
+                    k("upstreams"),
+                    "only static services have upstreams; remove it or set runtime = \"static\"",
+                );
+            }
+            match &s.command {
+                None => {
+                    cx.err_at(at, k("command"), "is required for process services, e.g. [\"./app\", \"--port\", \"{port}\"]");
+                    None
+                }
+                Some(c) if c.get_ref().is_empty() || c.get_ref()[0].get_ref().trim().is_empty() => {
+                    cx.err(c, k("command"), "must name a program to run");
+                    None
+                }
+                Some(c) => {
+                    let reads_port = s.reads_port_env.as_ref().is_some_and(|r| *r.get_ref());
+                    if !reads_port && !c.get_ref().iter().any(|a| a.get_ref().contains("{port}")) {
+                        cx.err(
+                            c,
+                            k("command"),
+                            "has no {port} placeholder; pass the port cutover chooses (e.g. \"--port\", \"{port}\"), or set reads_port_env = true if the program reads PORT",
+                        );
+                    }
+                    Some(RuntimeSettings::Process {
+                        command: c.get_ref().iter().map(|a| a.get_ref().clone()).collect(),
+                        env: s
+                            .env
+                            .as_ref()
+                            .map(|e| e.get_ref().clone())
+                            .unwrap_or_default(),
+                    })
+                }
+            }
+        }
+        "static" => {
+            if let Some(c) = &s.command {
+                cx.err(
+                    c,
+                    k("command"),
+                    "static services run nothing; remove it or set runtime = \"process\"",
+                );
+            }
+            match &s.upstreams {
+                None => {
+                    cx.err_at(
+                        at,
+                        k("upstreams"),
+                        "is required for static services, e.g. { v1 = [\"127.0.0.1:18081\"] }",
+                    );
+                    None
+                }
+                Some(u) => {
+                    let mut map = BTreeMap::new();
+                    for (v, addrs) in u.get_ref() {
+                        let key = format!("{}.{}", k("upstreams"), v.get_ref());
+                        if !valid_version(v.get_ref()) {
+                            cx.err(
+                                v,
+                                key.clone(),
+                                "is not a version label (letters, digits, '.', '_', '-')",
+                            );
+                        }
+                        if addrs.get_ref().is_empty() {
+                            cx.err(addrs, key.clone(), "has no addresses; list at least one");
+                        }
+                        let list: Vec<SocketAddr> = addrs
+                            .get_ref()
+                            .iter()
+                            .filter_map(|a| cx.addr(a, &key))
+                            .collect();
+                        map.insert(Version::new(v.get_ref()), list);
+                    }
+                    if map.is_empty() {
+                        cx.err(u, k("upstreams"), "lists no version");
+                    }
+                    if let (Some(v), Some(raw_v)) = (&version, &s.version)
+                        && !map.is_empty()
+                        && !map.contains_key(v)
+                    {
+                        let known: Vec<&str> = map.keys().map(Version::as_str).collect();
+                        cx.err(
+                            raw_v,
+                            k("version"),
+                            format!("{v} has no upstreams; configured: {}", known.join(", ")),
+                        );
+                    }
+                    Some(RuntimeSettings::Static { upstreams: map })
+                }
+            }
+        }
+        other => {
+            if let Some(r) = &s.runtime {
+                cx.err(
+                    r,
+                    k("runtime"),
+                    format!("{other:?} is not a runtime; use \"process\" or \"static\""),
+                );
+            }
+            None
+        }
+    };
+
+    let strategy = match &s.strategy {
+        None => StrategyKind::Canary,
+        Some(v) => StrategyKind::parse(v.get_ref()).unwrap_or_else(|| {
+            cx.err(
+                v,
+                k("strategy"),
+                format!(
+                    "{:?} is not a strategy; use \"canary\", \"blue-green\" or \"rolling\"",
+                    v.get_ref()
+                ),
+            );
+            StrategyKind::Canary
+        }),
+    };
+    let defaults = RolloutSpec::default();
+    let instances = cx.count(
+        s.instances.as_ref(),
+        &k("instances"),
+        1,
+        1000,
+        defaults.instances,
+    );
+
+    let health = {
+        let d = HealthSpec::default();
+        match &s.health {
+            None => d,
+            Some(h) => {
+                let h = h.get_ref();
+                let path = match &h.path {
+                    Some(p) if p.get_ref().starts_with('/') => p.get_ref().clone(),
+                    Some(p) => {
+                        cx.err(
+                            p,
+                            k("health.path"),
+                            format!("{:?} must start with '/'", p.get_ref()),
+                        );
+                        d.path.clone()
+                    }
+                    None => d.path.clone(),
+                };
+                let interval = cx.duration(h.interval.as_ref(), &k("health.interval"), d.interval);
+                let timeout = cx.duration(
+                    h.timeout.as_ref(),
+                    &k("health.timeout"),
+                    d.timeout.min(interval),
+                );
+                if let Some(t) = &h.timeout
+                    && timeout >= interval
+                {
+                    cx.err(
+                        t,
+                        k("health.timeout"),
+                        format!("{} must be shorter than health.interval", t.get_ref()),
+                    );
+                }
+                HealthSpec {
+                    path,
+                    interval,
+                    timeout,
+                    healthy_threshold: cx.count(
+                        h.healthy_threshold.as_ref(),
+                        &k("health.healthy_threshold"),
+                        1,
+                        100,
+                        d.healthy_threshold,
+                    ),
+                    unhealthy_threshold: cx.count(
+                        h.unhealthy_threshold.as_ref(),
+                        &k("health.unhealthy_threshold"),
+                        1,
+                        100,
+                        d.unhealthy_threshold,
+                    ),
+                }
+            }
+        }
+    };
+
+    let canary_steps = match s.canary.as_ref().and_then(|c| c.get_ref().steps.as_ref()) {
+        None => defaults.canary_steps.clone(),
+        Some(steps) => canary_steps(cx, &k("canary.steps"), steps),
+    };
+
+    let blue_green = match &s.blue_green {
+        None => BlueGreenSpec::default(),
+        Some(b) => {
+            let b = b.get_ref();
+            let d = BlueGreenSpec::default();
+            BlueGreenSpec {
+                auto_promote: b
+                    .auto_promote
+                    .as_ref()
+                    .map_or(d.auto_promote, |v| *v.get_ref()),
+                preview_listen: b
+                    .preview_listen
+                    .as_ref()
+                    .and_then(|p| claim(cx, listens, p, k("blue_green.preview_listen"))),
+                scale_down_delay: match &b.scale_down_delay {
+                    Some(v) => match parse_duration(v.get_ref()) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            cx.err(v, k("blue_green.scale_down_delay"), e);
+                            d.scale_down_delay
+                        }
+                    },
+                    None => d.scale_down_delay,
+                },
+            }
+        }
+    };
+
+    let rolling = match &s.rolling {
+        None => RollingSpec::default(),
+        Some(r) => {
+            let r = r.get_ref();
+            let d = RollingSpec::default();
+            let spec = RollingSpec {
+                max_surge: cx.count(
+                    r.max_surge.as_ref(),
+                    &k("rolling.max_surge"),
+                    0,
+                    1000,
+                    d.max_surge,
+                ),
+                max_unavailable: cx.count(
+                    r.max_unavailable.as_ref(),
+                    &k("rolling.max_unavailable"),
+                    0,
+                    1000,
+                    d.max_unavailable,
+                ),
+            };
+            if spec.max_surge == 0
+                && spec.max_unavailable == 0
+                && let Some(v) = r.max_surge.as_ref().or(r.max_unavailable.as_ref())
+            {
+                cx.err(
+                    v,
+                    k("rolling"),
+                    "max_surge and max_unavailable cannot both be 0: nothing could be replaced",
+                );
+            }
+            spec
+        }
+    };
+
+    let analysis = match &s.analysis {
+        None => AnalysisSpec::default(),
+        Some(a) => {
+            let a = a.get_ref();
+            let d = AnalysisSpec::default();
+            let max_error_rate = match &a.max_error_rate {
+                Some(v) if !(0.0..=1.0).contains(v.get_ref()) => {
+                    cx.err(
+                        v,
+                        k("analysis.max_error_rate"),
+                        format!("{} is a share between 0 and 1 (0.01 = 1%)", v.get_ref()),
+                    );
+                    d.max_error_rate
+                }
+                Some(v) => Some(*v.get_ref()),
+                None => d.max_error_rate,
+            };
+            AnalysisSpec {
+                interval: cx.duration(a.interval.as_ref(), &k("analysis.interval"), d.interval),
+                min_requests: u64::from(cx.count(
+                    a.min_requests.as_ref(),
+                    &k("analysis.min_requests"),
+                    1,
+                    1_000_000_000,
+                    50,
+                )),
+                max_error_rate,
+                max_p99: match &a.max_p99 {
+                    Some(v) => Some(cx.duration(
+                        Some(v),
+                        &k("analysis.max_p99"),
+                        Duration::from_millis(500),
+                    )),
+                    None => d.max_p99,
+                },
+                failure_limit: cx.count(
+                    a.failure_limit.as_ref(),
+                    &k("analysis.failure_limit"),
+                    1,
+                    1000,
+                    d.failure_limit,
+                ),
+                compare_to_stable: a
+                    .compare_to_stable
+                    .as_ref()
+                    .map_or(d.compare_to_stable, |v| *v.get_ref()),
+            }
+        }
+    };
+
+    let rollout = RolloutSpec {
+        strategy,
+        instances,
+        canary_steps,
+        blue_green,
+        rolling,
+        analysis,
+        progress_deadline: cx.duration(
+            s.progress_deadline.as_ref(),
+            &k("progress_deadline"),
+            defaults.progress_deadline,
+        ),
+        drain_timeout: cx.duration(
+            s.drain_timeout.as_ref(),
+            &k("drain_timeout"),
+            defaults.drain_timeout,
+        ),
+        stop_timeout: cx.duration(
+            s.stop_timeout.as_ref(),
+            &k("stop_timeout"),
+            defaults.stop_timeout,
+        ),
+    };
+    let upstream_timeout = cx.duration(
+        s.upstream_timeout.as_ref(),
+        &k("upstream_timeout"),
+        Duration::from_secs(30),
+    );
+
+    if cx.diags.len() > errors_before {
+        return None;
+    }
+    Some(ServiceSettings {
+        name: ServiceName::new(name),
+        listen: listen?,
+        version: version?,
+        runtime: runtime?,
+        health,
+        rollout,
+        upstream_timeout,
+    })
+}
+
+fn canary_steps(
+    cx: &mut Ctx<'_>,
+    key: &str,
+    steps: &S<Vec<S<crate::raw::RawStep>>>,
+) -> Vec<CanaryStep> {
+    let mut out = Vec::new();
+    let mut last_weight: Option<(i64, usize)> = None;
+    // After a bad weight the "last step must be 100" check would only repeat the same mistake.
+    let mut bad_weight = false;
+    if steps.get_ref().is_empty() {
+        cx.err(
+            steps,
+            key,
+            "needs at least one step, e.g. [ { weight = 10, pause = \"1m\" }, { weight = 100 } ]",
+        );
+        return out;
+    }
+    for (i, st) in steps.get_ref().iter().enumerate() {
+        let sk = format!("{key}[{i}]");
+        let step = st.get_ref();
+        match (&step.weight, &step.approve) {
+            (Some(w), None) => {
+                let n = *w.get_ref();
+                let pause = step
+                    .pause
+                    .as_ref()
+                    .map(|p| cx.duration(Some(p), &format!("{sk}.pause"), Duration::from_secs(1)));
+                if n < 0 {
+                    cx.err(w, format!("{sk}.weight"), format!("{n} is below 0"));
+                    bad_weight = true;
+                    continue;
+                }
+                if n > 100 {
+                    cx.err(w, format!("{sk}.weight"), format!("{n} is above 100"));
+                    bad_weight = true;
+                    continue;
+                }
+                if let Some((prev, j)) = last_weight
+                    && n <= prev
+                {
+                    cx.err(
+                        w,
+                        format!("{sk}.weight"),
+                        format!("{n} is not above step {j}'s weight {prev}; weights must increase"),
+                    );
+                }
+                last_weight = Some((n, i));
+                out.push(CanaryStep::SetWeight {
+                    weight: Weight::new(u32::try_from(n).unwrap_or(100)).unwrap_or(Weight::FULL),
+                    pause,
+                });
+            }
+            (None, Some(a)) if *a.get_ref() => {
+                if let Some(p) = &step.pause {
+                    cx.err(
+                        p,
+                        format!("{sk}.pause"),
+                        "an approval step waits for `cutover promote`; it takes no pause",
+                    );
+                }
+                out.push(CanaryStep::Approve);
+            }
+            (None, Some(a)) => cx.err(
+                a,
+                format!("{sk}.approve"),
+                "only `approve = true` makes sense; remove the step instead",
+            ),
+            (Some(w), Some(_)) => cx.err(
+                w,
+                sk,
+                "a step sets either weight (with an optional pause) or approve = true, not both",
+            ),
+            (None, None) => cx.err(
+                st,
+                sk,
+                "a step needs weight = N (0-100, optional pause) or approve = true",
+            ),
+        }
+    }
+    if bad_weight {
+        return out;
+    }
+    if let Some((n, i)) = last_weight
+        && n != 100
+        && let Some(w) = steps.get_ref()[i].get_ref().weight.as_ref()
+    {
+        cx.err(
+            w,
+            format!("{key}[{i}].weight"),
+            format!("the last weight step is {n}; it must be 100 so the rollout can finish"),
+        );
+    } else if last_weight.is_none() && !out.is_empty() {
+        cx.err(
+            steps,
+            key,
+            "has no weight step; add { weight = 100 } at the end",
+        );
+    }
+    out
+}

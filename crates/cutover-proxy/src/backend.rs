@@ -1,0 +1,179 @@
+//! Instances as the proxy knows them: health, requests in flight, and a keep-alive pool each.
+//!
+//! An instance's state outlives route tables: a new table that still lists it keeps its health
+//! and counters. When a table drops it, it is marked removed (draining): no new request picks
+//! it, requests in flight finish, and once none is left its entry and its connection pool are
+//! dropped, which closes its idle keep-alive connections.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cutover_core::{Health, InstanceId, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::forward::ReqBody;
+
+pub(crate) struct BackendState {
+    pub(crate) id: InstanceId,
+    pub(crate) version: Version,
+    pub(crate) addr: SocketAddr,
+    /// Whether it may take new requests: healthy and not removed. Read on every request.
+    routable: AtomicBool,
+    health: Mutex<HealthState>,
+    pub(crate) inflight: AtomicU64,
+    /// Consecutive failed connection attempts by real requests (passive ejection).
+    pub(crate) connect_failures: AtomicU32,
+    pub(crate) removed: AtomicBool,
+    pub(crate) client: Client<HttpConnector, ReqBody>,
+}
+
+pub(crate) struct HealthState {
+    pub(crate) health: Health,
+    pub(crate) passes: u32,
+    pub(crate) failures: u32,
+}
+
+impl BackendState {
+    fn new(id: InstanceId, version: Version, addr: SocketAddr, connect_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        BackendState {
+            id,
+            version,
+            addr,
+            routable: AtomicBool::new(false),
+            health: Mutex::new(HealthState {
+                health: Health::Starting,
+                passes: 0,
+                failures: 0,
+            }),
+            inflight: AtomicU64::new(0),
+            connect_failures: AtomicU32::new(0),
+            removed: AtomicBool::new(false),
+            client,
+        }
+    }
+
+    pub(crate) fn routable(&self) -> bool {
+        self.routable.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn health(&self) -> Health {
+        if self.removed.load(Ordering::Relaxed) {
+            return Health::Draining;
+        }
+        self.health
+            .lock()
+            .map(|h| h.health)
+            .unwrap_or(Health::Unhealthy)
+    }
+
+    /// Runs `f` on the health state; returns the new health if it changed.
+    pub(crate) fn update_health(&self, f: impl FnOnce(&mut HealthState)) -> Option<Health> {
+        let mut h = match self.health.lock() {
+            Ok(h) => h,
+            Err(p) => p.into_inner(),
+        };
+        let before = h.health;
+        f(&mut h);
+        self.routable.store(
+            h.health == Health::Healthy && !self.removed.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        (h.health != before).then_some(h.health)
+    }
+}
+
+/// Every instance of one service the proxy knows, by id.
+#[derive(Default)]
+pub(crate) struct Backends {
+    map: Mutex<HashMap<InstanceId, Arc<BackendState>>>,
+}
+
+impl Backends {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, Arc<BackendState>>> {
+        match self.map.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The state for an instance of a new table, reusing what is known about it.
+    pub(crate) fn get_or_create(
+        &self,
+        id: &InstanceId,
+        version: &Version,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+    ) -> Arc<BackendState> {
+        let mut map = self.map();
+        if let Some(b) = map.get(id).filter(|b| {
+            b.addr == addr && &b.version == version && !b.removed.load(Ordering::Relaxed)
+        }) {
+            return b.clone();
+        }
+        let b = Arc::new(BackendState::new(
+            id.clone(),
+            version.clone(),
+            addr,
+            connect_timeout,
+        ));
+        if let Some(old) = map.insert(id.clone(), b.clone()) {
+            old.removed.store(true, Ordering::Relaxed);
+            old.update_health(|_| {});
+        }
+        b
+    }
+
+    /// Marks every instance not in `keep` as removed: it drains.
+    pub(crate) fn retain(&self, keep: &HashSet<InstanceId>) {
+        for b in self.map().values() {
+            if !keep.contains(&b.id) && !b.removed.swap(true, Ordering::Relaxed) {
+                b.update_health(|_| {});
+            }
+        }
+    }
+
+    /// Drops removed instances with nothing in flight, closing their pools.
+    pub(crate) fn forget_drained(&self) {
+        self.map().retain(|_, b| {
+            !(b.removed.load(Ordering::Relaxed) && b.inflight.load(Ordering::Relaxed) == 0)
+        });
+    }
+
+    pub(crate) fn inflight(&self, id: &InstanceId) -> u64 {
+        self.map()
+            .get(id)
+            .map(|b| b.inflight.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    pub(crate) fn live(&self) -> Vec<Arc<BackendState>> {
+        self.map()
+            .values()
+            .filter(|b| !b.removed.load(Ordering::Relaxed))
+            .cloned()
+            .collect()
+    }
+
+    pub(crate) fn health(&self) -> Vec<(Version, InstanceId, Health)> {
+        let mut v: Vec<_> = self
+            .map()
+            .values()
+            .map(|b| (b.version.clone(), b.id.clone(), b.health()))
+            .collect();
+        v.sort_by(|a, b| a.1.cmp(&b.1));
+        v
+    }
+}

@@ -1,0 +1,107 @@
+//! Active health checks: every `interval`, `GET path` on every instance the table lists.
+//!
+//! An instance takes traffic after `healthy_threshold` consecutive passes and loses it after
+//! `unhealthy_threshold` consecutive failures; an instance that never passed stays `starting`
+//! (the controller's progress deadline decides about it). Every change is reported to the
+//! controller and recompiles the table, so weights fall back to stable at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cutover_core::{Health, HealthChange, HealthSpec};
+use http_body_util::{Either, Empty};
+use tokio::sync::watch;
+
+use crate::backend::BackendState;
+use crate::{Proxy, ServiceState};
+
+pub(crate) async fn run(
+    state: Arc<ServiceState>,
+    spec: HealthSpec,
+    proxy: Proxy,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(spec.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = crate::forward::stopped(&mut stop) => return,
+        }
+        let mut set = tokio::task::JoinSet::new();
+        for b in state.backends.live() {
+            let (path, timeout) = (spec.path.clone(), spec.timeout);
+            set.spawn(async move {
+                let r = probe(&b, &path, timeout).await;
+                (b, r)
+            });
+        }
+        let mut changed = false;
+        while let Some(joined) = set.join_next().await {
+            let Ok((b, result)) = joined else { continue };
+            if let Some((health, reason)) = apply(&b, result, &spec) {
+                changed = true;
+                proxy.report(HealthChange {
+                    service: state.name.clone(),
+                    version: b.version.clone(),
+                    instance: b.id.clone(),
+                    health,
+                    reason,
+                });
+            }
+        }
+        if changed {
+            proxy.recompile(&state);
+        }
+    }
+}
+
+async fn probe(b: &BackendState, path: &str, timeout: Duration) -> Result<(), String> {
+    let uri = format!("http://{}{}", b.addr, path);
+    let req = hyper::Request::get(uri)
+        .header(hyper::header::USER_AGENT, "cutover-health")
+        .body(Either::Right(Empty::<Bytes>::new()))
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(timeout, b.client.request(req)).await {
+        Err(_) => Err(format!("no answer within {}ms", timeout.as_millis())),
+        Ok(Err(e)) => Err(crate::forward::describe(&e)),
+        Ok(Ok(resp)) if resp.status().is_success() || resp.status().is_redirection() => Ok(()),
+        Ok(Ok(resp)) => Err(format!("answered {}", resp.status())),
+    }
+}
+
+/// Applies one probe result; returns the new health and why, if it changed.
+pub(crate) fn apply(
+    b: &BackendState,
+    result: Result<(), String>,
+    spec: &HealthSpec,
+) -> Option<(Health, String)> {
+    let mut reason = String::new();
+    let changed = b.update_health(|h| match &result {
+        Ok(()) => {
+            h.failures = 0;
+            h.passes = h.passes.saturating_add(1);
+            if h.health != Health::Healthy && h.passes >= spec.healthy_threshold {
+                h.health = Health::Healthy;
+                reason = format!("{} consecutive probe(s) of {} passed", h.passes, spec.path);
+            }
+        }
+        Err(why) => {
+            h.passes = 0;
+            h.failures = h.failures.saturating_add(1);
+            if h.health == Health::Healthy && h.failures >= spec.unhealthy_threshold {
+                h.health = Health::Unhealthy;
+                reason = format!(
+                    "{} consecutive probe(s) of {} failed: {why}",
+                    h.failures, spec.path
+                );
+            }
+        }
+    });
+    if changed == Some(Health::Healthy) {
+        b.connect_failures
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+    changed.map(|h| (h, reason))
+}
