@@ -15,7 +15,9 @@
 //! - **latency vs stable** is Kayenta's approach: a one-sided Mann-Whitney U test (normal
 //!   approximation with tie correction, over the HDR buckets) with p < [`ALPHA_COMPARE`], and an
 //!   effect-size floor: the probability that a candidate request is slower than a stable one
-//!   must be at least [`MIN_LATENCY_EFFECT`], so a tiny but "significant" shift is not a failure.
+//!   must be at least [`MIN_LATENCY_EFFECT`], and the candidate's p95 must be slower than
+//!   stable's by at least [`MIN_LATENCY_DELTA`] and [`MIN_LATENCY_RATIO`], so a tiny but
+//!   "significant" shift is not a failure.
 //!
 //! A window passes only when nothing failed and the evidence is good, not merely absent: the
 //! candidate's 95% upper bound on its error rate is within `max_error_rate`. Otherwise it is
@@ -40,6 +42,11 @@ pub const ERROR_MARGIN: f64 = 0.01;
 /// Smallest probability of superiority (candidate slower than stable) that counts as a
 /// latency regression: 0.5 is no difference; a uniform 2× slowdown of a typical service is ~0.8.
 pub const MIN_LATENCY_EFFECT: f64 = 0.6;
+/// A latency regression must also matter to a person: the candidate's p95 must exceed stable's
+/// by at least this much and by [`MIN_LATENCY_RATIO`]. Without it a fresh instance on loopback,
+/// 0.05 ms slower on cold connections, is a "significant" regression.
+pub const MIN_LATENCY_DELTA: Duration = Duration::from_millis(2);
+pub const MIN_LATENCY_RATIO: f64 = 1.2;
 /// The p99 threshold tolerates this share of requests above `max_p99`.
 const P99_SHARE: f64 = 0.01;
 
@@ -307,12 +314,19 @@ pub fn judge(
             ),
         });
         if let Some((p, effect)) = mann_whitney(candidate, st) {
-            let verdict = if p < ALPHA_COMPARE && effect >= MIN_LATENCY_EFFECT {
+            let ss = Summary::of(st);
+            let material = match (cs.p95, ss.p95) {
+                (Some(c), Some(s)) => {
+                    c >= s + MIN_LATENCY_DELTA
+                        && c.as_secs_f64() >= s.as_secs_f64() * MIN_LATENCY_RATIO
+                }
+                _ => false,
+            };
+            let verdict = if p < ALPHA_COMPARE && effect >= MIN_LATENCY_EFFECT && material {
                 Verdict::Fail
             } else {
                 Verdict::Pass
             };
-            let ss = Summary::of(st);
             checks.push(Check {
                 name: "latency-vs-stable",
                 verdict,

@@ -132,6 +132,23 @@ fn verdicts() {
     }
 }
 
+/// Seen on loopback: a fresh canary 0.05 ms slower is statistically significant and irrelevant.
+#[test]
+fn sub_millisecond_shift_is_not_a_regression() {
+    let w = |n: u64, lo: u64, hi: u64| WindowStats {
+        requests: n,
+        errors: 0,
+        latency: LatencyDist::from_samples((0..n).map(|i| lo + (hi - lo) * i / n)),
+    };
+    let j = judge(&spec(true), &w(400, 300, 420), Some(&w(3600, 250, 350)));
+    let latency = j
+        .checks
+        .iter()
+        .find(|c| c.name == "latency-vs-stable")
+        .unwrap();
+    assert_eq!(latency.verdict, Verdict::Pass, "{j:#?}");
+}
+
 #[test]
 fn judging_is_pure() {
     let (c, s) = (window(300, 9, 10, 50), window(2700, 5, 10, 40));
