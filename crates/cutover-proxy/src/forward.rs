@@ -1,9 +1,11 @@
 //! The request path: accept, choose, forward, answer.
 //!
-//! Nothing here may panic or block. Requests hyper cannot parse (conflicting or repeated
-//! Content-Length, Content-Length with Transfer-Encoding, obs-fold, oversized headers) are
-//! answered by hyper itself with 400/431 before this code runs, so they never reach an
-//! upstream. Bodies are streamed both ways, never buffered whole.
+//! Nothing here may panic or block. Requests hyper cannot parse (differing Content-Lengths, bad
+//! chunk sizes, obs-fold, oversized headers) are answered by hyper itself with 400/431 before
+//! this code runs, so they never reach an upstream. A request with both Content-Length and
+//! Transfer-Encoding is resolved as RFC 9112 §6.3 says: chunked wins, Content-Length is dropped
+//! and the client connection is closed after the answer; since the body is re-framed on the way
+//! out, the upstream never sees two framings. Bodies are streamed both ways, never buffered.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,7 +30,7 @@ use crate::backend::BackendState;
 use crate::table::CompiledVersion;
 use crate::{Proxy, ServiceState};
 
-pub(crate) type ReqBody = Either<Incoming, Empty<Bytes>>;
+pub(crate) type ReqBody = Either<ClientBody, Empty<Bytes>>;
 type RespBody = Either<Tracked, Full<Bytes>>;
 
 /// Consecutive connect failures after which real traffic ejects an instance.
@@ -241,7 +243,22 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
     let (parts, body) = req.into_parts();
     // Only a request without a body can be sent twice: a streamed body is consumed once.
     let replayable = body.is_end_stream();
+    let client_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let body = ClientBody {
+        inner: body,
+        failed: client_failed.clone(),
+    };
     let first = forward(conn, &parts, Either::Left(body), &backend, upgrade).await;
+    // A broken request body (bad chunking, a client that hung up) is the client's fault, not the
+    // upstream's: answer 400 and count no upstream error.
+    if first.is_err() && client_failed.load(Ordering::Relaxed) {
+        cv.recorder.record(400, started.elapsed(), None);
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: the request body is malformed".into(),
+            true,
+        );
+    }
     let (backend, result) = match first {
         Err(Failure::Connect(why)) if replayable => {
             passive_failure(conn, &backend, &why);
@@ -407,6 +424,37 @@ async fn forward(
             std::mem::forget(guard);
             Ok(resp)
         }
+    }
+}
+
+/// The client's request body on its way upstream; remembers whether reading it failed, so an
+/// exchange that broke because of the client is not blamed on the upstream.
+pub(crate) struct ClientBody {
+    inner: Incoming,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &r {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -1,0 +1,625 @@
+//! The data plane in-process against in-process upstreams, all on ports the OS picks: split
+//! exactness, pinning, failover, 503s, malformed requests, WebSockets, streaming, atomic weight
+//! changes, health events and draining.
+
+// In tests a panic is the failure report, with its location; helpers unwrap freely.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cutover_core::{
+    Backend, DataPlane, Health, HealthChange, HealthSpec, InstanceId, RouteTable, RouteVersion,
+    ServiceName, Version, Weight,
+};
+use cutover_metrics::Metrics;
+use cutover_proxy::{Proxy, ServiceProxySpec};
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+/// An upstream that answers with its name; `/slow` waits 500 ms; `/count` reads the whole body
+/// and answers its length; `/ws` upgrades to a WebSocket echo.
+struct Upstream {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    bodies_completed: Arc<AtomicU64>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+async fn upstream(name: &'static str) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let completed = Arc::new(AtomicU64::new(0));
+    let done = completed.clone();
+    tokio::spawn(async move {
+        // Like a process that dies: the listener and every open connection go at once.
+        let mut conns = tokio::task::JoinSet::new();
+        let mut stopped = std::pin::pin!(stopped);
+        loop {
+            let (s, _) = tokio::select! {
+                c = listener.accept() => match c { Ok(c) => c, Err(_) => continue },
+                _ = &mut stopped => {
+                    conns.abort_all();
+                    return;
+                }
+            };
+            let done = done.clone();
+            conns.spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let done = done.clone();
+                    async move { Ok::<_, Infallible>(answer(name, req, &done).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    Upstream {
+        addr,
+        stop: Some(stop),
+        bodies_completed: completed,
+    }
+}
+
+async fn answer(
+    name: &'static str,
+    mut req: Request<Incoming>,
+    done: &AtomicU64,
+) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Response::new(Full::new(Bytes::from(name)))
+        }
+        "/count" => {
+            let mut n = 0u64;
+            let mut body = req.into_body();
+            while let Some(f) = body.frame().await {
+                match f {
+                    Ok(f) => n += f.data_ref().map_or(0, |d| d.len() as u64),
+                    Err(_) => {
+                        return Response::builder()
+                            .status(400)
+                            .body(Full::new(Bytes::new()))
+                            .unwrap();
+                    }
+                }
+            }
+            done.fetch_add(1, Ordering::SeqCst);
+            Response::new(Full::new(Bytes::from(n.to_string())))
+        }
+        "/ws" => {
+            let key = req.headers().get("sec-websocket-key").cloned().unwrap();
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let io = TokioIo::new(on_upgrade.await.unwrap());
+                let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                    io,
+                    tokio_tungstenite::tungstenite::protocol::Role::Server,
+                    None,
+                )
+                .await;
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() && ws.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Response::builder()
+                .status(101)
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .header(
+                    "sec-websocket-accept",
+                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()),
+                )
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        }
+        _ => {
+            let mut r = Response::new(Full::new(Bytes::from(name)));
+            if let Some(h) = req.headers().get("x-forwarded-for") {
+                r.headers_mut().insert("x-seen-xff", h.clone());
+            }
+            r
+        }
+    }
+}
+
+fn table(generation: u64, versions: &[(&str, u32, &[(&str, SocketAddr)])]) -> RouteTable {
+    RouteTable {
+        service: ServiceName::new("web"),
+        generation,
+        stable: Version::new(versions[0].0),
+        versions: versions
+            .iter()
+            .map(|(v, w, bs)| RouteVersion {
+                version: Version::new(*v),
+                weight: Weight::new(*w).unwrap(),
+                backends: bs
+                    .iter()
+                    .map(|(id, addr)| Backend {
+                        instance: InstanceId::new(*id),
+                        addr: *addr,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        preview: None,
+    }
+}
+
+struct Harness {
+    proxy: Proxy,
+    addr: SocketAddr,
+    health: mpsc::UnboundedReceiver<HealthChange>,
+    _stop: oneshot::Sender<()>,
+    metrics: Metrics,
+}
+
+impl Harness {
+    async fn start(initial: RouteTable) -> Harness {
+        let metrics = Metrics::new();
+        let (tx, health) = mpsc::unbounded_channel();
+        let proxy = Proxy::new(metrics.clone(), tx);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let spec = ServiceProxySpec {
+            service: ServiceName::new("web"),
+            health: HealthSpec {
+                path: "/healthz".into(),
+                interval: Duration::from_millis(50),
+                timeout: Duration::from_millis(200),
+                healthy_threshold: 1,
+                unhealthy_threshold: 2,
+            },
+            upstream_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_millis(500),
+        };
+        let p = proxy.clone();
+        tokio::spawn(async move {
+            p.serve(spec, listener, None, initial, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        Harness {
+            proxy,
+            addr,
+            health,
+            _stop: stop,
+            metrics,
+        }
+    }
+
+    /// Waits until `n` instances have reported healthy.
+    async fn healthy(&mut self, n: usize) {
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < n {
+            let h = tokio::time::timeout(Duration::from_secs(10), self.health.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            if h.health == Health::Healthy {
+                seen.insert(h.instance);
+            }
+        }
+    }
+}
+
+fn client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn get(
+    c: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >,
+    addr: SocketAddr,
+    path: &str,
+    pin: Option<&str>,
+) -> (u16, String) {
+    let mut req = Request::get(format!("http://{addr}{path}"));
+    if let Some(p) = pin {
+        req = req.header("x-cutover-version", p);
+    }
+    match c.request(req.body(Full::new(Bytes::new())).unwrap()).await {
+        Ok(r) => {
+            let s = r.status().as_u16();
+            let b = r
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            (s, String::from_utf8_lossy(&b).into_owned())
+        }
+        Err(_) => (0, String::new()),
+    }
+}
+
+#[tokio::test]
+async fn split_is_exact_and_pinning_overrides_it() {
+    let (blue, green) = (upstream("blue").await, upstream("green").await);
+    let mut h = Harness::start(table(
+        1,
+        &[
+            ("blue", 90, &[("b1", blue.addr)]),
+            ("green", 10, &[("g1", green.addr)]),
+        ],
+    ))
+    .await;
+    h.healthy(2).await;
+    let c = client();
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for _ in 0..1000 {
+        let (s, body) = get(&c, h.addr, "/", None).await;
+        assert_eq!(s, 200);
+        *counts.entry(body).or_default() += 1;
+    }
+    let green_share = counts.get("green").copied().unwrap_or(0);
+    assert!(
+        (90..=110).contains(&green_share),
+        "90/10 over 1000 requests: {counts:?}"
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            get(&c, h.addr, "/", Some("green")).await,
+            (200, "green".into())
+        );
+    }
+    // Pinning works at weight 0 too, and an unknown version is a 503.
+    h.proxy.publish(table(
+        2,
+        &[
+            ("blue", 100, &[("b1", blue.addr)]),
+            ("green", 0, &[("g1", green.addr)]),
+        ],
+    ));
+    assert_eq!(
+        get(&c, h.addr, "/", Some("green")).await,
+        (200, "green".into())
+    );
+    assert_eq!(get(&c, h.addr, "/", Some("purple")).await.0, 503);
+    // X-Forwarded-For reached the upstream.
+    let r = c
+        .request(
+            Request::get(format!("http://{}/", h.addr))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.headers().get("x-seen-xff").unwrap(), "127.0.0.1");
+    let snap = h
+        .metrics
+        .snapshot(&ServiceName::new("web"), &Version::new("green"))
+        .window_since(None);
+    assert!(
+        snap.requests >= 110,
+        "metrics recorded the pinned and split requests: {}",
+        snap.requests
+    );
+}
+
+#[tokio::test]
+async fn no_healthy_instance_is_a_503_and_weight_falls_back_to_stable() {
+    let blue = upstream("blue").await;
+    let dead: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut h = Harness::start(table(
+        1,
+        &[
+            ("blue", 50, &[("b1", blue.addr)]),
+            ("green", 50, &[("g1", dead)]),
+        ],
+    ))
+    .await;
+    h.healthy(1).await;
+    let c = client();
+    for _ in 0..50 {
+        assert_eq!(
+            get(&c, h.addr, "/", None).await,
+            (200, "blue".into()),
+            "green has no healthy instance"
+        );
+    }
+    h.proxy.publish(table(2, &[("blue", 100, &[])]));
+    let (s, body) = get(&c, h.addr, "/", None).await;
+    assert_eq!(s, 503);
+    assert!(body.contains("no healthy instance"), "{body}");
+}
+
+#[tokio::test]
+async fn an_instance_dying_under_load_fails_at_most_what_was_in_flight() {
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let mut h = Harness::start(table(1, &[("v1", 100, &[("a", a.addr), ("b", b.addr)])])).await;
+    h.healthy(2).await;
+    let addr = h.addr;
+    let failures = Arc::new(AtomicU64::new(0));
+    let ok = Arc::new(AtomicU64::new(0));
+    const WORKERS: u64 = 8;
+    let mut tasks = Vec::new();
+    for _ in 0..WORKERS {
+        let (failures, ok) = (failures.clone(), ok.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            for _ in 0..300 {
+                match get(&c, addr, "/", None).await.0 {
+                    200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failures.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    while ok.load(Ordering::Relaxed) < 200 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(a);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let f = failures.load(Ordering::Relaxed);
+    assert!(
+        f <= WORKERS,
+        "at most the requests in flight on the dead instance fail: {f}"
+    );
+    assert_eq!(ok.load(Ordering::Relaxed) + f, WORKERS * 300);
+}
+
+async fn raw_exchange(addr: SocketAddr, raw: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_and_never_reach_an_upstream() {
+    let up = upstream("blue").await;
+    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
+    h.healthy(1).await;
+    let vectors: &[(&str, &str)] = &[
+        (
+            "two CLs",
+            "POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+        ),
+        (
+            "bad chunk size",
+            "POST /count HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        ),
+        (
+            "obs-fold",
+            "GET /count HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n",
+        ),
+        (
+            "TE not chunked",
+            "POST /count HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+        ),
+    ];
+    for (name, raw) in vectors {
+        let text = raw_exchange(h.addr, raw).await;
+        assert!(text.starts_with("HTTP/1.1 400"), "{name}: {text:?}");
+    }
+    assert_eq!(
+        up.bodies_completed.load(Ordering::SeqCst),
+        0,
+        "no malformed request reached the upstream"
+    );
+}
+
+/// Content-Length with Transfer-Encoding: chunked wins (RFC 9112 §6.3), the connection closes
+/// after the answer, and the smuggled second request behind the body is never forwarded.
+#[tokio::test]
+async fn content_length_with_transfer_encoding_cannot_smuggle() {
+    let up = upstream("blue").await;
+    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
+    h.healthy(1).await;
+    let raw = "POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nPOST /count HTTP/1.1\r\nHost: x\r\n\r\n";
+    let text = raw_exchange(h.addr, raw).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text:?}"
+    );
+    assert_eq!(
+        text.matches("HTTP/1.1").count(),
+        1,
+        "only one request was answered: {text:?}"
+    );
+    assert_eq!(
+        up.bodies_completed.load(Ordering::SeqCst),
+        1,
+        "the smuggled request never reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn websocket_upgrades_pass_through() {
+    let up = upstream("blue").await;
+    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
+    h.healthy(1).await;
+    let tcp = TcpStream::connect(h.addr).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{}/ws", h.addr), tcp)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    for i in 0..3 {
+        ws.send(tokio_tungstenite::tungstenite::Message::text(format!(
+            "hello {i}"
+        )))
+        .await
+        .unwrap();
+        let m = ws.next().await.unwrap().unwrap();
+        assert_eq!(m.into_text().unwrap().as_str(), format!("hello {i}"));
+    }
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .map(|v| v.trim().trim_end_matches(" kB").parse().unwrap())
+        })
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_100_mb_body_streams_through_without_buffering() {
+    let up = upstream("blue").await;
+    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
+    h.healthy(1).await;
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 1600; // 100 MiB
+    let before = rss_kib();
+    let chunk = Bytes::from(vec![7u8; CHUNK]);
+    let stream = futures_util::stream::iter(
+        (0..CHUNKS).map(move |_| Ok::<_, Infallible>(Frame::data(chunk.clone()))),
+    );
+    let c: hyper_util::client::legacy::Client<_, StreamBody<_>> =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+    let resp = c
+        .request(
+            Request::post(format!("http://{}/count", h.addr))
+                .body(StreamBody::new(stream))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, (CHUNK * CHUNKS).to_string());
+    let grown_mib = rss_kib().saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 40,
+        "memory grew by {grown_mib} MiB while 100 MiB streamed through"
+    );
+}
+
+#[tokio::test]
+async fn weight_changes_are_atomic_and_drop_nothing() {
+    let (blue, green) = (upstream("blue").await, upstream("green").await);
+    let backends_blue: &[(&str, SocketAddr)] = &[("b1", blue.addr)];
+    let backends_green: &[(&str, SocketAddr)] = &[("g1", green.addr)];
+    let mut h = Harness::start(table(
+        1,
+        &[("blue", 100, backends_blue), ("green", 0, backends_green)],
+    ))
+    .await;
+    h.healthy(2).await;
+    let addr = h.addr;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let (mut ok, mut bad) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                if get(&c, addr, "/", None).await.0 == 200 {
+                    ok += 1;
+                } else {
+                    bad += 1;
+                }
+            }
+            (ok, bad)
+        }));
+    }
+    for (i, w) in [10, 50, 90, 100, 0, 30, 100].iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        h.proxy.publish(table(
+            i as u64 + 2,
+            &[
+                ("blue", 100 - w, backends_blue),
+                ("green", *w, backends_green),
+            ],
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut bad) = (0, 0);
+    for t in tasks {
+        let (o, b) = t.await.unwrap();
+        ok += o;
+        bad += b;
+    }
+    assert!(ok > 100, "the client really hammered: {ok}");
+    assert_eq!(bad, 0);
+}
+
+#[tokio::test]
+async fn health_changes_are_reported_and_draining_completes_requests_in_flight() {
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let mut h = Harness::start(table(1, &[("v1", 100, &[("a", a.addr), ("b", b.addr)])])).await;
+    h.healthy(2).await;
+    // A slow request to whichever instance; then take both out of the table mid-request.
+    let addr = h.addr;
+    let slow = tokio::spawn(async move { get(&client(), addr, "/slow", None).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let inflight = |h: &Harness| {
+        h.proxy
+            .inflight(&ServiceName::new("web"), &InstanceId::new("a"))
+            + h.proxy
+                .inflight(&ServiceName::new("web"), &InstanceId::new("b"))
+    };
+    while inflight(&h) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow request never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let c = upstream("c").await;
+    h.proxy.publish(table(2, &[("v1", 100, &[("c", c.addr)])]));
+    let (status, _) = slow.await.unwrap();
+    assert_eq!(
+        status, 200,
+        "the request in flight on a removed instance completed"
+    );
+    assert_eq!(inflight(&h), 0);
+    // Now kill c: its probes fail and the proxy reports it unhealthy.
+    h.healthy(1).await;
+    drop(c);
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(10), h.health.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if e.instance.as_str() == "c" && e.health == Health::Unhealthy {
+            assert!(e.reason.contains("failed"), "{}", e.reason);
+            break;
+        }
+    }
+}
