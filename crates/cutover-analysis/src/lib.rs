@@ -104,8 +104,12 @@ fn pct(x: f64) -> String {
 }
 
 fn ms(d: Option<Duration>) -> String {
-    d.map(|d| format!("{:.0}ms", d.as_secs_f64() * 1000.0))
-        .unwrap_or_else(|| "-".into())
+    // Whole milliseconds hide everything on a fast service; keep one decimal below 10 ms.
+    d.map(|d| match d.as_secs_f64() * 1000.0 {
+        m if m < 10.0 => format!("{m:.1}ms"),
+        m => format!("{m:.0}ms"),
+    })
+    .unwrap_or_else(|| "-".into())
 }
 
 /// P(X ≥ k) for X ~ Binomial(n, p).

@@ -401,9 +401,10 @@ fn chart(
     let y = |v: f64| H - 14.0 - (v / top) * (H - 24.0);
     let mut out = format!(
         "<svg viewBox=\"0 0 {W} {H}\" role=img aria-label=\"{t}\"><text x=4 y=12 fill=#9aa3b2 font-size=10>{t}</text>\
-<text x={PAD} y={yt} fill=#9aa3b2 font-size=9 text-anchor=end>{top}</text><line x1={PAD} y1={yb} x2={W} y2={yb} stroke=#30363d />",
+<text x={xr} y={yt} fill=#9aa3b2 font-size=9 text-anchor=end>max {top}</text><line x1={PAD} y1={yb} x2={W} y2={yb} stroke=#30363d />",
         t = plot.title(),
-        yt = y(top) + 3.0,
+        xr = W - 4.0,
+        yt = 12.0,
         yb = y(0.0),
         top = fmt_axis(top),
     );

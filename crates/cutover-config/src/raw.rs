@@ -3,11 +3,11 @@
 //! Unknown keys are rejected here (`deny_unknown_fields`); nothing is validated beyond types.
 
 use std::collections::BTreeMap;
-use std::ops::Range;
 use std::path::Path;
 
 use serde::Deserialize;
 use toml::Spanned;
+use toml::de::{DeTable, DeValue};
 
 use crate::{ConfigError, Diagnostic};
 
@@ -120,51 +120,103 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// The dotted key a byte offset sits under: the nearest `[table]` header above it plus the key
-/// written at the offset, so serde's errors (which know only a span) name a key path too.
-pub fn key_at(text: &str, span: &Range<usize>) -> String {
-    let start = text.floor_char_boundary(span.start.min(text.len()));
-    let table = text[..start]
-        .lines()
-        .filter_map(|l| {
-            let t = l.trim();
-            (t.starts_with('[') && !t.starts_with("[["))
-                .then(|| t.trim_matches(|c| c == '[' || c == ']').trim().to_owned())
-        })
-        .next_back();
-    let is_key = |c: &char| c.is_ascii_alphanumeric() || *c == '_' || *c == '-';
-    let mut key: String = text[start..].chars().take_while(is_key).collect();
-    // A span on a value (`instances = "two"`): the key is what stands left of the `=`.
-    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
-    if let Some((lhs, _)) = text[line_start..start].rsplit_once('=')
-        && !text[line_start..start].contains('{')
-    {
-        let lhs = lhs.trim();
-        if !lhs.is_empty() && lhs.chars().all(|c| is_key(&c) || c == '.') {
-            key = lhs.to_owned();
+/// The dotted key path (`services.web.canary.steps[1].wait`) of the deepest key or value in
+/// `table` whose span holds byte `offset`. serde's errors know only a span; walking the parsed
+/// document turns that span into the key a user can find in the file. A `[table]`'s span covers
+/// only its header, so every table is searched, not just the ones whose span holds the offset.
+fn key_path_at(table: &DeTable<'_>, offset: usize, prefix: &str) -> Option<String> {
+    for (key, value) in table {
+        let path = push_key(prefix, key.get_ref());
+        if let Some(found) = value_path_at(value.get_ref(), offset, &path) {
+            return Some(found);
+        }
+        if key.span().contains(&offset) || value.span().contains(&offset) {
+            return Some(path);
         }
     }
-    match (table, key.is_empty()) {
-        (Some(t), false) => format!("{t}.{key}"),
-        (Some(t), true) => t,
-        (None, false) => key,
-        (None, true) => String::new(),
+    None
+}
+
+fn value_path_at(value: &DeValue<'_>, offset: usize, path: &str) -> Option<String> {
+    match value {
+        DeValue::Table(t) => key_path_at(t, offset, path),
+        DeValue::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+            let path = format!("{path}[{i}]");
+            value_path_at(item.get_ref(), offset, &path)
+                .or_else(|| item.span().contains(&offset).then_some(path))
+        }),
+        _ => None,
     }
 }
 
+/// Appends one key, quoted the way TOML would need it when it is not a bare key.
+fn push_key(prefix: &str, key: &str) -> String {
+    let mut path = prefix.to_owned();
+    if !path.is_empty() {
+        path.push('.');
+    }
+    let bare = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if bare {
+        path.push_str(key);
+    } else {
+        path.push_str(&format!("{key:?}"));
+    }
+    path
+}
+
+/// Rewords serde's messages in TOML's terms: fields are keys, and Rust type names mean nothing
+/// to someone editing a config file.
+fn reword(message: &str) -> String {
+    let one_line = message.trim().replace('\n', " ");
+    let mut out = one_line
+        .replace("unknown field", "unknown key")
+        .replace(", expected one of ", "; allowed keys: ")
+        .replace("expected i64", "expected an integer")
+        .replace("expected f64", "expected a number")
+        .replace("expected a sequence", "expected an array")
+        .replace("expected a map", "expected a table");
+    // serde says "unknown field `x`, expected `a` or `b`" when there are only two choices.
+    if out.starts_with("unknown key") && !out.contains("allowed keys") {
+        out = out.replacen(", expected ", "; allowed keys: ", 1);
+    }
+    out
+}
+
+/// Reads `text` into the raw shape; a syntax error, a wrong type or an unknown key becomes one
+/// diagnostic at the span the TOML parser reports.
 pub fn parse(text: &str, path: &Path) -> Result<Raw, ConfigError> {
-    toml::from_str::<Raw>(text).map_err(|e| {
+    let diag = |e: toml::de::Error, doc: Option<&DeTable<'_>>| {
         let span = e.span().unwrap_or(0..0);
         let (line, column) = line_col(text, span.start);
-        let message = e.message().trim().replace('\n', " ");
+        let key = doc
+            .and_then(|d| key_path_at(d, span.start, ""))
+            .unwrap_or_default();
+        let mut message = reword(e.message());
+        // The parser says only "duplicate key"; name the key so it can be found.
+        if message == "duplicate key" {
+            let word: String = text[text.floor_char_boundary(span.start.min(text.len()))..]
+                .chars()
+                .take_while(|c| !matches!(c, '=' | ']' | '\n'))
+                .collect();
+            message = format!("duplicate key `{}`: it is already set above", word.trim());
+        }
         ConfigError {
             diagnostics: vec![Diagnostic {
                 file: path.to_owned(),
                 line,
                 column,
-                key: key_at(text, &span),
+                key,
                 message,
             }],
         }
-    })
+    };
+    let doc = DeTable::parse(text).map_err(|e| {
+        // The recovered document still names the table a syntax error sits in, when it can.
+        let (partial, _) = DeTable::parse_recoverable(text);
+        diag(e, Some(partial.get_ref()))
+    })?;
+    toml::from_str::<Raw>(text).map_err(|e| diag(e, Some(doc.get_ref())))
 }

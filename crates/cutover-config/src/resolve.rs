@@ -169,7 +169,10 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
     let mut listens: BTreeMap<SocketAddr, String> =
         BTreeMap::from([(daemon.api, "daemon.api".to_owned())]);
     let mut services = Vec::new();
-    for (name, svc) in &raw.services {
+    // Checked in file order, so a collision is reported where the second use is written.
+    let mut in_file_order: Vec<_> = raw.services.iter().collect();
+    in_file_order.sort_by_key(|(name, svc)| (svc.span().start, name.span().start));
+    for (name, svc) in in_file_order {
         if !valid_service_name(name.get_ref()) {
             cx.err(
                 name,
@@ -182,6 +185,7 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
             services.push(s);
         }
     }
+    services.sort_by(|a: &ServiceSettings, b| a.name.as_str().cmp(b.name.as_str()));
     if cx.diags.is_empty() {
         Ok(Settings {
             file: file.to_owned(),
@@ -301,6 +305,20 @@ fn service(
                     "static services run nothing; remove it or set runtime = \"process\"",
                 );
             }
+            if let Some(e) = &s.env {
+                cx.err(
+                    e,
+                    k("env"),
+                    "static services run nothing, so env has no effect; remove it or set runtime = \"process\"",
+                );
+            }
+            if let Some(r) = &s.reads_port_env {
+                cx.err(
+                    r,
+                    k("reads_port_env"),
+                    "only process services are given a port; remove it or set runtime = \"process\"",
+                );
+            }
             match &s.upstreams {
                 None => {
                     cx.err_at(
@@ -334,16 +352,28 @@ fn service(
                     if map.is_empty() {
                         cx.err(u, k("upstreams"), "lists no version");
                     }
-                    if let (Some(v), Some(raw_v)) = (&version, &s.version)
+                    if let Some(v) = &version
                         && !map.is_empty()
                         && !map.contains_key(v)
                     {
                         let known: Vec<&str> = map.keys().map(Version::as_str).collect();
-                        cx.err(
-                            raw_v,
-                            k("version"),
-                            format!("{v} has no upstreams; configured: {}", known.join(", ")),
-                        );
+                        match &s.version {
+                            Some(raw_v) => cx.err(
+                                raw_v,
+                                k("version"),
+                                format!("{v} has no upstreams; configured: {}", known.join(", ")),
+                            ),
+                            // Without a version the default v1 is deployed, so say so where the
+                            // user will look: at the upstreams that lack it.
+                            None => cx.err(
+                                u,
+                                k("upstreams"),
+                                format!(
+                                    "has no entry for version {v} (the default); set version to one of: {}",
+                                    known.join(", ")
+                                ),
+                            ),
+                        }
                     }
                     Some(RuntimeSettings::Static { upstreams: map })
                 }
@@ -402,19 +432,29 @@ fn service(
                     }
                     None => d.path.clone(),
                 };
+                let errors = cx.diags.len();
                 let interval = cx.duration(h.interval.as_ref(), &k("health.interval"), d.interval);
+                // A short interval shortens the default timeout with it, so the default is
+                // always valid.
                 let timeout = cx.duration(
                     h.timeout.as_ref(),
                     &k("health.timeout"),
-                    d.timeout.min(interval),
+                    d.timeout.min(interval / 2),
                 );
+                // Compared only when both parsed: after a bad value the fallback would produce
+                // a second, misleading complaint.
                 if let Some(t) = &h.timeout
+                    && cx.diags.len() == errors
                     && timeout >= interval
                 {
                     cx.err(
                         t,
                         k("health.timeout"),
-                        format!("{} must be shorter than health.interval", t.get_ref()),
+                        format!(
+                            "{} must be shorter than health.interval ({})",
+                            t.get_ref(),
+                            humantime::format_duration(interval)
+                        ),
                     );
                 }
                 HealthSpec {
