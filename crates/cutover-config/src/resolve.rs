@@ -1,4 +1,8 @@
 //! Raw config → validated settings: every check a user can fail, with its exact location.
+//!
+//! It never stops at the first problem: each check records a diagnostic and goes on with a
+//! fallback value, so a user fixes everything in one pass. It reads no files, binds no sockets
+//! and starts nothing; addresses are only compared with each other.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -208,8 +212,27 @@ fn claim(
     key: String,
 ) -> Option<SocketAddr> {
     let a = cx.addr(v, &key)?;
-    if let Some(other) = listens.get(&a) {
-        cx.err(v, key, format!("{a} is already used by {other}"));
+    if a.port() == 0 {
+        cx.err(
+            v,
+            key,
+            format!("{a} has port 0; users need a fixed port to send traffic to"),
+        );
+        return None;
+    }
+    // A wildcard address (0.0.0.0, [::]) takes its port on every interface, so it collides
+    // with any other address on the same port, not only with an identical one.
+    let clash = listens.iter().find(|(b, _)| {
+        b.port() == a.port()
+            && (b.ip() == a.ip() || b.ip().is_unspecified() || a.ip().is_unspecified())
+    });
+    if let Some((b, other)) = clash {
+        let message = if *b == a {
+            format!("{a} is already used by {other}")
+        } else {
+            format!("{a} collides with {b} of {other} (same port)")
+        };
+        cx.err(v, key, message);
         return None;
     }
     listens.insert(a, key);
@@ -345,7 +368,8 @@ fn service(
                         let list: Vec<SocketAddr> = addrs
                             .get_ref()
                             .iter()
-                            .filter_map(|a| cx.addr(a, &key))
+                            .enumerate()
+                            .filter_map(|(i, a)| cx.addr(a, &format!("{key}[{i}]")))
                             .collect();
                         map.insert(Version::new(v.get_ref()), list);
                     }

@@ -53,6 +53,8 @@ impl DemoOptions {
             value: value.to_owned(),
             why: why.to_owned(),
         };
+        // Work on a copy so that an invalid variable leaves the options untouched.
+        let mut next = self.clone();
         if let Some(v) = get("DEMO_ERROR_RATE") {
             let rate: f64 = v
                 .trim()
@@ -61,22 +63,23 @@ impl DemoOptions {
             if !(0.0..=1.0).contains(&rate) {
                 return Err(bad("DEMO_ERROR_RATE", &v, "must be between 0 and 1"));
             }
-            self.error_rate = rate;
+            next.error_rate = rate;
         }
         if let Some(v) = get("DEMO_LATENCY") {
-            self.latency = humantime::parse_duration(v.trim())
+            next.latency = humantime::parse_duration(v.trim())
                 .map_err(|e| bad("DEMO_LATENCY", &v, &e.to_string()))?;
         }
         if let Some(v) = get("DEMO_FAIL_HEALTH") {
-            self.fail_health = match v.trim().to_ascii_lowercase().as_str() {
+            next.fail_health = match v.trim().to_ascii_lowercase().as_str() {
                 "1" | "true" | "yes" | "on" => true,
                 "0" | "false" | "no" | "off" | "" => false,
                 _ => return Err(bad("DEMO_FAIL_HEALTH", &v, "use true or false")),
             };
         }
         if let Some(v) = get("CUTOVER_INSTANCE").filter(|v| !v.trim().is_empty()) {
-            self.instance = v.trim().to_owned();
+            next.instance = v.trim().to_owned();
         }
+        *self = next;
         Ok(())
     }
 }
@@ -86,13 +89,26 @@ struct Canned {
     ok: Bytes,
     error: Bytes,
     opts: DemoOptions,
+    started: Option<Arc<tokio::sync::Notify>>,
 }
 
-/// Serves until `shutdown` resolves, then stops accepting and lets requests in flight finish.
+/// Serves until `shutdown` resolves, then stops accepting and lets requests in flight finish:
+/// idle keep-alive connections are closed, busy ones answer their current request first.
 pub async fn run(
     listener: TcpListener,
     opts: DemoOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve(listener, opts, shutdown, None).await
+}
+
+/// [`run`], plus a signal raised each time a `GET /` starts, so tests can shut down while a
+/// request is provably in flight instead of guessing with a sleep.
+async fn serve(
+    listener: TcpListener,
+    opts: DemoOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    started: Option<Arc<tokio::sync::Notify>>,
 ) -> std::io::Result<()> {
     let canned = Arc::new(Canned {
         ok: Bytes::from(format!(
@@ -105,6 +121,7 @@ pub async fn run(
             json_string(&opts.version)
         )),
         opts,
+        started,
     });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -130,8 +147,10 @@ pub async fn run(
                 && rng.borrow_mut().random::<f64>() < canned.opts.error_rate;
             async move { Ok::<_, Infallible>(answer(&canned, &req, fail).await) }
         });
+        // Pipelined requests are answered in one write, which is what load generators send.
         let conn = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
+            .pipeline_flush(true)
             .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
@@ -149,11 +168,14 @@ async fn answer(c: &Canned, req: &Request<Incoming>, fail: bool) -> Response<Ful
     let (status, body, ctype) = match req.uri().path() {
         "/healthz" if c.opts.fail_health => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Bytes::from_static(b"unhealthy\n"),
+            Bytes::from_static(b"unhealthy"),
             text,
         ),
-        "/healthz" => (StatusCode::OK, Bytes::from_static(b"ok\n"), text),
+        "/healthz" => (StatusCode::OK, Bytes::from_static(b"ok"), text),
         "/" => {
+            if let Some(started) = &c.started {
+                started.notify_one();
+            }
             if !c.opts.latency.is_zero() {
                 tokio::time::sleep(c.opts.latency).await;
             }
@@ -165,7 +187,7 @@ async fn answer(c: &Canned, req: &Request<Incoming>, fail: bool) -> Response<Ful
         }
         _ => (
             StatusCode::NOT_FOUND,
-            Bytes::from_static(b"not found\n"),
+            Bytes::from_static(b"not found"),
             text,
         ),
     };
@@ -191,55 +213,4 @@ fn json_string(s: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn opts() -> DemoOptions {
-        DemoOptions {
-            version: "v1".into(),
-            instance: "i".into(),
-            error_rate: 0.0,
-            latency: Duration::ZERO,
-            fail_health: false,
-        }
-    }
-
-    #[test]
-    fn env_overrides_flags() {
-        let mut o = opts();
-        let env = |k: &str| match k {
-            "DEMO_ERROR_RATE" => Some("0.25".to_owned()),
-            "DEMO_LATENCY" => Some("20ms".to_owned()),
-            "DEMO_FAIL_HEALTH" => Some("yes".to_owned()),
-            "CUTOVER_INSTANCE" => Some("web-v1-3".to_owned()),
-            _ => None,
-        };
-        o.apply_env(env).unwrap();
-        assert_eq!(
-            (o.error_rate, o.latency, o.fail_health, o.instance.as_str()),
-            (0.25, Duration::from_millis(20), true, "web-v1-3")
-        );
-    }
-
-    #[test]
-    fn invalid_env_is_an_error_naming_the_variable() {
-        for (var, value) in [
-            ("DEMO_ERROR_RATE", "lots"),
-            ("DEMO_ERROR_RATE", "1.5"),
-            ("DEMO_LATENCY", "soon"),
-            ("DEMO_FAIL_HEALTH", "maybe"),
-        ] {
-            let mut o = opts();
-            let err = o
-                .apply_env(|k| (k == var).then(|| value.to_owned()))
-                .unwrap_err();
-            assert!(err.to_string().starts_with(var), "{err}");
-            assert_eq!(o, opts(), "a bad value changes nothing");
-        }
-    }
-
-    #[test]
-    fn json_escaping() {
-        assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
-    }
-}
+mod tests;

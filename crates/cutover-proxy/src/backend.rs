@@ -22,6 +22,8 @@ pub(crate) struct BackendState {
     pub(crate) id: InstanceId,
     pub(crate) version: Version,
     pub(crate) addr: SocketAddr,
+    /// `addr` as a URI authority, built once: formatting it per request showed in profiles.
+    pub(crate) authority: http::uri::Authority,
     /// Whether it may take new requests: healthy and not removed. Read on every request.
     routable: AtomicBool,
     health: Mutex<HealthState>,
@@ -48,10 +50,14 @@ impl BackendState {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(1024)
             .build(connector);
+        // A socket address always formats to a valid authority; the fallback is unreachable.
+        let authority = http::uri::Authority::try_from(addr.to_string().as_str())
+            .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1"));
         BackendState {
             id,
             version,
             addr,
+            authority,
             routable: AtomicBool::new(false),
             health: Mutex::new(HealthState {
                 health: Health::Starting,

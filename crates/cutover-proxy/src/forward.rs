@@ -49,6 +49,8 @@ struct Conn {
     ctx: Ctx,
     peer: SocketAddr,
     preview: bool,
+    /// The client's address as an X-Forwarded-For value, formatted once per connection.
+    peer_ip: Option<HeaderValue>,
     /// The instance that served this connection's last request: if it has since left the
     /// table, the next response asks the client to reconnect (`Connection: close`).
     last: Mutex<Option<Arc<BackendState>>>,
@@ -81,6 +83,7 @@ pub(crate) async fn accept_loop(
             ctx: ctx.clone(),
             peer,
             preview,
+            peer_ip: HeaderValue::from_str(&peer.ip().to_string()).ok(),
             last: Mutex::new(None),
         });
         let service = hyper::service::service_fn(move |req| {
@@ -150,8 +153,32 @@ fn is_upgrade(h: &HeaderMap) -> bool {
             })
 }
 
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those the Connection header names.
+/// Hop-by-hop headers (RFC 9110 §7.6.1) that never cross the proxy.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Removes hop-by-hop headers, including those the Connection header names. One pass over the
+/// (usually few) headers finds them; removing blindly by name cost more than the rest of the
+/// header handling together.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let mut found: Vec<HeaderName> = Vec::new();
+    for name in h.keys() {
+        if HOP_BY_HOP.contains(name) {
+            found.push(name.clone());
+        }
+    }
+    if found.is_empty() && !keep_upgrade {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -159,27 +186,13 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .collect();
-    for n in named {
+    for n in found.into_iter().chain(named) {
         if !(keep_upgrade && n == header::UPGRADE) {
             h.remove(n);
         }
     }
-    for n in [
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-    ] {
-        h.remove(n);
-    }
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
     if keep_upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        h.remove(header::CONNECTION);
-        h.remove(header::UPGRADE);
     }
 }
 
@@ -386,13 +399,17 @@ async fn forward(
     b: &Arc<BackendState>,
     upgrade: bool,
 ) -> Result<Response<Incoming>, Failure> {
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(b.addr.to_string())
-        .path_and_query(pq)
-        .build()
-        .map_err(|e| Failure::Reset(e.to_string()))?;
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(b.authority.clone());
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    let uri = Uri::from_parts(uri).map_err(|e| Failure::Reset(e.to_string()))?;
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
@@ -400,12 +417,11 @@ async fn forward(
     let h = req.headers_mut();
     let host = h.get(header::HOST).cloned();
     strip_hop_by_hop(h, upgrade);
-    let ip = conn.peer.ip().to_string();
     let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok(),
+        None => conn.peer_ip.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         h.insert("x-forwarded-for", v);
     }
     h.entry("x-forwarded-proto")

@@ -147,7 +147,11 @@ async fn answer(
     }
 }
 
-fn table(generation: u64, versions: &[(&str, u32, &[(&str, SocketAddr)])]) -> RouteTable {
+/// `(instance id, address)` of one upstream.
+type Instances<'a> = &'a [(&'a str, SocketAddr)];
+
+/// A table from `(version, weight, instances)`; the first version is stable.
+fn table(generation: u64, versions: &[(&str, u32, Instances<'_>)]) -> RouteTable {
     RouteTable {
         service: ServiceName::new("web"),
         generation,
