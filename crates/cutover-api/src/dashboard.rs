@@ -349,8 +349,16 @@ fn charts(metrics: &Metrics, svc: &ServiceView) -> String {
         .max()
         .or_else(|| svc.recent_events.first().map(|e| e.at))
         .unwrap_or_default();
-    let start = Timestamp(end.as_millis().saturating_sub(15 * 60 * 1000));
-    let mut out = String::from("<section class=card><h3>Last 15 minutes</h3><div class=legend>");
+    // Up to 15 minutes; a younger daemon's history fills the whole width instead of a sliver.
+    let first = series
+        .iter()
+        .filter_map(|s| s.points.first().map(|p| p.at))
+        .min()
+        .unwrap_or(end);
+    let start = Timestamp(end.as_millis().saturating_sub(15 * 60 * 1000)).max(first);
+    let mut out = String::from(
+        "<section class=card><h3>Traffic (up to the last 15 minutes)</h3><div class=legend>",
+    );
     for (i, s) in series.iter().enumerate() {
         let _ = write!(
             out,

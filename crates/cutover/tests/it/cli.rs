@@ -236,3 +236,36 @@ fn webhook_receives_every_decision() {
         );
     }
 }
+
+#[test]
+fn status_watch_prints_plain_blocks_when_not_a_terminal() {
+    use std::io::BufRead;
+    let d = Daemon::start(SLOW_STEPS);
+    let mut child = std::process::Command::new(EXE)
+        .args(["-c", d.config.to_str().unwrap(), "status", "web", "--watch"])
+        .current_dir(d.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    // The first block is printed at once; then a change (the deploy) prints a second one.
+    while !seen.iter().any(|l: &String| l.contains("weights")) {
+        seen.push(lines.next().unwrap().unwrap());
+    }
+    assert!(d.cli(&["deploy", "web", "v2"]).status.success());
+    while !seen.iter().any(|l: &String| l.contains("rollout #1")) {
+        seen.push(lines.next().unwrap().unwrap());
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = seen.join("\n");
+    assert!(
+        !text.contains('\x1b'),
+        "no terminal escapes when stdout is a pipe: {text:?}"
+    );
+    assert!(
+        text.contains("web  STABLE") && text.contains("v1"),
+        "{text}"
+    );
+}
