@@ -30,7 +30,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
 
 pub fn up(settings: Settings) -> CliResult {
-    let mut builder = if settings.daemon.worker_threads == 1 {
+    let builder = if settings.daemon.worker_threads == 1 {
         // One worker: a current-thread runtime avoids the cross-thread hand-offs that a
         // one-thread multi-thread runtime still pays for.
         tokio::runtime::Builder::new_current_thread()
@@ -41,13 +41,7 @@ pub fn up(settings: Settings) -> CliResult {
         }
         b
     };
-    let rt = builder.enable_all().build().map_err(|e| {
-        CliError::new(
-            Code::Failure,
-            format!("cannot start the async runtime: {e}"),
-        )
-    })?;
-    rt.block_on(run(settings))
+    crate::runtime(builder)?.block_on(run(settings))
 }
 
 /// Every socket `up` needs, bound before anything starts so that a taken port fails fast.

@@ -46,15 +46,7 @@ pub fn demo_app(a: &DemoAppArgs) -> CliResult {
             format!("--error-rate {} is not between 0 and 1", opts.error_rate),
         ));
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            CliError::new(
-                Code::Failure,
-                format!("cannot start the async runtime: {e}"),
-            )
-        })?;
+    let rt = crate::runtime(tokio::runtime::Builder::new_current_thread())?;
     rt.block_on(async move {
         let addr = SocketAddr::from(([127, 0, 0, 1], a.port));
         let listener = tokio::net::TcpListener::bind(addr)
@@ -213,16 +205,9 @@ pub fn run(keep: bool) -> CliResult {
         .spawn()
         .map_err(|e| CliError::new(Code::Failure, format!("cannot start `cutover up`: {e}")))?;
     let mut guard = DaemonGuard(Some(child));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            CliError::new(
-                Code::Failure,
-                format!("cannot start the async runtime: {e}"),
-            )
-        })?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2);
+    let rt = crate::runtime(builder)?;
     let api = SocketAddr::from(([127, 0, 0, 1], api_port));
     let web = SocketAddr::from(([127, 0, 0, 1], web_port));
     let result = rt.block_on(tour(dir.path(), api, web, keep));

@@ -46,18 +46,19 @@ fn load(cli: &Cli) -> CliResult<cutover_config::Settings> {
     cutover_config::load(&cli.config).map_err(|e| CliError::new(Code::Usage, e.to_string()))
 }
 
+/// Builds a tokio runtime, or says in one sentence why it could not.
+pub(crate) fn runtime(mut builder: tokio::runtime::Builder) -> CliResult<tokio::runtime::Runtime> {
+    builder.enable_all().build().map_err(|e| {
+        CliError::new(
+            Code::Failure,
+            format!("cannot start the async runtime: {e}"),
+        )
+    })
+}
+
 /// A small runtime for commands that talk to the daemon.
 fn block_on<F: std::future::Future<Output = CliResult>>(f: F) -> CliResult {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            CliError::new(
-                Code::Failure,
-                format!("cannot start the async runtime: {e}"),
-            )
-        })?
-        .block_on(f)
+    runtime(tokio::runtime::Builder::new_current_thread())?.block_on(f)
 }
 
 fn run(cli: Cli) -> CliResult {
