@@ -155,3 +155,51 @@ fn rollback_after_promotion_returns_to_the_previous_version() {
     assert_eq!(s["weights"]["v1"], 100);
     assert_eq!(healthy(&s, "v1"), 2);
 }
+
+#[test]
+fn rolling_update_replaces_instances_under_load_without_failures() {
+    let d = Daemon::start(QUICK_STEPS);
+    let load = Load::start(d.web, 4, Duration::from_millis(2));
+    let out = d.cli(&["deploy", "web", "v2", "--strategy", "rolling", "--wait"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    let s = d.wait_for("v1 gone", |s| {
+        s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["version"] == "v2")
+    });
+    assert_eq!(healthy(&s, "v2"), 2);
+    let tally = load.stop();
+    assert_eq!(tally.errors_except(""), 0, "{tally:?}");
+    let r: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["history", "--json"]).stdout).unwrap();
+    assert_eq!(r["rollouts"][0]["strategy"], "rolling");
+    // The roll went instance by instance: a step at 50% (1 of 2 replaced) was recorded.
+    let id = r["rollouts"][0]["id"].as_i64().unwrap();
+    let events = http_events(&d, id);
+    assert!(
+        events
+            .iter()
+            .any(|m| m.contains("rolling: 1/2 instances on v2")),
+        "{events:?}"
+    );
+}
+
+fn http_events(d: &Daemon, id: i64) -> Vec<String> {
+    let (status, body) = crate::harness::http(
+        d.api,
+        "GET",
+        &format!("/api/v1/rollouts/{id}"),
+        Some(&d.token()),
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap().to_owned())
+        .collect()
+}
