@@ -314,7 +314,7 @@ impl Driver {
         for name in &names {
             if let Some(svc) = self.services.get(name) {
                 let (stable, n) = (svc.stable.clone(), svc.setup.spec.instances);
-                self.publish(name);
+                // `scale` publishes the table once the instances are started.
                 self.scale(name, &stable, n).await;
             }
         }
@@ -879,16 +879,9 @@ impl Driver {
         }
         for index in have..want {
             if let Err(reason) = self.start(name, version, index as usize).await {
-                let candidate = self
-                    .services
-                    .get(name)
-                    .and_then(|s| s.active.as_ref())
-                    .is_some_and(|a| &a.rollout.candidate == version);
-                let rollout_id = self
-                    .services
-                    .get(name)
-                    .and_then(|s| s.active.as_ref())
-                    .map(|a| a.rollout.id);
+                let active = self.services.get(name).and_then(|s| s.active.as_ref());
+                let candidate = active.is_some_and(|a| &a.rollout.candidate == version);
+                let rollout_id = active.map(|a| a.rollout.id);
                 self.record_loose(
                     name,
                     rollout_id,

@@ -83,12 +83,6 @@ kebab_enum!(
     }
 );
 
-impl RolloutOutcome {
-    pub fn is_final(self) -> bool {
-        self != RolloutOutcome::InProgress
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -101,16 +101,6 @@ impl RouteTable {
             preview: None,
         }
     }
-
-    pub fn version(&self, v: &Version) -> Option<&RouteVersion> {
-        self.versions.iter().find(|rv| &rv.version == v)
-    }
-
-    pub fn backends(&self) -> impl Iterator<Item = (&Version, &Backend)> {
-        self.versions
-            .iter()
-            .flat_map(|rv| rv.backends.iter().map(move |b| (&rv.version, b)))
-    }
 }
 
 /// What the controller's driver needs from the data plane. The binary wires the proxy in; tests

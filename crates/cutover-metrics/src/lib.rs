@@ -48,6 +48,16 @@ fn new_histogram() -> Histogram<u64> {
         .expect("1µs..1h at 3 significant digits is a valid histogram")
 }
 
+/// The histogram as `(latency in µs, requests)` buckets: each recorded value at the top of its
+/// precision range, so equal values are real ties. The judge's windows and the Prometheus
+/// buckets both read this.
+fn recorded(h: &Histogram<u64>) -> Vec<(u64, u64)> {
+    // For recorded values hdrhistogram already reports the highest equivalent value.
+    h.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
+}
+
 struct VersionMetrics {
     /// Answers by status class 1xx..5xx (index 0..4).
     classes: [AtomicU64; 5],
@@ -123,15 +133,7 @@ impl VersionSnapshot {
             // if that ever failed the whole history is a safe (wider) answer.
             let _ = h.subtract(&e.latency);
         }
-        let buckets: Vec<(u64, u64)> = h
-            .iter_recorded()
-            .map(|v| {
-                (
-                    h.highest_equivalent(v.value_iterated_to()),
-                    v.count_at_value(),
-                )
-            })
-            .collect();
+        let buckets = recorded(&h);
         WindowStats {
             requests: self.requests - earlier.map_or(0, |e| e.requests.min(self.requests)),
             errors: self.errors - earlier.map_or(0, |e| e.errors.min(self.errors)),
@@ -319,16 +321,18 @@ impl Metrics {
         );
         for ((s, v), snap, _, _) in &versions {
             let h = &snap.latency;
+            let recorded = recorded(h);
+            // One pass: buckets are sorted by latency, and so are the bounds.
+            let (mut i, mut below) = (0, 0u64);
             for le in BUCKETS {
                 let us = (le * 1e6) as u64;
-                let n: u64 = h
-                    .iter_recorded()
-                    .filter(|x| h.highest_equivalent(x.value_iterated_to()) <= us)
-                    .map(|x| x.count_at_value())
-                    .sum();
+                while let Some((_, n)) = recorded.get(i).filter(|(at, _)| *at <= us) {
+                    below += n;
+                    i += 1;
+                }
                 let _ = writeln!(
                     out,
-                    "{}_bucket{{{},le=\"{le}\"}} {n}",
+                    "{}_bucket{{{},le=\"{le}\"}} {below}",
                     names::DURATION,
                     labels(s, v)
                 );
@@ -340,9 +344,9 @@ impl Metrics {
                 labels(s, v),
                 h.len()
             );
-            let sum: f64 = h
-                .iter_recorded()
-                .map(|x| x.value_iterated_to() as f64 * x.count_at_value() as f64)
+            let sum: f64 = recorded
+                .iter()
+                .map(|(v, n)| *v as f64 * *n as f64)
                 .sum::<f64>()
                 / 1e6;
             let _ = writeln!(out, "{}_sum{{{}}} {sum}", names::DURATION, labels(s, v));

@@ -75,16 +75,6 @@ impl BackendState {
         self.routable.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn health(&self) -> Health {
-        if self.removed.load(Ordering::Relaxed) {
-            return Health::Draining;
-        }
-        self.health
-            .lock()
-            .map(|h| h.health)
-            .unwrap_or(Health::Unhealthy)
-    }
-
     /// Runs `f` on the health state; returns the new health if it changed.
     pub(crate) fn update_health(&self, f: impl FnOnce(&mut HealthState)) -> Option<Health> {
         let mut h = match self.health.lock() {
@@ -171,15 +161,5 @@ impl Backends {
             .filter(|b| !b.removed.load(Ordering::Relaxed))
             .cloned()
             .collect()
-    }
-
-    pub(crate) fn health(&self) -> Vec<(Version, InstanceId, Health)> {
-        let mut v: Vec<_> = self
-            .map()
-            .values()
-            .map(|b| (b.version.clone(), b.id.clone(), b.health()))
-            .collect();
-        v.sort_by(|a, b| a.1.cmp(&b.1));
-        v
     }
 }

@@ -30,8 +30,8 @@ use crate::backend::BackendState;
 use crate::table::CompiledVersion;
 use crate::{Proxy, ServiceState};
 
-pub(crate) type ReqBody = Either<ClientBody, Empty<Bytes>>;
-type RespBody = Either<Tracked, Full<Bytes>>;
+pub(crate) type ReqBody = Either<Watched, Empty<Bytes>>;
+type RespBody = Either<Watched, Full<Bytes>>;
 
 /// Consecutive connect failures after which real traffic ejects an instance.
 const PASSIVE_EJECT_AFTER: u32 = 3;
@@ -257,10 +257,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
     // Only a request without a body can be sent twice: a streamed body is consumed once.
     let replayable = body.is_end_stream();
     let client_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let body = ClientBody {
-        inner: body,
-        failed: client_failed.clone(),
-    };
+    let body = Watched::request(body, client_failed.clone());
     let first = forward(conn, &parts, Either::Left(body), &backend, upgrade).await;
     // A broken request body (bad chunking, a client that hung up) is the client's fault, not the
     // upstream's: answer 400 and count no upstream error.
@@ -312,7 +309,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
                 });
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers, true);
-                return Response::from_parts(parts, Either::Left(Tracked::new(body, backend)));
+                return Response::from_parts(parts, Either::Left(Watched::response(body, backend)));
             }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers, false);
@@ -321,7 +318,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
                     .headers
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            Response::from_parts(parts, Either::Left(Tracked::new(body, backend)))
+            Response::from_parts(parts, Either::Left(Watched::response(body, backend)))
         }
         Err(Failure::Connect(why)) => {
             cv.recorder
@@ -443,37 +440,6 @@ async fn forward(
     }
 }
 
-/// The client's request body on its way upstream; remembers whether reading it failed, so an
-/// exchange that broke because of the client is not blamed on the upstream.
-pub(crate) struct ClientBody {
-    inner: Incoming,
-    failed: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &r {
-            self.failed.store(true, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// Decrements an instance's in-flight count when dropped.
 struct InflightGuard(Option<Arc<BackendState>>);
 
@@ -485,23 +451,36 @@ impl Drop for InflightGuard {
     }
 }
 
-/// An upstream response body that keeps its request counted in flight until it ends.
-pub(crate) struct Tracked {
+/// A body passing through the proxy, watched on the way. A client's request body remembers
+/// whether reading it failed, so an exchange the client broke is not blamed on the upstream; an
+/// upstream's response body keeps its request counted in flight until it ends.
+pub(crate) struct Watched {
     inner: Incoming,
-    guard: InflightGuard,
+    /// Released when the body ends or fails, not only when the connection drops it.
+    inflight: InflightGuard,
+    failed: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
-impl Tracked {
-    /// Takes over the in-flight count `forward` left for this response.
-    fn new(inner: Incoming, b: Arc<BackendState>) -> Self {
-        Tracked {
+impl Watched {
+    fn request(inner: Incoming, failed: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        Watched {
             inner,
-            guard: InflightGuard(Some(b)),
+            inflight: InflightGuard(None),
+            failed: Some(failed),
+        }
+    }
+
+    /// Takes over the in-flight count `forward` left for this response.
+    fn response(inner: Incoming, b: Arc<BackendState>) -> Self {
+        Watched {
+            inner,
+            inflight: InflightGuard(Some(b)),
+            failed: None,
         }
     }
 }
 
-impl Body for Tracked {
+impl Body for Watched {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -510,11 +489,15 @@ impl Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = &r {
-            // Done: release the count now rather than when the connection drops the body.
-            if let Some(b) = self.guard.0.take() {
-                b.inflight.fetch_sub(1, Ordering::Relaxed);
+        match &r {
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(f) = &self.failed {
+                    f.store(true, Ordering::Relaxed);
+                }
+                self.inflight = InflightGuard(None);
             }
+            Poll::Ready(None) => self.inflight = InflightGuard(None),
+            _ => {}
         }
         r
     }

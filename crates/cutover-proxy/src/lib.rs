@@ -22,9 +22,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use cutover_core::{
-    DataPlane, Health, HealthChange, HealthSpec, InstanceId, RouteTable, ServiceName, Version,
-};
+use cutover_core::{DataPlane, HealthChange, HealthSpec, InstanceId, RouteTable, ServiceName};
 use cutover_metrics::Metrics;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -186,13 +184,6 @@ impl Proxy {
 
     pub(crate) fn report(&self, change: HealthChange) {
         let _ = self.inner.health_events.send(change);
-    }
-
-    /// The current health of every instance the proxy knows for `service`, draining included.
-    pub fn health(&self, service: &ServiceName) -> Vec<(Version, InstanceId, Health)> {
-        self.service(service)
-            .map(|s| s.backends.health())
-            .unwrap_or_default()
     }
 }
 
