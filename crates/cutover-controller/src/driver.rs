@@ -877,25 +877,30 @@ impl Driver {
             self.publish(name);
             return;
         }
+        let mut failure = None;
         for index in have..want {
             if let Err(reason) = self.start(name, version, index as usize).await {
-                let active = self.services.get(name).and_then(|s| s.active.as_ref());
-                let candidate = active.is_some_and(|a| &a.rollout.candidate == version);
-                let rollout_id = active.map(|a| a.rollout.id);
-                self.record_loose(
-                    name,
-                    rollout_id,
-                    "start-failed",
-                    format!("could not start {version}: {reason}"),
-                );
-                if candidate {
-                    // Boxed: the fsm reacts by scaling, which can come back here.
-                    Box::pin(self.feed(name, Event::StartFailed { reason })).await;
-                }
-                return;
+                failure = Some(reason);
+                break;
             }
         }
+        // Whatever did start is routed, even when a later start of the batch failed.
         self.publish(name);
+        if let Some(reason) = failure {
+            let active = self.services.get(name).and_then(|s| s.active.as_ref());
+            let candidate = active.is_some_and(|a| &a.rollout.candidate == version);
+            let rollout_id = active.map(|a| a.rollout.id);
+            self.record_loose(
+                name,
+                rollout_id,
+                "start-failed",
+                format!("could not start {version}: {reason}"),
+            );
+            if candidate {
+                // Boxed: the fsm reacts by scaling, which can come back here.
+                Box::pin(self.feed(name, Event::StartFailed { reason })).await;
+            }
+        }
     }
 
     async fn start(
