@@ -12,11 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cutover_core::{Health, InstanceId, Version};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 
-use crate::forward::ReqBody;
+use crate::upstream::Pool;
 
 pub(crate) struct BackendState {
     pub(crate) id: InstanceId,
@@ -25,13 +22,19 @@ pub(crate) struct BackendState {
     /// `addr` as a URI authority, built once: formatting it per request showed in profiles.
     pub(crate) authority: http::uri::Authority,
     /// Whether it may take new requests: healthy and not removed. Read on every request.
+    ///
+    /// Written and read with `SeqCst`, as is `inflight`: a request counts itself in flight
+    /// before it checks this flag, and a drain clears the flag before it reads the count, so
+    /// either the request sees the instance leave or the drain sees the request (see [`lease`]).
+    ///
+    /// [`lease`]: BackendState::lease
     routable: AtomicBool,
     health: Mutex<HealthState>,
     pub(crate) inflight: AtomicU64,
     /// Consecutive failed connection attempts by real requests (passive ejection).
     pub(crate) connect_failures: AtomicU32,
     pub(crate) removed: AtomicBool,
-    pub(crate) client: Client<HttpConnector, ReqBody>,
+    pub(crate) pool: Pool,
 }
 
 pub(crate) struct HealthState {
@@ -42,14 +45,6 @@ pub(crate) struct HealthState {
 
 impl BackendState {
     fn new(id: InstanceId, version: Version, addr: SocketAddr, connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
         // A socket address always formats to a valid authority; the fallback is unreachable.
         let authority = http::uri::Authority::try_from(addr.to_string().as_str())
             .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1"));
@@ -67,12 +62,27 @@ impl BackendState {
             inflight: AtomicU64::new(0),
             connect_failures: AtomicU32::new(0),
             removed: AtomicBool::new(false),
-            client,
+            pool: Pool::new(addr, connect_timeout),
         }
     }
 
     pub(crate) fn routable(&self) -> bool {
         self.routable.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request in flight on this instance if it may still take one.
+    ///
+    /// Between a request choosing an instance and counting itself, the controller may take the
+    /// instance out of the table, see nothing in flight and stop it. Counting first and checking
+    /// second closes that gap (with the drain clearing the flag first and counting second).
+    pub(crate) fn lease(self: &Arc<Self>) -> Option<Lease> {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        if self.routable.load(Ordering::SeqCst) {
+            Some(Lease(self.clone()))
+        } else {
+            self.inflight.fetch_sub(1, Ordering::SeqCst);
+            None
+        }
     }
 
     /// Runs `f` on the health state; returns the new health if it changed.
@@ -84,8 +94,8 @@ impl BackendState {
         let before = h.health;
         f(&mut h);
         self.routable.store(
-            h.health == Health::Healthy && !self.removed.load(Ordering::Relaxed),
-            Ordering::Relaxed,
+            h.health == Health::Healthy && !self.removed.load(Ordering::SeqCst),
+            Ordering::SeqCst,
         );
         (h.health != before).then_some(h.health)
     }
@@ -126,7 +136,7 @@ impl Backends {
             connect_timeout,
         ));
         if let Some(old) = map.insert(id.clone(), b.clone()) {
-            old.removed.store(true, Ordering::Relaxed);
+            old.removed.store(true, Ordering::SeqCst);
             old.update_health(|_| {});
         }
         b
@@ -135,7 +145,7 @@ impl Backends {
     /// Marks every instance not in `keep` as removed: it drains.
     pub(crate) fn retain(&self, keep: &HashSet<InstanceId>) {
         for b in self.map().values() {
-            if !keep.contains(&b.id) && !b.removed.swap(true, Ordering::Relaxed) {
+            if !keep.contains(&b.id) && !b.removed.swap(true, Ordering::SeqCst) {
                 b.update_health(|_| {});
             }
         }
@@ -151,7 +161,7 @@ impl Backends {
     pub(crate) fn inflight(&self, id: &InstanceId) -> u64 {
         self.map()
             .get(id)
-            .map(|b| b.inflight.load(Ordering::Relaxed))
+            .map(|b| b.inflight.load(Ordering::SeqCst))
             .unwrap_or(0)
     }
 
@@ -161,5 +171,20 @@ impl Backends {
             .filter(|b| !b.removed.load(Ordering::Relaxed))
             .cloned()
             .collect()
+    }
+}
+
+/// One request counted in flight on an instance; the count ends when the lease is dropped.
+pub(crate) struct Lease(Arc<BackendState>);
+
+impl Lease {
+    pub(crate) fn backend(&self) -> &Arc<BackendState> {
+        &self.0
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -10,7 +10,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cutover_core::{Health, HealthChange, UpstreamErrorKind};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty, Full};
@@ -26,8 +27,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::backend::BackendState;
-use crate::table::CompiledVersion;
+use crate::backend::{BackendState, Lease};
+use crate::table::Compiled;
+use crate::upstream::{SendError, Sender};
 use crate::{Proxy, ServiceState};
 
 pub(crate) type ReqBody = Either<Watched, Empty<Bytes>>;
@@ -153,8 +155,9 @@ fn is_upgrade(h: &HeaderMap) -> bool {
             })
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) that never cross the proxy.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// Hop-by-hop headers (RFC 9110 §7.6.1) that never cross the proxy. A `static`, not a `const`:
+/// a const array of header names is built and dropped again at every use.
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
@@ -212,56 +215,113 @@ impl Conn {
     }
 }
 
+/// Why no instance could be chosen for a request.
+enum Miss {
+    NoPreview,
+    NotRunning,
+    NoHealthy,
+    /// The chosen version (by index) has no routable instance, and nothing could stand in.
+    NoInstanceOf(usize),
+}
+
+/// The version and instance for a request: the preview version on the preview listener, the
+/// pinned version when the request names one, else the next in the weighted schedule (falling
+/// back to another version if the scheduled one just lost its last instance).
+fn choose(t: &Compiled, pinned: Option<&str>, preview: bool) -> Result<(usize, Lease), Miss> {
+    let i = if preview {
+        t.preview.ok_or(Miss::NoPreview)?
+    } else if let Some(p) = pinned {
+        t.index(p).ok_or(Miss::NotRunning)?
+    } else {
+        t.next_index().ok_or(Miss::NoHealthy)?
+    };
+    let cv = t.versions.get(i).ok_or(Miss::NoHealthy)?;
+    if let Some(lease) = cv.pick(None) {
+        return Ok((i, lease));
+    }
+    if preview || pinned.is_some() {
+        return Err(Miss::NoInstanceOf(i));
+    }
+    t.fallback(i).ok_or(Miss::NoInstanceOf(i))
+}
+
 async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
     let started = Instant::now();
     let close = conn.take_close();
-    let table = conn.ctx.state.table.load_full();
+    let state = &conn.ctx.state;
     let pinned = req
         .headers()
         .get(PIN_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let chosen: Option<&CompiledVersion> = if conn.preview {
-        table.preview.and_then(|i| table.versions.get(i))
-    } else if let Some(p) = &pinned {
-        table.version(p)
-    } else {
-        table.next_version()
+    let mut table = state.table.load_full();
+    let mut chosen = choose(&table, pinned.as_deref(), conn.preview);
+    if chosen.is_err() {
+        // A newer table may have been stored since ours was loaded (an instance left and its
+        // replacement arrived): the answer must come from the newest one.
+        let newest = state.table.load_full();
+        if !Arc::ptr_eq(&newest, &table) {
+            table = newest;
+            chosen = choose(&table, pinned.as_deref(), conn.preview);
+        }
+    }
+    let (i, lease) = match chosen {
+        Ok(c) => c,
+        Err(miss) => {
+            let why = match (miss, &pinned) {
+                (Miss::NoPreview, _) => "no version is in preview".to_owned(),
+                (Miss::NotRunning, Some(p)) => format!("version {p:?} is not running"),
+                (Miss::NoInstanceOf(i), _) => {
+                    let Some(cv) = table.versions.get(i) else {
+                        return plain(StatusCode::SERVICE_UNAVAILABLE, "503".into(), close);
+                    };
+                    cv.recorder.record(503, started.elapsed(), None);
+                    format!("no healthy instance of {}", cv.version)
+                }
+                _ => "no healthy instance".to_owned(),
+            };
+            return plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("503 Service Unavailable: {}: {why}", state.name),
+                close,
+            );
+        }
     };
-    let Some(cv) = chosen else {
-        let why = match (&pinned, conn.preview) {
-            (_, true) => "no version is in preview".to_owned(),
-            (Some(p), _) => format!("version {p:?} is not running"),
-            (None, _) => "no healthy instance".to_owned(),
-        };
-        return plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("503 Service Unavailable: {}: {why}", conn.ctx.state.name),
-            close,
-        );
-    };
-    let Some(backend) = cv.pick(None).cloned() else {
-        cv.recorder.record(503, started.elapsed(), None);
-        return plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "503 Service Unavailable: {} has no healthy instance of {}",
-                conn.ctx.state.name, cv.version
-            ),
-            close,
-        );
+    let Some(cv) = table.versions.get(i) else {
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "503".into(), close);
     };
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (parts, body) = req.into_parts();
-    // Only a request without a body can be sent twice: a streamed body is consumed once.
-    let replayable = body.is_end_stream();
-    let client_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let body = Watched::request(body, client_failed.clone());
-    let first = forward(conn, &parts, Either::Left(body), &backend, upgrade).await;
+    let (mut parts, body) = req.into_parts();
+    prepare(conn, &mut parts, upgrade);
+    // A body-less request (most are) needs no watching: it cannot fail half-way.
+    let exchange = (!body.is_end_stream()).then(|| Arc::new(AtomicU8::new(STREAMING)));
+    let body = match &exchange {
+        Some(x) => Either::Left(Watched::request(body, x.clone())),
+        None => Either::Right(Empty::new()),
+    };
+    let upstream_req = Request::from_parts(parts, body);
+    let (lease, result) = match forward(conn, upstream_req, &lease).await {
+        // Nothing was sent, so the request can go to another instance of the same version.
+        Err(Failure::NotSent(req, why)) => {
+            passive_failure(conn, lease.backend(), &why);
+            match cv.pick(Some(lease.backend())) {
+                Some(other) => {
+                    let r = forward(conn, *req, &other).await;
+                    (other, r)
+                }
+                None => (lease, Err(Failure::NotSent(req, why))),
+            }
+        }
+        other => (lease, other),
+    };
     // A broken request body (bad chunking, a client that hung up) is the client's fault, not the
     // upstream's: answer 400 and count no upstream error.
-    if first.is_err() && client_failed.load(Ordering::Relaxed) {
+    if result.is_err()
+        && exchange
+            .as_ref()
+            .is_some_and(|x| x.load(Ordering::Relaxed) == FAILED)
+    {
         cv.recorder.record(400, started.elapsed(), None);
         return plain(
             StatusCode::BAD_REQUEST,
@@ -269,28 +329,11 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
             true,
         );
     }
-    let (backend, result) = match first {
-        Err(Failure::Connect(why)) if replayable => {
-            passive_failure(conn, &backend, &why);
-            match cv.pick(Some(&backend)).cloned() {
-                Some(other) => {
-                    let r =
-                        forward(conn, &parts, Either::Right(Empty::new()), &other, upgrade).await;
-                    (other, r)
-                }
-                None => (backend, Err(Failure::Connect(why))),
-            }
-        }
-        Err(Failure::Connect(why)) => {
-            passive_failure(conn, &backend, &why);
-            (backend, Err(Failure::Connect(why)))
-        }
-        other => (backend, other),
-    };
+    let backend = lease.backend().clone();
     conn.remember(&backend);
-    let name = &conn.ctx.state.name;
+    let name = &state.name;
     match result {
-        Ok(mut resp) => {
+        Ok((mut resp, sender)) => {
             backend.connect_failures.store(0, Ordering::Relaxed);
             let status = resp.status();
             cv.recorder.record(status.as_u16(), started.elapsed(), None);
@@ -309,7 +352,9 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
                 });
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers, true);
-                return Response::from_parts(parts, Either::Left(Watched::response(body, backend)));
+                // The connection now belongs to the tunnel: it never goes back to the pool.
+                let body = Watched::response(body, lease, None, exchange);
+                return Response::from_parts(parts, Either::Left(body));
             }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers, false);
@@ -318,9 +363,10 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
                     .headers
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            Response::from_parts(parts, Either::Left(Watched::response(body, backend)))
+            let body = Watched::response(body, lease, Some(sender), exchange);
+            Response::from_parts(parts, Either::Left(body))
         }
-        Err(Failure::Connect(why)) => {
+        Err(Failure::NotSent(_, why)) => {
             cv.recorder
                 .record(502, started.elapsed(), Some(UpstreamErrorKind::Connect));
             plain(
@@ -358,8 +404,8 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
 }
 
 enum Failure {
-    /// Nothing was sent: safe to retry.
-    Connect(String),
+    /// Nothing was sent (no connection could be made): the request is back, to retry.
+    NotSent(Box<Request<ReqBody>>, String),
     Timeout,
     Reset(String),
 }
@@ -389,30 +435,26 @@ fn passive_failure(conn: &Conn, b: &BackendState, why: &str) {
     }
 }
 
-async fn forward(
-    conn: &Conn,
-    parts: &http::request::Parts,
-    body: ReqBody,
-    b: &Arc<BackendState>,
-    upgrade: bool,
-) -> Result<Response<Incoming>, Failure> {
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(http::uri::Scheme::HTTP);
-    uri.authority = Some(b.authority.clone());
-    uri.path_and_query = Some(
-        parts
+/// Turns the client's request head into the upstream's, in place: origin-form target,
+/// hop-by-hop headers removed, `X-Forwarded-*` added. The headers are moved, never copied.
+fn prepare(conn: &Conn, parts: &mut http::request::Parts, upgrade: bool) {
+    // An absolute-form target (a client that treats us as a forward proxy) becomes origin-form;
+    // the common origin-form target is left alone.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let pq = parts
             .uri
             .path_and_query()
             .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
-    let uri = Uri::from_parts(uri).map_err(|e| Failure::Reset(e.to_string()))?;
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = uri;
-    *req.headers_mut() = parts.headers.clone();
-    let h = req.headers_mut();
-    let host = h.get(header::HOST).cloned();
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        if let Some(a) = parts.uri.authority().cloned()
+            && !parts.headers.contains_key(header::HOST)
+            && let Ok(v) = HeaderValue::from_str(a.as_str())
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+        parts.uri = Uri::from(pq);
+    }
+    let h = &mut parts.headers;
     strip_hop_by_hop(h, upgrade);
     let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok(),
@@ -423,60 +465,89 @@ async fn forward(
     }
     h.entry("x-forwarded-proto")
         .or_insert(HeaderValue::from_static("http"));
-    if let Some(host) = host {
+    if let Some(host) = h.get(header::HOST).cloned() {
         h.entry("x-forwarded-host").or_insert(host);
     }
-    b.inflight.fetch_add(1, Ordering::Relaxed);
-    let guard = InflightGuard(Some(b.clone()));
-    match tokio::time::timeout(conn.ctx.upstream_timeout, b.client.request(req)).await {
+}
+
+/// Sends one request to the leased instance and waits for its response head.
+async fn forward(
+    conn: &Conn,
+    mut req: Request<ReqBody>,
+    lease: &Lease,
+) -> Result<(Response<Incoming>, Sender), Failure> {
+    let b = lease.backend();
+    // HTTP/1.0 clients may send no Host; the upstream gets the instance's address then.
+    if !req.headers().contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(b.authority.as_str())
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    match tokio::time::timeout(conn.ctx.upstream_timeout, b.pool.send(req)).await {
         Err(_) => Err(Failure::Timeout),
-        Ok(Err(e)) if e.is_connect() => Err(Failure::Connect(describe(&e))),
-        Ok(Err(e)) => Err(Failure::Reset(describe(&e))),
-        Ok(Ok(resp)) => {
-            // The response body now carries the in-flight count until it is fully sent.
-            std::mem::forget(guard);
-            Ok(resp)
-        }
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(SendError::NotSent(req, why))) => Err(Failure::NotSent(req, why)),
+        Ok(Err(SendError::Failed(e))) => Err(Failure::Reset(describe(&e))),
     }
 }
 
-/// Decrements an instance's in-flight count when dropped.
-struct InflightGuard(Option<Arc<BackendState>>);
+/// How far a request body got (shared by the request's and the response's watchers).
+const STREAMING: u8 = 0;
+const DONE: u8 = 1;
+const FAILED: u8 = 2;
 
-impl Drop for InflightGuard {
-    fn drop(&mut self) {
-        if let Some(b) = self.0.take() {
-            b.inflight.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// A body passing through the proxy, watched on the way. A client's request body remembers
-/// whether reading it failed, so an exchange the client broke is not blamed on the upstream; an
-/// upstream's response body keeps its request counted in flight until it ends.
+/// A body passing through the proxy, watched on the way.
+///
+/// A client's request body records whether it was read to its end or failed, so an exchange
+/// the client broke is not blamed on the upstream, and a connection is not reused while the
+/// upstream may still be reading the request. An upstream's response body holds the request's
+/// lease (its in-flight count) until it ends, and then gives the connection back to the pool.
 pub(crate) struct Watched {
     inner: Incoming,
     /// Released when the body ends or fails, not only when the connection drops it.
-    inflight: InflightGuard,
-    failed: Option<Arc<std::sync::atomic::AtomicBool>>,
+    lease: Option<Lease>,
+    /// The connection that carries this response, to reuse once the response has been read.
+    sender: Option<Sender>,
+    /// The request body's progress: `None` when the request had no body.
+    exchange: Option<Arc<AtomicU8>>,
 }
 
 impl Watched {
-    fn request(inner: Incoming, failed: Arc<std::sync::atomic::AtomicBool>) -> Self {
+    fn request(inner: Incoming, exchange: Arc<AtomicU8>) -> Self {
         Watched {
             inner,
-            inflight: InflightGuard(None),
-            failed: Some(failed),
+            lease: None,
+            sender: None,
+            exchange: Some(exchange),
         }
     }
 
-    /// Takes over the in-flight count `forward` left for this response.
-    fn response(inner: Incoming, b: Arc<BackendState>) -> Self {
+    fn response(
+        inner: Incoming,
+        lease: Lease,
+        sender: Option<Sender>,
+        exchange: Option<Arc<AtomicU8>>,
+    ) -> Self {
         Watched {
             inner,
-            inflight: InflightGuard(Some(b)),
-            failed: None,
+            lease: Some(lease),
+            sender,
+            exchange,
         }
+    }
+
+    /// The response was read to its end: the connection may serve another request, provided
+    /// the request body was also sent in full.
+    fn finish(&mut self) {
+        if let (Some(lease), Some(sender)) = (&self.lease, self.sender.take())
+            && self
+                .exchange
+                .as_ref()
+                .is_none_or(|x| x.load(Ordering::Relaxed) == DONE)
+        {
+            lease.backend().pool.put(sender);
+        }
+        self.lease = None;
     }
 }
 
@@ -491,12 +562,22 @@ impl Body for Watched {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         match &r {
             Poll::Ready(Some(Err(_))) => {
-                if let Some(f) = &self.failed {
-                    f.store(true, Ordering::Relaxed);
+                if self.lease.is_none()
+                    && let Some(x) = &self.exchange
+                {
+                    x.store(FAILED, Ordering::Relaxed);
                 }
-                self.inflight = InflightGuard(None);
+                self.sender = None;
+                self.lease = None;
             }
-            Poll::Ready(None) => self.inflight = InflightGuard(None),
+            Poll::Ready(None) => {
+                if self.lease.is_none()
+                    && let Some(x) = &self.exchange
+                {
+                    x.store(DONE, Ordering::Relaxed);
+                }
+                self.finish();
+            }
             _ => {}
         }
         r
@@ -508,5 +589,15 @@ impl Body for Watched {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        // hyper does not poll a body it knows is empty (204, 304, HEAD, `Content-Length: 0`):
+        // such a response ended without a last frame, and its connection is reusable.
+        if self.lease.is_some() && self.inner.is_end_stream() {
+            self.finish();
+        }
     }
 }

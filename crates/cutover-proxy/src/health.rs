@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cutover_core::{Health, HealthChange, HealthSpec};
-use http_body_util::{Either, Empty};
+use http_body_util::{BodyExt, Either, Empty};
 use tokio::sync::watch;
 
 use crate::backend::BackendState;
+use crate::upstream::SendError;
 use crate::{Proxy, ServiceState};
 
 pub(crate) async fn run(
@@ -58,16 +59,29 @@ pub(crate) async fn run(
 }
 
 async fn probe(b: &BackendState, path: &str, timeout: Duration) -> Result<(), String> {
-    let uri = format!("http://{}{}", b.addr, path);
-    let req = hyper::Request::get(uri)
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, b.authority.as_str())
         .header(hyper::header::USER_AGENT, "cutover-health")
         .body(Either::Right(Empty::<Bytes>::new()))
         .map_err(|e| e.to_string())?;
-    match tokio::time::timeout(timeout, b.client.request(req)).await {
+    let exchange = async {
+        let (resp, sender) = match b.pool.send(req).await {
+            Ok(r) => r,
+            Err(SendError::NotSent(_, why)) => return Err(why),
+            Err(SendError::Failed(e)) => return Err(crate::forward::describe(&e)),
+        };
+        let status = resp.status();
+        // Read the (small) body to its end so the connection can serve traffic afterwards.
+        if resp.into_body().collect().await.is_ok() {
+            b.pool.put(sender);
+        }
+        Ok(status)
+    };
+    match tokio::time::timeout(timeout, exchange).await {
         Err(_) => Err(format!("no answer within {}ms", timeout.as_millis())),
-        Ok(Err(e)) => Err(crate::forward::describe(&e)),
-        Ok(Ok(resp)) if resp.status().is_success() || resp.status().is_redirection() => Ok(()),
-        Ok(Ok(resp)) => Err(format!("answered {}", resp.status())),
+        Ok(Err(why)) => Err(why),
+        Ok(Ok(s)) if s.is_success() || s.is_redirection() => Ok(()),
+        Ok(Ok(s)) => Err(format!("answered {s}")),
     }
 }
 

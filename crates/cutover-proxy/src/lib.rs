@@ -15,6 +15,7 @@ mod backend;
 mod forward;
 mod health;
 mod table;
+mod upstream;
 
 use std::collections::HashMap;
 use std::future::Future;

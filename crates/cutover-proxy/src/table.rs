@@ -13,7 +13,7 @@ use std::time::Duration;
 use cutover_core::{RouteTable, Version};
 use cutover_metrics::{Metrics, VersionRecorder};
 
-use crate::backend::{BackendState, Backends};
+use crate::backend::{BackendState, Backends, Lease};
 
 pub(crate) struct CompiledVersion {
     pub(crate) version: Version,
@@ -23,8 +23,9 @@ pub(crate) struct CompiledVersion {
 }
 
 impl CompiledVersion {
-    /// The next routable instance in round-robin order, skipping `avoid`.
-    pub(crate) fn pick(&self, avoid: Option<&BackendState>) -> Option<&Arc<BackendState>> {
+    /// The next routable instance in round-robin order, skipping `avoid`, with the request
+    /// already counted in flight on it.
+    pub(crate) fn pick(&self, avoid: Option<&BackendState>) -> Option<Lease> {
         let n = self.backends.len();
         if n == 0 {
             return None;
@@ -32,7 +33,8 @@ impl CompiledVersion {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n)
             .map(|i| &self.backends[(start + i) % n])
-            .find(|b| b.routable() && avoid.is_none_or(|a| !std::ptr::eq(a, b.as_ref())))
+            .filter(|b| b.routable() && avoid.is_none_or(|a| !std::ptr::eq(a, b.as_ref())))
+            .find_map(BackendState::lease)
     }
 
     pub(crate) fn has_routable(&self) -> bool {
@@ -46,6 +48,7 @@ pub(crate) struct Compiled {
     schedule: Vec<u8>,
     counter: AtomicUsize,
     pub(crate) preview: Option<usize>,
+    stable: Option<usize>,
 }
 
 impl Compiled {
@@ -107,20 +110,37 @@ impl Compiled {
             versions,
             counter: AtomicUsize::new(0),
             preview,
+            stable,
         }
     }
 
-    /// The version for the next unpinned request.
-    pub(crate) fn next_version(&self) -> Option<&CompiledVersion> {
+    /// The version (index into `versions`) for the next unpinned request.
+    pub(crate) fn next_index(&self) -> Option<usize> {
         if self.schedule.is_empty() {
             return None;
         }
         let i = self.counter.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
-        self.versions.get(usize::from(self.schedule[i]))
+        Some(usize::from(self.schedule[i]))
     }
 
-    pub(crate) fn version(&self, name: &str) -> Option<&CompiledVersion> {
-        self.versions.iter().find(|v| v.version.as_str() == name)
+    /// An instance of another version when the scheduled one `missed` has no routable instance
+    /// left: stable first, then the others in table order.
+    ///
+    /// The schedule is rebuilt whenever health or the table changes, but a request may still
+    /// hold the table from just before: an instance drained or failed between the two. Its
+    /// share falls to stable then as it will in the rebuilt table, instead of answering 503.
+    pub(crate) fn fallback(&self, missed: usize) -> Option<(usize, Lease)> {
+        self.stable
+            .into_iter()
+            .chain(0..self.versions.len())
+            .filter(|i| *i != missed)
+            .find_map(|i| self.versions.get(i)?.pick(None).map(|l| (i, l)))
+    }
+
+    pub(crate) fn index(&self, name: &str) -> Option<usize> {
+        self.versions
+            .iter()
+            .position(|v| v.version.as_str() == name)
     }
 }
 
@@ -149,6 +169,83 @@ fn smooth_schedule(weights: &[u32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cutover_core::{Backend, Health, InstanceId, RouteVersion, ServiceName, Weight};
+
+    fn version(name: &str, weight: u8, instances: &[(&str, u16)]) -> RouteVersion {
+        RouteVersion {
+            version: Version::new(name),
+            weight: Weight::new(u32::from(weight)).unwrap(),
+            backends: instances
+                .iter()
+                .map(|(id, port)| Backend {
+                    instance: InstanceId::new(*id),
+                    addr: std::net::SocketAddr::from(([127, 0, 0, 1], *port)),
+                })
+                .collect(),
+        }
+    }
+
+    /// A request holding a table compiled before its scheduled version lost its last routable
+    /// instance is served by stable, not answered 503 (seen as a rare 503 in a rolling update
+    /// under load, before the rebuilt table was stored).
+    #[test]
+    fn a_version_that_just_lost_its_instances_falls_back_to_stable() {
+        let table = RouteTable {
+            service: ServiceName::new("web"),
+            generation: 1,
+            stable: Version::new("v1"),
+            versions: vec![
+                version("v1", 50, &[("a", 1001)]),
+                version("v2", 50, &[("b", 1002)]),
+            ],
+            preview: None,
+        };
+        let backends = Backends::default();
+        let metrics = Metrics::new();
+        // The first build creates the instances; by the second they are healthy.
+        Compiled::build(&table, &backends, &metrics, Duration::from_secs(1));
+        for b in backends.live() {
+            b.update_health(|h| h.health = Health::Healthy);
+        }
+        let compiled = Compiled::build(&table, &backends, &metrics, Duration::from_secs(1));
+        let v2 = compiled.index("v2").unwrap();
+        assert!(compiled.versions[v2].pick(None).is_some());
+        // v2's only instance fails; the compiled schedule still has v2 slots.
+        compiled.versions[v2].backends[0].update_health(|h| h.health = Health::Unhealthy);
+        assert!(compiled.versions[v2].pick(None).is_none());
+        let (i, lease) = compiled.fallback(v2).expect("stable stands in");
+        assert_eq!(compiled.versions[i].version.as_str(), "v1");
+        assert_eq!(lease.backend().id.as_str(), "a");
+        assert_eq!(lease.backend().inflight.load(Ordering::SeqCst), 1);
+        drop(lease);
+        // Nothing routable anywhere: no stand-in.
+        compiled.versions[0].backends[0].update_health(|h| h.health = Health::Unhealthy);
+        assert!(compiled.fallback(v2).is_none());
+    }
+
+    /// The lease counts the request before it checks the instance, so a drain that has cleared
+    /// the flag either sees the request or the request sees the flag.
+    #[test]
+    fn leases_are_refused_by_removed_instances_and_count_in_flight() {
+        let backends = Backends::default();
+        let b = backends.get_or_create(
+            &InstanceId::new("a"),
+            &Version::new("v1"),
+            std::net::SocketAddr::from(([127, 0, 0, 1], 1001)),
+            Duration::from_secs(1),
+        );
+        b.update_health(|h| h.health = Health::Healthy);
+        let lease = b.lease().expect("a healthy instance takes requests");
+        assert_eq!(backends.inflight(&InstanceId::new("a")), 1);
+        backends.retain(&HashSet::new());
+        assert!(
+            b.lease().is_none(),
+            "a removed instance takes no new request"
+        );
+        assert_eq!(backends.inflight(&InstanceId::new("a")), 1);
+        drop(lease);
+        assert_eq!(backends.inflight(&InstanceId::new("a")), 0);
+    }
 
     #[test]
     fn schedules_are_exact_and_spread() {

@@ -184,6 +184,12 @@ struct Harness {
 
 impl Harness {
     async fn start(initial: RouteTable) -> Harness {
+        Harness::start_probing_every(initial, Duration::from_millis(50)).await
+    }
+
+    /// With a long `interval`, instances are probed once at the start and then left to real
+    /// traffic: passive health is all that acts during a test.
+    async fn start_probing_every(initial: RouteTable, interval: Duration) -> Harness {
         let metrics = Metrics::new();
         let (tx, health) = mpsc::unbounded_channel();
         let proxy = Proxy::new(metrics.clone(), tx);
@@ -194,7 +200,7 @@ impl Harness {
             service: ServiceName::new("web"),
             health: HealthSpec {
                 path: "/healthz".into(),
-                interval: Duration::from_millis(50),
+                interval,
                 timeout: Duration::from_millis(200),
                 healthy_threshold: 1,
                 unhealthy_threshold: 2,
@@ -398,6 +404,66 @@ async fn an_instance_dying_under_load_fails_at_most_what_was_in_flight() {
         "at most the requests in flight on the dead instance fail: {f}"
     );
     assert_eq!(ok.load(Ordering::Relaxed) + f, WORKERS * 300);
+}
+
+/// An upstream that answers one request (the first health probe) and then goes away, like an
+/// instance that crashed right after it was admitted.
+async fn answers_once() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        drop(listener);
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the probe hung up before its request ended");
+            head.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            .await
+            .unwrap();
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_request_with_a_body_is_retried_when_its_instance_refuses_connections() {
+    let dead = answers_once().await;
+    let live = upstream("live").await;
+    let mut h = Harness::start_probing_every(
+        table(1, &[("v1", 100, &[("dead", dead), ("live", live.addr)])]),
+        Duration::from_secs(3600),
+    )
+    .await;
+    h.healthy(2).await;
+    let c = client();
+    for i in 0..20 {
+        let req = Request::post(format!("http://{}/count", h.addr))
+            .body(Full::new(Bytes::from("hello")))
+            .unwrap();
+        let resp = c.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "request {i}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"5", "the whole body reached the live instance");
+    }
+    assert_eq!(live.bodies_completed.load(Ordering::SeqCst), 20);
+    // The dead instance was really tried (and failed before anything was sent): real traffic
+    // ejected it, the probe was not due for an hour.
+    let change = tokio::time::timeout(Duration::from_secs(10), h.health.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (change.instance.as_str(), change.health),
+        ("dead", Health::Unhealthy)
+    );
+    assert!(
+        change.reason.contains("connection failures"),
+        "{}",
+        change.reason
+    );
 }
 
 async fn raw_exchange(addr: SocketAddr, raw: &str) -> String {

@@ -383,15 +383,25 @@ mod tests {
     }
 
     async fn wait_file(path: &std::path::Path, want: &str) -> String {
+        wait_file_until(path, want, |t| t.contains(want)).await
+    }
+
+    /// Polls `path` until `done` holds for its text. The log is written by a pump task, so a
+    /// process can be seen to exit before its last lines reach the file.
+    async fn wait_file_until(
+        path: &std::path::Path,
+        what: &str,
+        done: impl Fn(&str) -> bool,
+    ) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let text = tokio::fs::read_to_string(path).await.unwrap_or_default();
-            if text.contains(want) {
+            if done(&text) {
                 return text;
             }
             assert!(
                 Instant::now() < deadline,
-                "{} never contained {want:?}: {text:?}",
+                "{} never showed {what}: {text:?}",
                 path.display()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -472,11 +482,18 @@ mod tests {
             Some(FIRST_BACKOFF * 2),
             "backoff doubles"
         );
-        let log = wait_file(&dir.path().join("logs/crashy.log"), "start").await;
+        // Both runs printed the port they were given: the same one.
         let port = started.addr.port().to_string();
+        let on_port = |log: &str| log.lines().filter(|l| l.ends_with(&port)).count();
+        let log = wait_file_until(
+            &dir.path().join("logs/crashy.log"),
+            "two starts on the same port",
+            |t| on_port(t) >= 2,
+        )
+        .await;
         assert!(
-            log.lines().filter(|l| l.ends_with(&port)).count() >= 2,
-            "restarted on the same port: {log}"
+            log.lines().all(|l| l == format!("start {port}")),
+            "every start on the same port: {log}"
         );
         rt.stop(&"crashy".into(), Duration::from_secs(1))
             .await

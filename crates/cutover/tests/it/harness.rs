@@ -282,6 +282,8 @@ pub struct Tally {
     pub per_version: BTreeMap<String, (u64, u64)>,
     /// Requests that got no HTTP answer at all, or an answer from the proxy itself.
     pub failed: u64,
+    /// Why the first few of them failed, so an assertion on `failed` explains itself.
+    pub reasons: Vec<String>,
 }
 
 impl Tally {
@@ -346,10 +348,13 @@ fn worker(
                 std::io::BufReader::new(s)
             });
         }
-        let outcome = conn.as_mut().and_then(|c| one_request(c, addr));
+        let outcome = match conn.as_mut() {
+            Some(c) => one_request(c, addr),
+            None => Err("cannot connect".to_owned()),
+        };
         let mut t = tally.lock().unwrap();
         match outcome {
-            Some((status, version, close)) => {
+            Ok((status, version, close)) => {
                 let e = t.per_version.entry(version).or_default();
                 e.0 += 1;
                 e.1 += u64::from(status >= 500);
@@ -357,8 +362,11 @@ fn worker(
                     conn = None;
                 }
             }
-            None => {
+            Err(why) => {
                 t.failed += 1;
+                if t.reasons.len() < 5 {
+                    t.reasons.push(why);
+                }
                 conn = None;
             }
         }
@@ -367,42 +375,60 @@ fn worker(
     }
 }
 
-/// One keep-alive GET: `(status, version that answered, server asked to close)`.
+/// One keep-alive GET: `(status, version that answered, server asked to close)`, or why it got
+/// no answer from an instance.
 fn one_request(
     c: &mut std::io::BufReader<TcpStream>,
     addr: SocketAddr,
-) -> Option<(u16, String, bool)> {
+) -> Result<(u16, String, bool), String> {
     use std::io::BufRead;
     let req = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n");
-    c.get_mut().write_all(req.as_bytes()).ok()?;
+    c.get_mut()
+        .write_all(req.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
     let mut line = String::new();
-    c.read_line(&mut line).ok()?;
-    let status: u16 = line.get(9..12)?.parse().ok()?;
+    c.read_line(&mut line)
+        .map_err(|e| format!("read status line: {e}"))?;
+    let status: u16 = line
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line {line:?}"))?;
     let (mut len, mut close) = (0usize, false);
     loop {
         let mut h = String::new();
-        c.read_line(&mut h).ok()?;
+        c.read_line(&mut h)
+            .map_err(|e| format!("read header: {e}"))?;
         let h = h.trim_end();
         if h.is_empty() {
             break;
         }
-        let (k, v) = h.split_once(':')?;
+        let (k, v) = h
+            .split_once(':')
+            .ok_or_else(|| format!("bad header {h:?}"))?;
         match k.to_ascii_lowercase().as_str() {
-            "content-length" => len = v.trim().parse().ok()?,
+            "content-length" => {
+                len = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("bad content-length {v:?}"))?;
+            }
             "connection" => close = v.trim().eq_ignore_ascii_case("close"),
             _ => {}
         }
     }
     let mut body = vec![0; len];
-    c.read_exact(&mut body).ok()?;
-    let version = serde_json::from_slice::<serde_json::Value>(&body)
+    c.read_exact(&mut body)
+        .map_err(|e| format!("read body: {e}"))?;
+    serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| v["version"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| "proxy".to_owned());
-    if version == "proxy" {
-        return None;
-    }
-    Some((status, version, close))
+        .map(|version| (status, version, close))
+        .ok_or_else(|| {
+            format!(
+                "{status} from the proxy: {}",
+                String::from_utf8_lossy(&body).trim()
+            )
+        })
 }
 
 pub fn stderr(o: &Output) -> String {

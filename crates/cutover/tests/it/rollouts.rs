@@ -171,7 +171,7 @@ fn rolling_update_replaces_instances_under_load_without_failures() {
     });
     assert_eq!(healthy(&s, "v2"), 2);
     let tally = load.stop();
-    assert_eq!(tally.errors_except(""), 0, "{tally:?}");
+    assert_eq!(tally.errors_except(""), 0, "{tally:?}\n{}", d.log());
     let r: serde_json::Value =
         serde_json::from_slice(&d.cli(&["history", "--json"]).stdout).unwrap();
     assert_eq!(r["rollouts"][0]["strategy"], "rolling");

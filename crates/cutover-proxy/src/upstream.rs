@@ -1,0 +1,141 @@
+//! Keep-alive connections to one instance: a stack of idle HTTP/1.1 senders.
+//!
+//! An instance is one address, so its pool needs no keys, no checkout futures and no task per
+//! request: a request pops the most recently used idle sender (or connects), sends, and the
+//! response body puts the sender back when it has been read to its end. Each connection's IO
+//! runs in a task of its own, spawned once when it connects. Dropping the pool (the instance
+//! drained and was forgotten) drops its idle senders, which ends their tasks and closes the
+//! connections.
+//!
+//! hyper-util's general-purpose pooled client cost about a third of the proxy's user-space
+//! instructions per request; this is what replaced it (see ARCHITECTURE.md, "Proxy speed").
+//!
+//! It must never lose a request it did not send: a request that never left (the connection
+//! could not be made, or an idle one turned out closed) comes back to the caller, which may try
+//! another instance with it.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::forward::ReqBody;
+
+pub(crate) type Sender = http1::SendRequest<ReqBody>;
+
+/// Idle connections kept per instance; more are closed when they come back.
+const MAX_IDLE: usize = 1024;
+
+pub(crate) enum SendError {
+    /// Nothing of the request was sent; here it is back, with the reason.
+    NotSent(Box<Request<ReqBody>>, String),
+    /// The request went out (at least partly) and no response head came back.
+    Failed(hyper::Error),
+}
+
+pub(crate) struct Pool {
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    idle: Mutex<Vec<Sender>>,
+}
+
+impl Pool {
+    pub(crate) fn new(addr: SocketAddr, connect_timeout: Duration) -> Pool {
+        Pool {
+            addr,
+            connect_timeout,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Sender>> {
+        match self.idle.lock() {
+            Ok(i) => i,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Sends `req` on an idle connection, or on a new one if none is usable. On success the
+    /// sender comes back with the response; return it with [`Pool::put`] once the response
+    /// body has been read to its end, not before (the connection is busy until then).
+    pub(crate) async fn send(
+        &self,
+        mut req: Request<ReqBody>,
+    ) -> Result<(Response<Incoming>, Sender), SendError> {
+        loop {
+            let popped = self.idle().pop();
+            let Some(mut sender) = popped else { break };
+            // The upstream may have closed it while it sat idle; that costs nothing but a pop.
+            // A connection just handed back may still be finishing its last exchange: `ready`
+            // waits for that (it is already under way) or reports it closed.
+            if sender.is_closed() || sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, sender)),
+                Err(mut e) => match e.take_message() {
+                    // It closed before the request was written: try the next connection.
+                    Some(back) => req = back,
+                    None => return Err(SendError::Failed(e.into_error())),
+                },
+            }
+        }
+        let mut sender = match self.connect().await {
+            Ok(s) => s,
+            Err(why) => return Err(SendError::NotSent(Box::new(req), why)),
+        };
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok((resp, sender)),
+            Err(mut e) => match e.take_message() {
+                Some(back) => Err(SendError::NotSent(
+                    Box::new(back),
+                    crate::forward::describe(e.error()),
+                )),
+                None => Err(SendError::Failed(e.into_error())),
+            },
+        }
+    }
+
+    /// Hands a sender back after its response was read to the end.
+    pub(crate) fn put(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle();
+        if idle.len() < MAX_IDLE {
+            idle.push(sender);
+        }
+    }
+
+    async fn connect(&self) -> Result<Sender, String> {
+        let stream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
+                Err(_) => {
+                    return Err(format!(
+                        "no connection within {}ms",
+                        self.connect_timeout.as_millis()
+                    ));
+                }
+                Ok(Err(e)) => return Err(e.to_string()),
+                Ok(Ok(s)) => s,
+            };
+        // Requests and responses are small and latency-bound; Nagle would only delay them.
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| crate::forward::describe(&e))?;
+        // Upgrades (WebSocket) hand the connection's IO over to the tunnel when they happen.
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
