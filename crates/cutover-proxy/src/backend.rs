@@ -33,6 +33,8 @@ pub(crate) struct BackendState {
     pub(crate) inflight: AtomicU64,
     /// Consecutive failed connection attempts by real requests (passive ejection).
     pub(crate) connect_failures: AtomicU32,
+    /// Consecutive failed answers (5xx, resets, timeouts) to real requests (passive ejection).
+    pub(crate) failed_answers: AtomicU32,
     pub(crate) removed: AtomicBool,
     pub(crate) pool: Pool,
 }
@@ -61,6 +63,7 @@ impl BackendState {
             }),
             inflight: AtomicU64::new(0),
             connect_failures: AtomicU32::new(0),
+            failed_answers: AtomicU32::new(0),
             removed: AtomicBool::new(false),
             pool: Pool::new(addr, connect_timeout),
         }

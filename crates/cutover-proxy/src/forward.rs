@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::backend::{BackendState, Lease};
-use crate::table::Compiled;
+use crate::table::{Compiled, CompiledVersion};
 use crate::upstream::{SendError, Sender};
 use crate::{Proxy, ServiceState};
 
@@ -37,6 +37,11 @@ type RespBody = Either<Watched, Full<Bytes>>;
 
 /// Consecutive connect failures after which real traffic ejects an instance.
 const PASSIVE_EJECT_AFTER: u32 = 3;
+/// Consecutive failed answers (5xx, resets, timeouts) after which real traffic ejects an
+/// instance. High enough that a canary with a 20% error rate is judged by analysis, not ejected
+/// (ten in a row at 20% is a one-in-ten-million run), low enough that a broken instance of a
+/// healthy version stops taking traffic within a handful of requests.
+const EJECT_AFTER_FAILED_ANSWERS: u32 = 10;
 const PIN_HEADER: &str = "x-cutover-version";
 
 #[derive(Clone)]
@@ -337,6 +342,11 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
             backend.connect_failures.store(0, Ordering::Relaxed);
             let status = resp.status();
             cv.recorder.record(status.as_u16(), started.elapsed(), None);
+            if status.is_server_error() {
+                failed_answer(conn, cv, &backend, &format!("answered {status}"));
+            } else {
+                backend.failed_answers.store(0, Ordering::Relaxed);
+            }
             if status == StatusCode::SWITCHING_PROTOCOLS
                 && let Some(client_side) = client_upgrade
             {
@@ -381,6 +391,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
         Err(Failure::Timeout) => {
             cv.recorder
                 .record(504, started.elapsed(), Some(UpstreamErrorKind::Timeout));
+            failed_answer(conn, cv, &backend, "timed out");
             plain(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
@@ -394,6 +405,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
         Err(Failure::Reset(why)) => {
             cv.recorder
                 .record(502, started.elapsed(), Some(UpstreamErrorKind::Reset));
+            failed_answer(conn, cv, &backend, &why);
             plain(
                 StatusCode::BAD_GATEWAY,
                 format!("502 Bad Gateway: {name}: {} broke off: {why}", backend.id),
@@ -414,9 +426,39 @@ enum Failure {
 /// the active probe admits it again.
 fn passive_failure(conn: &Conn, b: &BackendState, why: &str) {
     let n = b.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
-    if n < PASSIVE_EJECT_AFTER {
+    if n >= PASSIVE_EJECT_AFTER {
+        eject(
+            conn,
+            b,
+            format!("ejected after {n} consecutive connection failures: {why}"),
+        );
+    }
+}
+
+/// Counts a failed answer by real traffic; after a burst of them the instance is ejected until
+/// the active probe admits it again, unless it is the last routable instance of its version.
+/// That one keeps its traffic: a 503 from the proxy would serve nobody better than the
+/// instance's own answers, and for a canary those answers are the judge's evidence.
+fn failed_answer(conn: &Conn, cv: &CompiledVersion, b: &BackendState, why: &str) {
+    let n = b.failed_answers.fetch_add(1, Ordering::Relaxed) + 1;
+    if n < EJECT_AFTER_FAILED_ANSWERS {
         return;
     }
+    let others = cv
+        .backends
+        .iter()
+        .any(|o| !std::ptr::eq(o.as_ref(), b) && o.routable());
+    if others {
+        eject(
+            conn,
+            b,
+            format!("ejected after {n} consecutive failed answers (the last {why})"),
+        );
+    }
+}
+
+/// Takes a healthy instance out of traffic and reports why.
+fn eject(conn: &Conn, b: &BackendState, reason: String) {
     let changed = b.update_health(|h| {
         if h.health == Health::Healthy {
             h.health = Health::Unhealthy;
@@ -429,7 +471,7 @@ fn passive_failure(conn: &Conn, b: &BackendState, why: &str) {
             version: b.version.clone(),
             instance: b.id.clone(),
             health: Health::Unhealthy,
-            reason: format!("ejected after {n} consecutive connection failures: {why}"),
+            reason,
         });
         conn.ctx.proxy.recompile(&conn.ctx.state);
     }

@@ -116,6 +116,8 @@ pub(crate) fn apply(
     if changed == Some(Health::Healthy) {
         b.connect_failures
             .store(0, std::sync::atomic::Ordering::Relaxed);
+        b.failed_answers
+            .store(0, std::sync::atomic::Ordering::Relaxed);
     }
     changed.map(|h| (h, reason))
 }

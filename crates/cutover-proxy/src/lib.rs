@@ -5,8 +5,8 @@
 //! listener), picks a version by exact weighted round robin from an immutable compiled table
 //! swapped atomically ([`arc_swap`]), picks a healthy instance of it, and forwards the request
 //! over a keep-alive pool of that instance. It probes instances actively, ejects them passively
-//! on connect failures, reports health changes, drains instances that left the table, and
-//! records every answer in the metrics.
+//! on bursts of connect failures or failed answers, reports health changes, drains instances
+//! that left the table, and records every answer in the metrics.
 //!
 //! It depends on the core and the metrics only: never on the controller, store, API or runtime.
 //! If nobody publishes a new table, it keeps serving the last one.

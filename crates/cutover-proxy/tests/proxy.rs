@@ -29,7 +29,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 /// An upstream that answers with its name; `/slow` waits 500 ms; `/count` reads the whole body
-/// and answers its length; `/ws` upgrades to a WebSocket echo.
+/// and answers its length; `/ws` upgrades to a WebSocket echo. One named "sick" passes its
+/// health checks and answers 500 to everything else.
 struct Upstream {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
@@ -137,6 +138,10 @@ async fn answer(
                 .body(Full::new(Bytes::new()))
                 .unwrap()
         }
+        p if name == "sick" && p != "/healthz" => Response::builder()
+            .status(500)
+            .body(Full::new(Bytes::from(name)))
+            .unwrap(),
         _ => {
             let mut r = Response::new(Full::new(Bytes::from(name)));
             if let Some(h) = req.headers().get("x-forwarded-for") {
@@ -463,6 +468,55 @@ async fn a_request_with_a_body_is_retried_when_its_instance_refuses_connections(
         change.reason.contains("connection failures"),
         "{}",
         change.reason
+    );
+}
+
+#[tokio::test]
+async fn an_instance_answering_only_errors_is_ejected_unless_it_is_the_last() {
+    let (good, sick) = (upstream("good").await, upstream("sick").await);
+    let mut h = Harness::start_probing_every(
+        table(
+            1,
+            &[
+                ("v1", 100, &[("good", good.addr), ("sick", sick.addr)]),
+                ("v2", 0, &[("sick-alone", sick.addr)]),
+            ],
+        ),
+        Duration::from_secs(3600),
+    )
+    .await;
+    h.healthy(3).await;
+    let c = client();
+    let mut answers = Vec::new();
+    for _ in 0..60 {
+        answers.push(get(&c, h.addr, "/", None).await);
+    }
+    // Round robin over two instances: the sick one got every other request until its tenth
+    // 500 in a row ejected it; everything after that went to the good one.
+    let errors = answers.iter().filter(|(s, _)| *s == 500).count();
+    assert_eq!(errors, 10, "{answers:?}");
+    assert!(answers[20..].iter().all(|(s, b)| *s == 200 && b == "good"));
+    let change = tokio::time::timeout(Duration::from_secs(10), h.health.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (change.instance.as_str(), change.health),
+        ("sick", Health::Unhealthy)
+    );
+    assert!(
+        change.reason.contains("10 consecutive failed answers"),
+        "{}",
+        change.reason
+    );
+    // The only instance of a version keeps its traffic however it answers: its errors are
+    // what the judge weighs.
+    for _ in 0..30 {
+        assert_eq!(get(&c, h.addr, "/", Some("v2")).await.0, 500);
+    }
+    assert!(
+        h.health.try_recv().is_err(),
+        "the last instance is never ejected"
     );
 }
 
