@@ -31,7 +31,9 @@ pub(crate) async fn run(
             _ = crate::forward::stopped(&mut stop) => return,
         }
         let mut set = tokio::task::JoinSet::new();
+        let now = std::time::Instant::now();
         for b in state.backends.live() {
+            b.pool.prune(now, crate::upstream::IDLE_TIMEOUT);
             let (path, timeout) = (spec.path.clone(), spec.timeout);
             set.spawn(async move {
                 let r = probe(&b, &path, timeout).await;

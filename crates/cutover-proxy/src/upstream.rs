@@ -3,12 +3,14 @@
 //! An instance is one address, so its pool needs no keys, no checkout futures and no task per
 //! request: a request pops the most recently used idle sender (or connects), sends, and the
 //! response body puts the sender back when it has been read to its end. Each connection's IO
-//! runs in a task of its own, spawned once when it connects. Dropping the pool (the instance
-//! drained and was forgotten) drops its idle senders, which ends their tasks and closes the
-//! connections.
+//! runs in a task of its own, spawned once when it connects. The health checker closes
+//! connections idle for longer than [`IDLE_TIMEOUT`] on each of its rounds; dropping the pool
+//! (the instance drained and was forgotten) drops all its idle senders, which ends their tasks
+//! and closes the connections.
 //!
-//! hyper-util's general-purpose pooled client cost about a third of the proxy's user-space
-//! instructions per request; this is what replaced it (see ARCHITECTURE.md, "Proxy speed").
+//! It replaced hyper-util's general-purpose pooled client, which with the header copy it needed
+//! for retries cost about a fifth of the proxy's user-space instructions per request
+//! (ARCHITECTURE.md, "Proxy speed").
 //!
 //! It must never lose a request it did not send: a request that never left (the connection
 //! could not be made, or an idle one turned out closed) comes back to the caller, which may try
@@ -16,7 +18,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -30,6 +32,9 @@ pub(crate) type Sender = http1::SendRequest<ReqBody>;
 
 /// Idle connections kept per instance; more are closed when they come back.
 const MAX_IDLE: usize = 1024;
+/// Idle connections older than this are closed (nginx's `keepalive_timeout` default for
+/// upstream connections is 60 s too), so a burst of traffic leaves no lasting crowd behind.
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub(crate) enum SendError {
     /// Nothing of the request was sent; here it is back, with the reason.
@@ -41,7 +46,8 @@ pub(crate) enum SendError {
 pub(crate) struct Pool {
     addr: SocketAddr,
     connect_timeout: Duration,
-    idle: Mutex<Vec<Sender>>,
+    /// Idle senders with the moment each came back, most recent last.
+    idle: Mutex<Vec<(Sender, Instant)>>,
 }
 
 impl Pool {
@@ -53,7 +59,7 @@ impl Pool {
         }
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Sender>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<(Sender, Instant)>> {
         match self.idle.lock() {
             Ok(i) => i,
             Err(p) => p.into_inner(),
@@ -69,7 +75,7 @@ impl Pool {
     ) -> Result<(Response<Incoming>, Sender), SendError> {
         loop {
             let popped = self.idle().pop();
-            let Some(mut sender) = popped else { break };
+            let Some((mut sender, _)) = popped else { break };
             // The upstream may have closed it while it sat idle; that costs nothing but a pop.
             // A connection just handed back may still be finishing its last exchange: `ready`
             // waits for that (it is already under way) or reports it closed.
@@ -108,8 +114,16 @@ impl Pool {
         }
         let mut idle = self.idle();
         if idle.len() < MAX_IDLE {
-            idle.push(sender);
+            idle.push((sender, Instant::now()));
         }
+    }
+
+    /// Closes idle connections that the upstream closed or that sat unused longer than
+    /// `max_idle`. The most recently used are on top, so the old ones are at the bottom.
+    pub(crate) fn prune(&self, now: Instant, max_idle: Duration) {
+        self.idle().retain(|(s, since)| {
+            !s.is_closed() && now.saturating_duration_since(*since) < max_idle
+        });
     }
 
     async fn connect(&self) -> Result<Sender, String> {
@@ -137,5 +151,37 @@ impl Pool {
             }
         });
         Ok(sender)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    #[tokio::test]
+    async fn pruning_closes_connections_idle_too_long_and_keeps_fresh_ones() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = Pool::new(addr, Duration::from_secs(5));
+        let (a, b) = (pool.connect().await.unwrap(), pool.connect().await.unwrap());
+        let (mut sa, _) = listener.accept().await.unwrap();
+        let (mut sb, _) = listener.accept().await.unwrap();
+        pool.put(a);
+        pool.put(b);
+        pool.prune(Instant::now(), IDLE_TIMEOUT);
+        assert_eq!(pool.idle().len(), 2, "fresh connections stay");
+        pool.prune(Instant::now() + IDLE_TIMEOUT, IDLE_TIMEOUT);
+        assert_eq!(pool.idle().len(), 0, "old ones go");
+        // And they are really closed: the upstream reads end-of-stream on both.
+        let mut buf = [0u8; 16];
+        for s in [&mut sa, &mut sb] {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(n, 0);
+        }
     }
 }

@@ -230,6 +230,19 @@ impl Harness {
         }
     }
 
+    /// Expects the next health change to be `instance` ejected, for a reason naming `why`.
+    async fn ejected(&mut self, instance: &str, why: &str) {
+        let change = tokio::time::timeout(Duration::from_secs(10), self.health.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (change.instance.as_str(), change.health),
+            (instance, Health::Unhealthy)
+        );
+        assert!(change.reason.contains(why), "{}", change.reason);
+    }
+
     /// Waits until `n` instances have reported healthy.
     async fn healthy(&mut self, n: usize) {
         let mut seen = std::collections::HashSet::new();
@@ -456,19 +469,7 @@ async fn a_request_with_a_body_is_retried_when_its_instance_refuses_connections(
     assert_eq!(live.bodies_completed.load(Ordering::SeqCst), 20);
     // The dead instance was really tried (and failed before anything was sent): real traffic
     // ejected it, the probe was not due for an hour.
-    let change = tokio::time::timeout(Duration::from_secs(10), h.health.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        (change.instance.as_str(), change.health),
-        ("dead", Health::Unhealthy)
-    );
-    assert!(
-        change.reason.contains("connection failures"),
-        "{}",
-        change.reason
-    );
+    h.ejected("dead", "3 consecutive connection failures").await;
 }
 
 #[tokio::test]
@@ -496,19 +497,7 @@ async fn an_instance_answering_only_errors_is_ejected_unless_it_is_the_last() {
     let errors = answers.iter().filter(|(s, _)| *s == 500).count();
     assert_eq!(errors, 10, "{answers:?}");
     assert!(answers[20..].iter().all(|(s, b)| *s == 200 && b == "good"));
-    let change = tokio::time::timeout(Duration::from_secs(10), h.health.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        (change.instance.as_str(), change.health),
-        ("sick", Health::Unhealthy)
-    );
-    assert!(
-        change.reason.contains("10 consecutive failed answers"),
-        "{}",
-        change.reason
-    );
+    h.ejected("sick", "10 consecutive failed answers").await;
     // The only instance of a version keeps its traffic however it answers: its errors are
     // what the judge weighs.
     for _ in 0..30 {
