@@ -332,14 +332,9 @@ async fn tour(dir: &Path, api: SocketAddr, web: SocketAddr, keep: bool) -> CliRe
         started.elapsed().as_secs_f64()
     );
     let ok = v2.outcome == "promoted" && v3.outcome == "rolled-back" && outside_canary_errors == 0;
-    if keep {
-        println!(
-            "\ndashboard: http://{api}/  (log in with token {token})\nproxy:     http://{web}/\nconfig:    {}\npress Ctrl-C to stop",
-            dir.join("cutover.toml").display()
-        );
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    if ok {
+    // The verdict comes first: with --keep the tour then waits for Ctrl-C, and a reader should
+    // not have to stop it to learn whether it passed.
+    let result = if ok {
         println!("demo passed: v2 promoted, v3 rolled back by analysis");
         Ok(())
     } else {
@@ -350,7 +345,18 @@ async fn tour(dir: &Path, api: SocketAddr, web: SocketAddr, keep: bool) -> CliRe
                 v2.outcome, v3.outcome
             ),
         ))
+    };
+    if let (true, Err(e)) = (keep, &result) {
+        eprintln!("cutover demo: {e}");
     }
+    if keep {
+        println!(
+            "\ndashboard: http://{api}/  (log in with token {token})\nproxy:     http://{web}/\nconfig:    {}\npress Ctrl-C to stop",
+            dir.join("cutover.toml").display()
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    result
 }
 
 /// Seconds from the candidate's first traffic to the rollout's end: how long cutover took to

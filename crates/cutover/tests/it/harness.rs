@@ -47,7 +47,7 @@ unhealthy_threshold = 2
 steps = STEPS
 
 [services.web.blue_green]
-auto_promote = true
+auto_promote = AUTO_PROMOTE
 preview_listen = "127.0.0.1:PREVIEW_PORT"
 scale_down_delay = "1s"
 
@@ -65,6 +65,8 @@ pub struct Daemon {
     pub config: PathBuf,
     pub api: SocketAddr,
     pub web: SocketAddr,
+    /// The blue-green preview listener.
+    pub preview: SocketAddr,
     child: Option<Child>,
 }
 
@@ -76,14 +78,20 @@ impl Daemon {
 
     /// Like `start`, with `extra` TOML appended to the config.
     pub fn start_with(steps: &str, extra: &str) -> Daemon {
+        Daemon::start_edited(|t| t.replace("STEPS", steps) + extra)
+    }
+
+    /// Starts a daemon with `FAST` as `edit` changes it (`STEPS` must be replaced;
+    /// `AUTO_PROMOTE` is `true` unless replaced).
+    pub fn start_edited(edit: impl FnOnce(String) -> String) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let (api, web, preview) = (free_port(), free_port(), free_port());
-        let text = FAST
-            .replace("API_PORT", &api.to_string())
-            .replace("WEB_PORT", &web.to_string())
-            .replace("PREVIEW_PORT", &preview.to_string())
-            .replace("STEPS", steps)
-            + extra;
+        let text = edit(
+            FAST.replace("API_PORT", &api.to_string())
+                .replace("WEB_PORT", &web.to_string())
+                .replace("PREVIEW_PORT", &preview.to_string()),
+        )
+        .replace("AUTO_PROMOTE", "true");
         let config = dir.path().join("cutover.toml");
         std::fs::write(&config, text).unwrap();
         let mut d = Daemon {
@@ -91,6 +99,7 @@ impl Daemon {
             config,
             api: SocketAddr::from(([127, 0, 0, 1], api)),
             web: SocketAddr::from(([127, 0, 0, 1], web)),
+            preview: SocketAddr::from(([127, 0, 0, 1], preview)),
             child: None,
         };
         d.spawn();

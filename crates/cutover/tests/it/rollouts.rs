@@ -1,9 +1,10 @@
 //! Whole rollouts through the real daemon: canary promotion, automatic rollback of a bad
-//! canary, a blue-green switch under load, and recovery from a SIGKILL mid-rollout.
+//! canary, a blue-green switch under load and one promoted by hand after a preview, a rolling
+//! update, and recovery from a SIGKILL mid-rollout.
 
 use std::time::Duration;
 
-use crate::harness::{Daemon, Load, healthy, pid_alive, stderr};
+use crate::harness::{Daemon, Load, healthy, http, pid_alive, stderr};
 
 const QUICK_STEPS: &str =
     r#"[ { weight = 20, pause = "2s" }, { weight = 50, pause = "1s" }, { weight = 100 } ]"#;
@@ -61,6 +62,48 @@ fn canary_is_promoted_and_a_bad_canary_rolled_back_by_analysis() {
         "{tally:?}"
     );
     assert_eq!(tally.errors_except("v3"), 0, "{tally:?}");
+}
+
+/// The version that answered a GET on `addr` ("proxy" for the proxy's own answer).
+fn served_by(addr: std::net::SocketAddr) -> (u16, String) {
+    let (status, body) = http(addr, "GET", "/", None, "");
+    let v = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["version"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "proxy".to_owned());
+    (status, v)
+}
+
+#[test]
+fn blue_green_without_auto_promote_previews_the_candidate_until_promoted() {
+    let d = Daemon::start_edited(|t| {
+        t.replace("STEPS", QUICK_STEPS)
+            .replace("AUTO_PROMOTE", "false")
+    });
+    // Before a rollout nothing is in preview.
+    assert_eq!(served_by(d.preview).0, 503);
+    let out = d.cli(&["deploy", "web", "v2", "--strategy", "blue-green"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = d.wait_for("v2 healthy and waiting for promote", |s| {
+        s["phase"] == "awaiting-approval" && healthy(s, "v2") == 2
+    });
+    assert_eq!(s["weights"]["v2"], 0, "{s:#}");
+    // The candidate answers on the preview listener only; users still get v1.
+    for _ in 0..20 {
+        assert_eq!(served_by(d.preview), (200, "v2".to_owned()));
+        assert_eq!(served_by(d.web), (200, "v1".to_owned()));
+    }
+    let out = d.cli(&["promote", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.wait_for("v2 stable", |s| {
+        s["phase"] == "stable" && s["stable"] == "v2"
+    });
+    for _ in 0..20 {
+        assert_eq!(served_by(d.web), (200, "v2".to_owned()));
+    }
+    let h: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["history", "--json"]).stdout).unwrap();
+    assert_eq!(h["rollouts"][0]["outcome"], "promoted");
 }
 
 #[test]
