@@ -312,6 +312,8 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
             passive_failure(conn, lease.backend(), &why);
             match cv.pick(Some(lease.backend())) {
                 Some(other) => {
+                    // The first instance no longer has this request in flight.
+                    drop(lease);
                     let r = forward(conn, *req, &other).await;
                     (other, r)
                 }
