@@ -42,7 +42,11 @@ const PASSIVE_EJECT_AFTER: u32 = 3;
 /// (ten in a row at 20% is a one-in-ten-million run), low enough that a broken instance of a
 /// healthy version stops taking traffic within a handful of requests.
 const EJECT_AFTER_FAILED_ANSWERS: u32 = 10;
-const PIN_HEADER: &str = "x-cutover-version";
+// Header names as statics: a `&str` key is parsed and hashed into a name on every lookup.
+static PIN_HEADER: HeaderName = HeaderName::from_static("x-cutover-version");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 #[derive(Clone)]
 pub(crate) struct Ctx {
@@ -192,7 +196,15 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        // `Connection: keep-alive` (most upstream answers) names a header that is hop-by-hop
+        // anyway and already in `found` if present; skipping it spares building a name.
+        .filter(|t| {
+            !HOP_BY_HOP
+                .iter()
+                .any(|n| n.as_str().eq_ignore_ascii_case(t))
+        })
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for n in found.into_iter().chain(named) {
         if !(keep_upgrade && n == header::UPGRADE) {
@@ -256,7 +268,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
     let state = &conn.ctx.state;
     let pinned = req
         .headers()
-        .get(PIN_HEADER)
+        .get(&PIN_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let mut table = state.table.load_full();
@@ -500,17 +512,17 @@ fn prepare(conn: &Conn, parts: &mut http::request::Parts, upgrade: bool) {
     }
     let h = &mut parts.headers;
     strip_hop_by_hop(h, upgrade);
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok(),
         None => conn.peer_ip.clone(),
     };
     if let Some(v) = xff {
-        h.insert("x-forwarded-for", v);
+        h.insert(X_FORWARDED_FOR.clone(), v);
     }
-    h.entry("x-forwarded-proto")
+    h.entry(X_FORWARDED_PROTO.clone())
         .or_insert(HeaderValue::from_static("http"));
     if let Some(host) = h.get(header::HOST).cloned() {
-        h.entry("x-forwarded-host").or_insert(host);
+        h.entry(X_FORWARDED_HOST.clone()).or_insert(host);
     }
 }
 
@@ -643,5 +655,63 @@ impl Drop for Watched {
         if self.lease.is_some() && self.inner.is_end_stream() {
             self.finish();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut n: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        n.sort_unstable();
+        n
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut h = headers(&[
+            ("connection", "Keep-Alive, X-Secret"),
+            ("connection", "close"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-connection", "keep-alive"),
+            ("upgrade", "websocket"),
+            ("x-keep", "1"),
+            ("host", "example"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["host", "x-keep"]);
+        // Nothing hop-by-hop: untouched.
+        let mut h = headers(&[("x-keep", "1")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["x-keep"]);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_its_upgrade_header_and_says_so() {
+        let mut h = headers(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("keep-alive", "timeout=5"),
+        ]);
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(names(&h), ["connection", "upgrade"]);
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h[header::UPGRADE], "websocket");
     }
 }
