@@ -1,11 +1,12 @@
-//! The request path: accept, choose, forward, answer.
+//! The request path: accept, choose, forward, answer; hyper's general path, and what it shares
+//! with the fast path (`fast.rs`).
 //!
-//! Nothing here may panic or block. Requests hyper cannot parse (differing Content-Lengths, bad
-//! chunk sizes, obs-fold, oversized headers) are answered by hyper itself with 400/431 before
-//! this code runs, so they never reach an upstream. A request with both Content-Length and
-//! Transfer-Encoding is resolved as RFC 9112 §6.3 says: chunked wins, Content-Length is dropped
-//! and the client connection is closed after the answer; since the body is re-framed on the way
-//! out, the upstream never sees two framings. Bodies are streamed both ways, never buffered.
+//! Every connection starts on the fast path, which serves HTTP/1.1 requests itself and hands
+//! the connection to hyper (here) at the first request it does not take (an upgrade, `Expect`,
+//! HTTP/1.0, an absolute-form target, a head that does not parse). Nothing here may panic or
+//! block. Requests hyper cannot parse (differing Content-Lengths, bad chunk sizes, obs-fold,
+//! oversized headers) are answered by hyper itself with 400/431 before this code runs, so they
+//! never reach an upstream. Bodies are streamed both ways, never buffered.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -43,7 +44,7 @@ const PASSIVE_EJECT_AFTER: u32 = 3;
 /// healthy version stops taking traffic within a handful of requests.
 const EJECT_AFTER_FAILED_ANSWERS: u32 = 10;
 // Header names as statics: a `&str` key is parsed and hashed into a name on every lookup.
-static PIN_HEADER: HeaderName = HeaderName::from_static("x-cutover-version");
+pub(crate) static PIN_HEADER: HeaderName = HeaderName::from_static("x-cutover-version");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -56,12 +57,12 @@ pub(crate) struct Ctx {
 }
 
 /// One client connection.
-struct Conn {
-    ctx: Ctx,
-    peer: SocketAddr,
-    preview: bool,
+pub(crate) struct Conn {
+    pub(crate) ctx: Ctx,
+    pub(crate) peer: SocketAddr,
+    pub(crate) preview: bool,
     /// The client's address as an X-Forwarded-For value, formatted once per connection.
-    peer_ip: Option<HeaderValue>,
+    pub(crate) peer_ip: Option<HeaderValue>,
     /// The instance that served this connection's last request: if it has since left the
     /// table, the next response asks the client to reconnect (`Connection: close`).
     last: Mutex<Option<Arc<BackendState>>>,
@@ -97,25 +98,10 @@ pub(crate) async fn accept_loop(
             peer_ip: HeaderValue::from_str(&peer.ip().to_string()).ok(),
             last: Mutex::new(None),
         });
-        let service = hyper::service::service_fn(move |req| {
-            let conn = conn.clone();
-            async move { Ok::<_, Infallible>(handle(&conn, req).await) }
-        });
-        let served = hyper::server::conn::http1::Builder::new()
-            .keep_alive(true)
-            .max_buf_size(64 * 1024)
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
-        let (alive, mut stop) = (alive.clone(), stop.clone());
+        let (alive, stop) = (alive.clone(), stop.clone());
         tokio::spawn(async move {
-            let mut served = std::pin::pin!(served);
-            tokio::select! {
-                _ = served.as_mut() => {}
-                _ = stopped(&mut stop) => {
-                    // Finish the request in flight, then close instead of waiting for another.
-                    served.as_mut().graceful_shutdown();
-                    let _ = served.await;
-                }
+            if let Some(rest) = crate::fast::serve(&conn, stream, stop.clone()).await {
+                serve_hyper(conn, rest, stop).await;
             }
             drop(alive);
         });
@@ -123,6 +109,31 @@ pub(crate) async fn accept_loop(
     drop(listener);
     drop(alive);
     let _ = all_done.recv().await;
+}
+
+/// Serves a client connection with hyper until it closes or the proxy stops.
+async fn serve_hyper<I>(conn: Arc<Conn>, io: I, mut stop: watch::Receiver<bool>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(&conn, req).await) }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let mut served = std::pin::pin!(served);
+    tokio::select! {
+        _ = served.as_mut() => {}
+        _ = stopped(&mut stop) => {
+            // Finish the request in flight, then close instead of waiting for another.
+            served.as_mut().graceful_shutdown();
+            let _ = served.await;
+        }
+    }
 }
 
 /// Resolves once the stop signal is set (or its sender is gone).
@@ -217,7 +228,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 impl Conn {
-    fn take_close(&self) -> bool {
+    pub(crate) fn take_close(&self) -> bool {
         self.last
             .lock()
             .ok()
@@ -225,7 +236,7 @@ impl Conn {
             .unwrap_or(false)
     }
 
-    fn remember(&self, b: &Arc<BackendState>) {
+    pub(crate) fn remember(&self, b: &Arc<BackendState>) {
         if let Ok(mut l) = self.last.lock() {
             *l = Some(b.clone());
         }
@@ -262,49 +273,68 @@ fn choose(t: &Compiled, pinned: Option<&str>, preview: bool) -> Result<(usize, L
     t.fallback(i).ok_or(Miss::NoInstanceOf(i))
 }
 
-async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
-    let started = Instant::now();
-    let close = conn.take_close();
+/// A request's place: the table it was routed by, its version's index there, and its instance.
+pub(crate) struct Routed {
+    pub(crate) table: Arc<Compiled>,
+    pub(crate) index: usize,
+    pub(crate) lease: Lease,
+}
+
+/// Routes a request (see [`choose`]), or says in words why it gets a 503.
+pub(crate) fn route(conn: &Conn, pinned: Option<&str>, started: Instant) -> Result<Routed, String> {
     let state = &conn.ctx.state;
-    let pinned = req
-        .headers()
-        .get(&PIN_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
     let mut table = state.table.load_full();
-    let mut chosen = choose(&table, pinned.as_deref(), conn.preview);
+    let mut chosen = choose(&table, pinned, conn.preview);
     if chosen.is_err() {
         // A newer table may have been stored since ours was loaded (an instance left and its
         // replacement arrived): the answer must come from the newest one.
         let newest = state.table.load_full();
         if !Arc::ptr_eq(&newest, &table) {
             table = newest;
-            chosen = choose(&table, pinned.as_deref(), conn.preview);
+            chosen = choose(&table, pinned, conn.preview);
         }
     }
-    let (i, lease) = match chosen {
-        Ok(c) => c,
-        Err(miss) => {
-            let why = match (miss, &pinned) {
-                (Miss::NoPreview, _) => "no version is in preview".to_owned(),
-                (Miss::NotRunning, Some(p)) => format!("version {p:?} is not running"),
-                (Miss::NoInstanceOf(i), _) => {
-                    let Some(cv) = table.versions.get(i) else {
-                        return plain(StatusCode::SERVICE_UNAVAILABLE, "503".into(), close);
-                    };
-                    cv.recorder.record(503, started.elapsed(), None);
-                    format!("no healthy instance of {}", cv.version)
-                }
-                _ => "no healthy instance".to_owned(),
-            };
-            return plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("503 Service Unavailable: {}: {why}", state.name),
-                close,
-            );
+    let why = match chosen {
+        Ok((index, lease)) => {
+            return Ok(Routed {
+                table,
+                index,
+                lease,
+            });
         }
+        Err(Miss::NoPreview) => "no version is in preview".to_owned(),
+        Err(Miss::NotRunning) => format!("version {:?} is not running", pinned.unwrap_or("")),
+        Err(Miss::NoInstanceOf(i)) => match table.versions.get(i) {
+            Some(cv) => {
+                cv.recorder.record(503, started.elapsed(), None);
+                format!("no healthy instance of {}", cv.version)
+            }
+            None => "no healthy instance".to_owned(),
+        },
+        Err(Miss::NoHealthy) => "no healthy instance".to_owned(),
     };
-    let Some(cv) = table.versions.get(i) else {
+    Err(format!("503 Service Unavailable: {}: {why}", state.name))
+}
+
+async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
+    let started = Instant::now();
+    let close = conn.take_close();
+    let pinned = req
+        .headers()
+        .get(&PIN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let routed = match route(conn, pinned.as_deref(), started) {
+        Ok(r) => r,
+        Err(msg) => return plain(StatusCode::SERVICE_UNAVAILABLE, msg, close),
+    };
+    let Routed {
+        table,
+        index,
+        lease,
+    } = routed;
+    // `choose` took the index from this table; the fallback only keeps this path panic-free.
+    let Some(cv) = table.versions.get(index) else {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "503".into(), close);
     };
     let upgrade = is_upgrade(req.headers());
@@ -350,17 +380,10 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
     }
     let backend = lease.backend().clone();
     conn.remember(&backend);
-    let name = &state.name;
     match result {
         Ok((mut resp, sender)) => {
-            backend.connect_failures.store(0, Ordering::Relaxed);
             let status = resp.status();
-            cv.recorder.record(status.as_u16(), started.elapsed(), None);
-            if status.is_server_error() {
-                failed_answer(conn, cv, &backend, &format!("answered {status}"));
-            } else {
-                backend.failed_answers.store(0, Ordering::Relaxed);
-            }
+            answered(conn, cv, &backend, status, started);
             if status == StatusCode::SWITCHING_PROTOCOLS
                 && let Some(client_side) = client_upgrade
             {
@@ -390,41 +413,14 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
             let body = Watched::response(body, lease, Some(sender), exchange);
             Response::from_parts(parts, Either::Left(body))
         }
-        Err(Failure::NotSent(_, why)) => {
-            cv.recorder
-                .record(502, started.elapsed(), Some(UpstreamErrorKind::Connect));
-            plain(
-                StatusCode::BAD_GATEWAY,
-                format!(
-                    "502 Bad Gateway: {name}: cannot connect to {} ({}): {why}",
-                    backend.id, backend.addr
-                ),
-                close,
-            )
-        }
-        Err(Failure::Timeout) => {
-            cv.recorder
-                .record(504, started.elapsed(), Some(UpstreamErrorKind::Timeout));
-            failed_answer(conn, cv, &backend, "timed out");
-            plain(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "504 Gateway Timeout: {name}: {} did not answer within {}ms",
-                    backend.id,
-                    conn.ctx.upstream_timeout.as_millis()
-                ),
-                close,
-            )
-        }
-        Err(Failure::Reset(why)) => {
-            cv.recorder
-                .record(502, started.elapsed(), Some(UpstreamErrorKind::Reset));
-            failed_answer(conn, cv, &backend, &why);
-            plain(
-                StatusCode::BAD_GATEWAY,
-                format!("502 Bad Gateway: {name}: {} broke off: {why}", backend.id),
-                close,
-            )
+        Err(f) => {
+            let failed = match &f {
+                Failure::NotSent(_, why) => Failed::NotSent(why),
+                Failure::Timeout => Failed::Timeout,
+                Failure::Reset(why) => Failed::Reset(why),
+            };
+            let (status, msg) = failure(conn, cv, &backend, failed, started);
+            plain(status, msg, close)
         }
     }
 }
@@ -436,9 +432,84 @@ enum Failure {
     Reset(String),
 }
 
+/// Why an exchange with an instance brought no answer (both paths).
+pub(crate) enum Failed<'a> {
+    /// No connection could be made (after the retry on another instance, if there was one).
+    NotSent(&'a str),
+    /// No response head within the upstream timeout.
+    Timeout,
+    /// The connection broke before a response head came, or the head was not HTTP.
+    Reset(&'a str),
+}
+
+/// Accounts for an answer from an instance: the version's metrics and the instance's counts of
+/// failures in a row (a 5xx adds to them, anything else resets them).
+pub(crate) fn answered(
+    conn: &Conn,
+    cv: &CompiledVersion,
+    b: &BackendState,
+    status: StatusCode,
+    started: Instant,
+) {
+    b.connect_failures.store(0, Ordering::Relaxed);
+    cv.recorder.record(status.as_u16(), started.elapsed(), None);
+    if status.is_server_error() {
+        failed_answer(conn, cv, b, &format!("answered {status}"));
+    } else {
+        b.failed_answers.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Accounts for a failed exchange and gives the status and text the client gets for it.
+pub(crate) fn failure(
+    conn: &Conn,
+    cv: &CompiledVersion,
+    b: &BackendState,
+    failed: Failed<'_>,
+    started: Instant,
+) -> (StatusCode, String) {
+    let name = &conn.ctx.state.name;
+    let elapsed = started.elapsed();
+    match failed {
+        Failed::NotSent(why) => {
+            cv.recorder
+                .record(502, elapsed, Some(UpstreamErrorKind::Connect));
+            (
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "502 Bad Gateway: {name}: cannot connect to {} ({}): {why}",
+                    b.id, b.addr
+                ),
+            )
+        }
+        Failed::Timeout => {
+            cv.recorder
+                .record(504, elapsed, Some(UpstreamErrorKind::Timeout));
+            failed_answer(conn, cv, b, "timed out");
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "504 Gateway Timeout: {name}: {} did not answer within {}ms",
+                    b.id,
+                    conn.ctx.upstream_timeout.as_millis()
+                ),
+            )
+        }
+        Failed::Reset(why) => {
+            cv.recorder
+                .record(502, elapsed, Some(UpstreamErrorKind::Reset));
+            failed_answer(conn, cv, b, why);
+            (
+                StatusCode::BAD_GATEWAY,
+                format!("502 Bad Gateway: {name}: {} broke off: {why}", b.id),
+            )
+        }
+    }
+}
+
 /// Counts a connect failure by real traffic; after a few in a row the instance is ejected until
 /// the active probe admits it again.
-fn passive_failure(conn: &Conn, b: &BackendState, why: &str) {
+pub(crate) fn passive_failure(conn: &Conn, b: &BackendState, why: &str) {
     let n = b.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
     if n >= PASSIVE_EJECT_AFTER {
         eject(
@@ -616,6 +687,10 @@ impl Body for Watched {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
+        // A body of known length ends with its last data frame: hyper does not poll it again
+        // for the end, so that frame must count as the end (else the connection, waiting for
+        // a request body that never "ends", would never be reused).
+        let ended = matches!(&r, Poll::Ready(Some(Ok(_)))) && self.inner.is_end_stream();
         match &r {
             Poll::Ready(Some(Err(_))) => {
                 if self.lease.is_none()
@@ -626,14 +701,8 @@ impl Body for Watched {
                 self.sender = None;
                 self.lease = None;
             }
-            Poll::Ready(None) => {
-                if self.lease.is_none()
-                    && let Some(x) = &self.exchange
-                {
-                    x.store(DONE, Ordering::Relaxed);
-                }
-                self.finish();
-            }
+            Poll::Ready(None) => self.ended(),
+            _ if ended => self.ended(),
             _ => {}
         }
         r
@@ -645,6 +714,18 @@ impl Body for Watched {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Watched {
+    /// The body was read to its end.
+    fn ended(&mut self) {
+        if self.lease.is_none()
+            && let Some(x) = &self.exchange
+        {
+            x.store(DONE, Ordering::Relaxed);
+        }
+        self.finish();
     }
 }
 

@@ -12,6 +12,7 @@
 //! If nobody publishes a new table, it keeps serving the last one.
 
 mod backend;
+mod fast;
 mod forward;
 mod health;
 mod table;

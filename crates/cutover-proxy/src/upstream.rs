@@ -1,12 +1,13 @@
-//! Keep-alive connections to one instance: a stack of idle HTTP/1.1 senders.
+//! Keep-alive connections to one instance: a stack of idle HTTP/1.1 senders for hyper's path,
+//! and a stack of idle plain TCP connections for the fast path (`fast.rs`).
 //!
 //! An instance is one address, so its pool needs no keys, no checkout futures and no task per
-//! request: a request pops the most recently used idle sender (or connects), sends, and the
-//! response body puts the sender back when it has been read to its end. Each connection's IO
-//! runs in a task of its own, spawned once when it connects. The health checker closes
-//! connections idle for longer than [`IDLE_TIMEOUT`] on each of its rounds; dropping the pool
-//! (the instance drained and was forgotten) drops all its idle senders, which ends their tasks
-//! and closes the connections.
+//! request: a request pops the most recently used idle connection (or connects), sends, and
+//! puts the connection back when the response has been read to its end. A hyper connection's
+//! IO runs in a task of its own, spawned once when it connects; a plain connection is driven by
+//! the client connection's task that holds it. The health checker closes connections idle for
+//! longer than [`IDLE_TIMEOUT`] on each of its rounds; dropping the pool (the instance drained
+//! and was forgotten) closes all its idle connections.
 //!
 //! It replaced hyper-util's general-purpose pooled client, which with the header copy it needed
 //! for retries cost about a fifth of the proxy's user-space instructions per request
@@ -18,6 +19,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -48,6 +50,27 @@ pub(crate) struct Pool {
     connect_timeout: Duration,
     /// Idle senders with the moment each came back, most recent last.
     idle: Mutex<Vec<(Sender, Instant)>>,
+    /// Idle plain connections of the fast path, the same way.
+    raw: Mutex<Vec<(TcpStream, Instant)>>,
+}
+
+/// Whether an idle plain connection has something to read: the upstream closed it, or sent
+/// bytes nobody asked for. Either way it must not carry a request.
+///
+/// This reads tokio's cached readiness, with no system call: a response read in full leaves
+/// the readiness clear (a read shorter than its buffer clears it), and a close or stray bytes
+/// set it again when the reactor sees them. A close still on its way is not seen; the caller
+/// treats a connection that ends before any byte of the response as not having carried it.
+fn stale(s: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    matches!(s.poll_read_ready(&mut cx), Poll::Ready(_))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
 }
 
 impl Pool {
@@ -56,14 +79,36 @@ impl Pool {
             addr,
             connect_timeout,
             idle: Mutex::new(Vec::new()),
+            raw: Mutex::new(Vec::new()),
         }
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<(Sender, Instant)>> {
-        match self.idle.lock() {
-            Ok(i) => i,
-            Err(p) => p.into_inner(),
+        lock(&self.idle)
+    }
+
+    /// The most recently used idle plain connection that still looks open, if any.
+    pub(crate) fn take_raw(&self) -> Option<TcpStream> {
+        let mut raw = lock(&self.raw);
+        while let Some((s, _)) = raw.pop() {
+            if !stale(&s) {
+                return Some(s);
+            }
         }
+        None
+    }
+
+    /// Hands a plain connection back after its response was read to the end.
+    pub(crate) fn put_raw(&self, s: TcpStream) {
+        let mut raw = lock(&self.raw);
+        if raw.len() < MAX_IDLE {
+            raw.push((s, Instant::now()));
+        }
+    }
+
+    /// A new plain connection for the fast path.
+    pub(crate) async fn connect_raw(&self) -> Result<TcpStream, String> {
+        self.dial().await
     }
 
     /// Sends `req` on an idle connection, or on a new one if none is usable. On success the
@@ -124,9 +169,11 @@ impl Pool {
         self.idle().retain(|(s, since)| {
             !s.is_closed() && now.saturating_duration_since(*since) < max_idle
         });
+        lock(&self.raw)
+            .retain(|(s, since)| !stale(s) && now.saturating_duration_since(*since) < max_idle);
     }
 
-    async fn connect(&self) -> Result<Sender, String> {
+    async fn dial(&self) -> Result<TcpStream, String> {
         let stream =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
                 Err(_) => {
@@ -140,6 +187,11 @@ impl Pool {
             };
         // Requests and responses are small and latency-bound; Nagle would only delay them.
         let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    async fn connect(&self) -> Result<Sender, String> {
+        let stream = self.dial().await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await

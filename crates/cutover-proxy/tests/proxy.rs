@@ -35,6 +35,7 @@ struct Upstream {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     bodies_completed: Arc<AtomicU64>,
+    connections: Arc<AtomicU64>,
 }
 
 impl Drop for Upstream {
@@ -51,13 +52,21 @@ async fn upstream(name: &'static str) -> Upstream {
     let (stop, stopped) = oneshot::channel::<()>();
     let completed = Arc::new(AtomicU64::new(0));
     let done = completed.clone();
+    let connections = Arc::new(AtomicU64::new(0));
+    let accepted = connections.clone();
     tokio::spawn(async move {
         // Like a process that dies: the listener and every open connection go at once.
         let mut conns = tokio::task::JoinSet::new();
         let mut stopped = std::pin::pin!(stopped);
         loop {
             let (s, _) = tokio::select! {
-                c = listener.accept() => match c { Ok(c) => c, Err(_) => continue },
+                c = listener.accept() => match c {
+                    Ok(c) => {
+                        accepted.fetch_add(1, Ordering::SeqCst);
+                        c
+                    }
+                    Err(_) => continue,
+                },
                 _ = &mut stopped => {
                     conns.abort_all();
                     return;
@@ -80,6 +89,7 @@ async fn upstream(name: &'static str) -> Upstream {
         addr,
         stop: Some(stop),
         bodies_completed: completed,
+        connections,
     }
 }
 
@@ -524,6 +534,14 @@ async fn malformed_requests_get_400_and_never_reach_an_upstream() {
     h.healthy(1).await;
     let vectors: &[(&str, &str)] = &[
         (
+            "CL then TE",
+            "POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nPOST /count HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+        (
+            "TE then CL",
+            "POST /count HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n0\r\n\r\nPOST /count HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+        (
             "two CLs",
             "POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
         ),
@@ -551,28 +569,33 @@ async fn malformed_requests_get_400_and_never_reach_an_upstream() {
     );
 }
 
-/// Content-Length with Transfer-Encoding: chunked wins (RFC 9112 §6.3), the connection closes
-/// after the answer, and the smuggled second request behind the body is never forwarded.
+/// A connection that sent `Expect: 100-continue` is served by hyper from then on; there,
+/// Content-Length with Transfer-Encoding is resolved as RFC 9112 §6.3 says (chunked wins, the
+/// connection closes after the answer), and the request smuggled behind the body is never
+/// forwarded.
 #[tokio::test]
-async fn content_length_with_transfer_encoding_cannot_smuggle() {
+async fn content_length_with_transfer_encoding_cannot_smuggle_on_hyper_s_path() {
     let up = upstream("blue").await;
     let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
     h.healthy(1).await;
-    let raw = "POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nPOST /count HTTP/1.1\r\nHost: x\r\n\r\n";
+    let raw = "POST /count HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi\
+               POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+               POST /count HTTP/1.1\r\nHost: x\r\n\r\n";
     let text = raw_exchange(h.addr, raw).await;
+    let text = text.replace("HTTP/1.1 100 Continue\r\n\r\n", "");
     assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert_eq!(
+        text.matches("HTTP/1.1 200").count(),
+        2,
+        "the two framed requests were answered, the smuggled one was not: {text:?}"
+    );
     assert!(
         text.to_ascii_lowercase().contains("connection: close"),
         "{text:?}"
     );
     assert_eq!(
-        text.matches("HTTP/1.1").count(),
-        1,
-        "only one request was answered: {text:?}"
-    );
-    assert_eq!(
         up.bodies_completed.load(Ordering::SeqCst),
-        1,
+        2,
         "the smuggled request never reached the upstream"
     );
 }
@@ -735,4 +758,280 @@ async fn health_changes_are_reported_and_draining_completes_requests_in_flight()
             break;
         }
     }
+}
+
+/// An upstream written against the socket, to answer with exact bytes: `/chunked` in two
+/// pieces, `/eof` delimited by closing the connection, `/close-after` closing its kept-alive
+/// connection right after a framed answer, `/early` 413 before reading the body; anything else
+/// `conn N` (the connection's number) with a Content-Length. Every request head it reads is
+/// recorded.
+struct RawUpstream {
+    addr: SocketAddr,
+    heads: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+async fn raw_upstream() -> RawUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        for n in 0u64.. {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    seen.lock().unwrap().push(head.clone());
+                    let mut words = head.split(' ');
+                    let (method, path) = (words.next().unwrap(), words.next().unwrap());
+                    match path {
+                        "/chunked" => {
+                            let first =
+                                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel";
+                            s.write_all(first.as_bytes()).await.unwrap();
+                            // Two writes, so the relay sees the body in two pieces.
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            s.write_all(b"lo\r\n6\r\n world\r\n0\r\n\r\n")
+                                .await
+                                .unwrap();
+                        }
+                        "/eof" => {
+                            let r = "HTTP/1.1 200 OK\r\n\r\nuntil close";
+                            s.write_all(r.as_bytes()).await.unwrap();
+                            return;
+                        }
+                        "/close-after" => {
+                            let r = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                            s.write_all(r.as_bytes()).await.unwrap();
+                            return;
+                        }
+                        "/early" => {
+                            let r = "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n";
+                            s.write_all(r.as_bytes()).await.unwrap();
+                            // Reads on without keeping anything, until the proxy closes.
+                            let mut sink = [0u8; 65536];
+                            while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+                            return;
+                        }
+                        _ => {
+                            let body = format!("conn {n}");
+                            let mut r = format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                                body.len()
+                            );
+                            if method != "HEAD" {
+                                r.push_str(&body);
+                            }
+                            s.write_all(r.as_bytes()).await.unwrap();
+                        }
+                    }
+                }
+            });
+        }
+    });
+    RawUpstream { addr, heads }
+}
+
+impl RawUpstream {
+    fn heads_for(&self, path: &str) -> Vec<String> {
+        let prefix = format!(" {path} ");
+        let heads = self.heads.lock().unwrap();
+        heads
+            .iter()
+            .filter(|h| h.contains(&prefix))
+            .cloned()
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn chunked_close_delimited_and_head_answers_are_relayed_whole() {
+    let up = raw_upstream().await;
+    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
+    h.healthy(1).await;
+    let c = client();
+    assert_eq!(
+        get(&c, h.addr, "/chunked", None).await,
+        (200, "hello world".into())
+    );
+    assert_eq!(
+        get(&c, h.addr, "/eof", None).await,
+        (200, "until close".into())
+    );
+    // Pipelined on one connection: a HEAD (Content-Length but no body), a chunked answer, a
+    // close-delimited one, which must close the client's connection after it.
+    let text = raw_exchange(
+        h.addr,
+        "HEAD /x HTTP/1.1\r\nHost: x\r\n\r\nGET /chunked HTTP/1.1\r\nHost: x\r\n\r\n\
+         GET /eof HTTP/1.1\r\nHost: x\r\n\r\nGET /never HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    let answers: Vec<&str> = text.split("HTTP/1.1 200 OK\r\n").skip(1).collect();
+    assert_eq!(answers.len(), 3, "{text:?}");
+    assert!(
+        answers[0].ends_with("\r\n\r\n"),
+        "HEAD has no body: {text:?}"
+    );
+    assert!(answers[1].ends_with("0\r\n\r\n") && answers[1].contains("hel"));
+    assert!(
+        answers[2]
+            .to_ascii_lowercase()
+            .contains("connection: close")
+    );
+    assert!(answers[2].ends_with("\r\n\r\nuntil close"), "{text:?}");
+    assert!(up.heads_for("/never").is_empty(), "nothing after a close");
+}
+
+#[tokio::test]
+async fn the_upstream_sees_forwarding_headers_and_no_hop_by_hop_ones() {
+    let up = raw_upstream().await;
+    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
+    h.healthy(1).await;
+    let text = raw_exchange(
+        h.addr,
+        "GET /hdr HTTP/1.1\r\nHost: shop.example\r\nConnection: X-Secret, close\r\n\
+         X-Secret: 1\r\nKeep-Alive: 5\r\nX-Forwarded-For: 10.1.2.3\r\nAccept: */*\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
+    let seen = up.heads_for("/hdr").pop().unwrap().to_ascii_lowercase();
+    for absent in ["x-secret", "keep-alive", "connection"] {
+        assert!(!seen.contains(absent), "{absent} crossed: {seen}");
+    }
+    for present in [
+        "host: shop.example\r\n",
+        "accept: */*\r\n",
+        "x-forwarded-for: 10.1.2.3, 127.0.0.1\r\n",
+        "x-forwarded-proto: http\r\n",
+        "x-forwarded-host: shop.example\r\n",
+    ] {
+        assert!(seen.contains(present), "{present:?} missing: {seen}");
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_closing_kept_alive_connections_costs_no_request() {
+    let up = raw_upstream().await;
+    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
+    h.healthy(1).await;
+    let c = client();
+    for i in 0..30 {
+        assert_eq!(
+            get(&c, h.addr, "/close-after", None).await,
+            (200, "ok".into()),
+            "request {i}"
+        );
+    }
+    assert_eq!(up.heads_for("/close-after").len(), 30, "each sent once");
+    // Connections that stay open are reused: one client, one upstream connection.
+    let first = get(&c, h.addr, "/plain", None).await;
+    for _ in 0..10 {
+        assert_eq!(get(&c, h.addr, "/plain", None).await, first);
+    }
+}
+
+/// Pipelined on one connection: a body by length, a chunked body, then a request that sends
+/// `Expect: 100-continue`, which moves the connection to hyper's path, where the last request
+/// is served too.
+#[tokio::test]
+async fn request_bodies_by_length_and_by_chunks_and_a_move_to_hyper() {
+    let up = upstream("blue").await;
+    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
+    h.healthy(1).await;
+    let text = raw_exchange(
+        h.addr,
+        "POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc\
+         POST /count HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+         4\r\nabcd\r\n1;x=y\r\ne\r\n0\r\nX-T: 1\r\n\r\n\
+         PUT /count HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nab\
+         GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let text = text.replace("HTTP/1.1 100 Continue\r\n\r\n", "");
+    let bodies: Vec<&str> = text
+        .split("HTTP/1.1 200 OK\r\n")
+        .skip(1)
+        .map(|a| a.split("\r\n\r\n").nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(bodies, ["3", "5", "2", "blue"], "{text:?}");
+    assert_eq!(up.bodies_completed.load(Ordering::SeqCst), 3);
+}
+
+/// An upstream that answers before reading the body (a 413, say) gets its answer relayed; the
+/// unread rest of the body means neither connection can carry another request.
+#[tokio::test]
+async fn an_answer_before_the_body_ends_is_relayed_and_closes_the_connection() {
+    let up = raw_upstream().await;
+    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
+    h.healthy(1).await;
+    let mut s = TcpStream::connect(h.addr).await.unwrap();
+    s.write_all(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+        .await
+        .unwrap();
+    let (mut r, mut w) = s.into_split();
+    // The client goes on sending while the answer comes; it stops when the proxy closes.
+    let sender = tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 * 1024];
+        while w.write_all(&chunk).await.is_ok() {}
+    });
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 413 "), "{text:?}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text:?}"
+    );
+    sender.abort();
+}
+
+/// Requests with bodies keep upstream connections alive on both paths: one client connection
+/// sending twenty of them (the last ten with `Expect: 100-continue`, which moves it to hyper's
+/// path) needs one upstream connection per path (hyper's path shares its connections with the
+/// health checker).
+#[tokio::test]
+async fn requests_with_bodies_reuse_upstream_connections_on_both_paths() {
+    let up = upstream("blue").await;
+    let mut h = Harness::start_probing_every(
+        table(1, &[("blue", 100, &[("b1", up.addr)])]),
+        Duration::from_secs(3600),
+    )
+    .await;
+    h.healthy(1).await;
+    let mut s = TcpStream::connect(h.addr).await.unwrap();
+    for i in 0..20 {
+        let expect = if i >= 10 {
+            "Expect: 100-continue\r\n"
+        } else {
+            ""
+        };
+        let req =
+            format!("PUT /count HTTP/1.1\r\nHost: x\r\n{expect}Content-Length: 5\r\n\r\nhello");
+        s.write_all(req.as_bytes()).await.unwrap();
+        // One answer at a time: its end is the body "5".
+        let mut got = Vec::new();
+        while !got.ends_with(b"\r\n\r\n5") {
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after {i} requests");
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    assert_eq!(up.bodies_completed.load(Ordering::SeqCst), 20);
+    assert_eq!(up.connections.load(Ordering::SeqCst), 2);
 }
