@@ -219,6 +219,55 @@ fn connection_tokens<'a>(headers: &[httparse::Header<'a>]) -> Option<Vec<&'a [u8
     (tokens.len() <= 8).then_some(tokens)
 }
 
+/// What a head's Content-Length and Transfer-Encoding lines say about its body, gathered line
+/// by line; the same rules for requests and answers.
+#[derive(Default)]
+struct Declared {
+    /// Content-Length lines, valid or not.
+    lengths: usize,
+    length: Option<u64>,
+    /// A Content-Length that is not a number, or two that differ.
+    bad_length: bool,
+    te: bool,
+    /// The coding applied last is chunked: the body can be followed; others run to close.
+    chunked: bool,
+}
+
+enum FramingLine {
+    Length,
+    /// The same Content-Length again: left out.
+    Repeat,
+    Coding,
+}
+
+impl Declared {
+    /// Notes `name: value` if it is a framing line, and says which kind it was.
+    fn note(&mut self, name: &str, value: &[u8]) -> Option<FramingLine> {
+        if is(name, "content-length") {
+            self.lengths += 1;
+            match (content_length(value), self.length) {
+                (Some(n), None) => self.length = Some(n),
+                (Some(n), Some(prev)) if n == prev => return Some(FramingLine::Repeat),
+                _ => self.bad_length = true,
+            }
+            Some(FramingLine::Length)
+        } else if is(name, "transfer-encoding") {
+            self.te = true;
+            self.chunked = last_coding_is_chunked(value);
+            Some(FramingLine::Coding)
+        } else {
+            None
+        }
+    }
+}
+
+fn push(lines: &mut Vec<Line>, buf: &[u8], name: &str, value: &[u8]) {
+    lines.push(Line {
+        name: range_in(buf, name.as_bytes()),
+        value: range_in(buf, value),
+    });
+}
+
 /// A Content-Length value: digits only (no sign, no list), as RFC 9110 §8.6 has it.
 fn content_length(value: &[u8]) -> Option<u64> {
     let v = value.trim_ascii();
@@ -267,30 +316,21 @@ fn parse_request(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
         return Parsed::Hyper;
     };
     lines.clear();
-    let (mut te, mut chunked, mut other) = (false, false, false);
-    let (mut lengths, mut length, mut bad_length) = (0, None::<u64>, false);
+    let (mut declared, mut other) = (Declared::default(), false);
     let (mut host, mut pin, mut forwarded_for) = (None, None, None);
     let (mut forwarded_proto, mut forwarded_host) = (false, false);
     for h in req.headers.iter() {
         let (name, value) = (h.name, h.value);
-        if is(name, "content-length") {
-            lengths += 1;
-            match (content_length(value), length) {
-                (None, _) => bad_length = true,
-                (Some(n), Some(prev)) if n != prev => bad_length = true,
-                (Some(_), Some(_)) => continue,
-                (Some(n), None) => length = Some(n),
+        match declared.note(name, value) {
+            Some(FramingLine::Repeat) => continue,
+            // Passed on as they are, since the body is too.
+            Some(_) => {
+                push(lines, buf, name, value);
+                continue;
             }
-        } else if is(name, "transfer-encoding") {
-            // Passed on as it is, since the body is too.
-            te = true;
-            chunked = last_coding_is_chunked(value);
-            lines.push(Line {
-                name: range_in(buf, name.as_bytes()),
-                value: range_in(buf, value),
-            });
-            continue;
-        } else if is(name, "upgrade") || is(name, "expect") {
+            None => {}
+        }
+        if is(name, "upgrade") || is(name, "expect") {
             other = true;
         } else if is(name, "host") {
             host.get_or_insert(range_in(buf, value));
@@ -307,11 +347,15 @@ fn parse_request(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
         if HOP_BY_HOP.iter().any(|n| is(name, n)) || named_by(&tokens, name) {
             continue;
         }
-        lines.push(Line {
-            name: range_in(buf, name.as_bytes()),
-            value: range_in(buf, value),
-        });
+        push(lines, buf, name, value);
     }
+    let Declared {
+        lengths,
+        length,
+        bad_length,
+        te,
+        chunked,
+    } = declared;
     // Whatever the Content-Length says, valid or not, it must not come with Transfer-Encoding.
     if te && lengths > 0 {
         return Parsed::Reject("400 Bad Request: Content-Length together with Transfer-Encoding");
@@ -357,12 +401,7 @@ fn write_request(conn: &Conn, head: &Head, input: &[u8], lines: &[Line], out: &m
     out.push(b' ');
     out.extend_from_slice(slice(input, head.target.clone()));
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for l in lines {
-        out.extend_from_slice(slice(input, l.name.clone()));
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(slice(input, l.value.clone()));
-        out.extend_from_slice(b"\r\n");
-    }
+    write_lines(out, input, lines);
     if let Some(ip) = &conn.peer_ip {
         out.extend_from_slice(b"x-forwarded-for: ");
         if let Some(prev) = &head.forwarded_for {
@@ -381,6 +420,16 @@ fn write_request(conn: &Conn, head: &Head, input: &[u8], lines: &[Line], out: &m
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Header lines of a parsed head, as they came.
+fn write_lines(out: &mut Vec<u8>, buf: &[u8], lines: &[Line]) {
+    for l in lines {
+        out.extend_from_slice(slice(buf, l.name.clone()));
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(slice(buf, l.value.clone()));
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// A plain-text answer of the proxy's own, as bytes.
@@ -578,44 +627,36 @@ fn parse_response(buf: &[u8], is_head: bool, lines: &mut Vec<Line>) -> ParsedAns
         return ParsedAnswer::Bad("too many Connection options".into());
     };
     lines.clear();
-    let (mut length, mut chunked, mut te) = (None::<u64>, false, false);
+    let mut declared = Declared::default();
     let mut length_lines = Vec::new();
     for h in resp.headers.iter() {
         let (name, value) = (h.name, h.value);
-        if is(name, "content-length") {
-            match (content_length(value), length) {
-                (None, _) => return ParsedAnswer::Bad("invalid Content-Length".into()),
-                (Some(n), Some(prev)) if n != prev => {
-                    return ParsedAnswer::Bad("differing Content-Lengths".into());
+        match declared.note(name, value) {
+            Some(FramingLine::Repeat) => continue,
+            Some(kind) => {
+                if matches!(kind, FramingLine::Length) {
+                    length_lines.push(lines.len());
                 }
-                (Some(_), Some(_)) => continue,
-                (Some(n), None) => length = Some(n),
+                // Passed on as they are, since the body is too.
+                push(lines, buf, name, value);
+                continue;
             }
-            length_lines.push(lines.len());
-            lines.push(Line {
-                name: range_in(buf, name.as_bytes()),
-                value: range_in(buf, value),
-            });
-            continue;
-        } else if is(name, "transfer-encoding") {
-            // The coding applied last decides: chunked can be followed, others run to close.
-            te = true;
-            chunked = last_coding_is_chunked(value);
-            // Passed on as it is, since the body is too.
-            lines.push(Line {
-                name: range_in(buf, name.as_bytes()),
-                value: range_in(buf, value),
-            });
-            continue;
+            None => {}
         }
         if HOP_BY_HOP.iter().any(|n| is(name, n)) || named_by(&tokens, name) {
             continue;
         }
-        lines.push(Line {
-            name: range_in(buf, name.as_bytes()),
-            value: range_in(buf, value),
-        });
+        push(lines, buf, name, value);
     }
+    if declared.bad_length {
+        return ParsedAnswer::Bad("invalid or differing Content-Lengths".into());
+    }
+    let Declared {
+        length,
+        te,
+        chunked,
+        ..
+    } = declared;
     let no_body = is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     if te && !no_body {
         // Transfer-Encoding overrides Content-Length, which must not go on (RFC 9112 §6.3).
@@ -656,12 +697,7 @@ fn write_response(
     out.push(b' ');
     out.extend_from_slice(slice(upstream, answer.reason.clone()));
     out.extend_from_slice(b"\r\n");
-    for l in lines {
-        out.extend_from_slice(slice(upstream, l.name.clone()));
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(slice(upstream, l.value.clone()));
-        out.extend_from_slice(b"\r\n");
-    }
+    write_lines(out, upstream, lines);
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
