@@ -96,12 +96,25 @@ async fn run(
         out: Vec::with_capacity(1024),
         lines: Vec::with_capacity(16),
     };
+    let limits = conn.ctx.client;
+    // One timer for the connection's life, moved later as it goes: pushing a deadline later
+    // is an atomic store in tokio, where a new timer per request would lock the timer wheel.
+    let mut deadline = std::pin::pin!(tokio::time::sleep(limits.idle));
     loop {
+        // Only a wait for a head that is not here whole arms the timer: the idle limit while
+        // nothing came, the head's own limit from its first byte.
+        let mut armed = None;
         let head = loop {
             if !b.input.is_empty() {
                 match parse_request(&b.input, &mut b.lines) {
                     Parsed::Take(head) => break head,
-                    Parsed::Partial if b.input.len() < MAX_HEAD => {}
+                    Parsed::Partial if b.input.len() < MAX_HEAD => {
+                        if armed != Some(Wait::Head) {
+                            armed = Some(Wait::Head);
+                            let at = tokio::time::Instant::now() + limits.head;
+                            deadline.as_mut().reset(at);
+                        }
+                    }
                     Parsed::Partial | Parsed::Hyper => {
                         if closing.load(Ordering::Relaxed) {
                             return None;
@@ -121,11 +134,33 @@ async fn run(
             } else if closing.load(Ordering::Relaxed) {
                 return None;
             }
-            idle.store(b.input.is_empty(), Ordering::Relaxed);
+            let was_idle = b.input.is_empty();
+            if was_idle && armed.is_none() {
+                armed = Some(Wait::Idle);
+                deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + limits.idle);
+            }
+            idle.store(was_idle, Ordering::Relaxed);
             b.input.reserve(HEAD_BUF);
-            match client.read_buf(&mut b.input).await {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => idle.store(false, Ordering::Relaxed),
+            tokio::select! {
+                // The read first: when it is ready, the timer is not even looked at.
+                biased;
+                r = client.read_buf(&mut b.input) => match r {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => idle.store(false, Ordering::Relaxed),
+                },
+                _ = &mut deadline => {
+                    // An idle keep-alive connection just closes; a head that does not come
+                    // whole in time (a slow or stalled client) is told why.
+                    if !was_idle {
+                        let msg = "408 Request Timeout: the request head did not arrive in time";
+                        plain(&mut b.out, StatusCode::REQUEST_TIMEOUT, msg, true);
+                        let _ = client.write_all(&b.out).await;
+                        let _ = client.shutdown().await;
+                    }
+                    return None;
+                }
             }
         };
         // `proxy` consumes the request (head and body) from `b.input`.
@@ -135,6 +170,13 @@ async fn run(
             return None;
         }
     }
+}
+
+/// What a client connection's timer is counting.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Idle,
+    Head,
 }
 
 /// A header line of a parsed head, as ranges of the buffer it was parsed from.
@@ -501,6 +543,7 @@ async fn proxy(
         complete,
         consumed: complete,
         timeout,
+        body_pause: conn.ctx.client.body,
     };
     let mut result = ex.run(&lease.backend().pool, b, client).await;
     if let Err(Failure::NotSent(why)) = &result {
@@ -521,11 +564,19 @@ async fn proxy(
             cv.recorder.record(400, started.elapsed(), None);
             return malformed_body(client, &mut b.out).await;
         }
+        Err(Failure::Stalled) => {
+            cv.recorder.record(408, started.elapsed(), None);
+            let msg = "408 Request Timeout: the request body stopped arriving";
+            plain(&mut b.out, StatusCode::REQUEST_TIMEOUT, msg, true);
+            let _ = client.write_all(&b.out).await;
+            return false;
+        }
         Err(f) => {
             let failed = match &f {
                 Failure::NotSent(why) => Failed::NotSent(why),
                 Failure::Timeout => Failed::Timeout,
                 Failure::Reset(why) | Failure::Body(why) => Failed::Reset(why),
+                Failure::Stalled => Failed::Reset("the client stopped sending its body"),
             };
             let (status, msg) = forward::failure(conn, cv, &backend, failed, started);
             // A body not read to its end leaves the connection unusable.
@@ -566,6 +617,8 @@ enum Failure {
     Reset(String),
     /// The client's body broke its framing or ended early.
     Body(String),
+    /// The client stopped sending its body.
+    Stalled,
 }
 
 /// How a body is delimited.
@@ -715,6 +768,8 @@ struct Exchange<'a> {
     /// The body was read from the client to its end (so the client's next request follows).
     consumed: bool,
     timeout: Duration,
+    /// The longest pause allowed between two reads of the body.
+    body_pause: Duration,
 }
 
 impl Exchange<'_> {
@@ -777,8 +832,10 @@ impl Exchange<'_> {
             ..
         } = b;
         let mut relaying = true;
+        let pause = self.body_pause;
         let answer = {
-            let mut body = std::pin::pin!(relay_body(client, &mut uw, input, &mut self.body));
+            let mut body =
+                std::pin::pin!(relay_body(client, &mut uw, input, &mut self.body, pause));
             let mut answer = std::pin::pin!(read_head(&mut ur, is_head, upstream, lines));
             // Armed when the body has gone out: the wait for the answer starts then.
             let mut deadline = std::pin::pin!(tokio::time::sleep(self.timeout));
@@ -790,6 +847,7 @@ impl Exchange<'_> {
                         match r {
                             Ok(()) => self.consumed = true,
                             Err(BodyError::Client(why)) => return Err(Failure::Body(why)),
+                            Err(BodyError::Stalled) => return Err(Failure::Stalled),
                             // The upstream stopped reading: its answer may still come.
                             Err(BodyError::Upstream(why)) => {
                                 tracing::debug!(why, "upstream stopped reading the body");
@@ -810,6 +868,8 @@ impl Exchange<'_> {
 
 enum BodyError {
     Client(String),
+    /// The client sent no more of its body for longer than allowed.
+    Stalled,
     Upstream(String),
 }
 
@@ -820,13 +880,15 @@ async fn relay_body(
     upstream: &mut tokio::net::tcp::WriteHalf<'_>,
     input: &mut BytesMut,
     body: &mut Framing,
+    pause: Duration,
 ) -> Result<(), BodyError> {
     loop {
         input.reserve(BUF);
-        match client.read_buf(input).await {
-            Ok(0) => return Err(BodyError::Client("the client closed mid-body".into())),
-            Err(e) => return Err(BodyError::Client(e.to_string())),
-            Ok(_) => {}
+        match tokio::time::timeout(pause, client.read_buf(input)).await {
+            Err(_) => return Err(BodyError::Stalled),
+            Ok(Ok(0)) => return Err(BodyError::Client("the client closed mid-body".into())),
+            Ok(Err(e)) => return Err(BodyError::Client(e.to_string())),
+            Ok(Ok(_)) => {}
         }
         let (take, done, _) = delimit(body, input)
             .map_err(|()| BodyError::Client("malformed chunked body".into()))?;

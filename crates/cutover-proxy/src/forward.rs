@@ -54,6 +54,7 @@ pub(crate) struct Ctx {
     pub(crate) state: Arc<ServiceState>,
     pub(crate) proxy: Proxy,
     pub(crate) upstream_timeout: Duration,
+    pub(crate) client: crate::ClientTimeouts,
 }
 
 /// One client connection.
@@ -116,13 +117,18 @@ async fn serve_hyper<I>(conn: Arc<Conn>, io: I, mut stop: watch::Receiver<bool>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let service_conn = conn.clone();
     let service = hyper::service::service_fn(move |req| {
-        let conn = conn.clone();
+        let conn = service_conn.clone();
         async move { Ok::<_, Infallible>(handle(&conn, req).await) }
     });
+    let head_timeout = conn.ctx.client.head;
     let served = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
         .max_buf_size(64 * 1024)
+        // hyper closes a connection whose next head does not arrive in time (idle ones too).
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(head_timeout)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     let mut served = std::pin::pin!(served);

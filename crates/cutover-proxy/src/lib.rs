@@ -40,6 +40,31 @@ pub struct ServiceProxySpec {
     /// Longest wait for an upstream's response headers before answering 504.
     pub upstream_timeout: Duration,
     pub connect_timeout: Duration,
+    pub client: ClientTimeouts,
+}
+
+/// How long the proxy waits on a client. A connection that waits longer is closed, so idle or
+/// stalled clients cannot hold connections (and, mid-body, upstream connections) for ever.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientTimeouts {
+    /// A kept-alive connection with no request under way.
+    pub idle: Duration,
+    /// A request head, counted from its first byte (answered 408).
+    pub head: Duration,
+    /// Between two reads of a request body (answered 408).
+    pub body: Duration,
+}
+
+impl Default for ClientTimeouts {
+    /// nginx's `keepalive_timeout` (75 s) and `client_body_timeout` (60 s), and hyper's
+    /// `header_read_timeout` (30 s).
+    fn default() -> Self {
+        ClientTimeouts {
+            idle: Duration::from_secs(75),
+            head: Duration::from_secs(30),
+            body: Duration::from_secs(60),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +175,7 @@ impl Proxy {
             state: state.clone(),
             proxy: self.clone(),
             upstream_timeout: spec.upstream_timeout,
+            client: spec.client,
         };
         let preview_task = preview
             .map(|l| tokio::spawn(forward::accept_loop(l, ctx.clone(), true, stop_rx.clone())));

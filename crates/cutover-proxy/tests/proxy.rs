@@ -18,7 +18,7 @@ use cutover_core::{
     ServiceName, Version, Weight,
 };
 use cutover_metrics::Metrics;
-use cutover_proxy::{Proxy, ServiceProxySpec};
+use cutover_proxy::{ClientTimeouts, Proxy, ServiceProxySpec};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -205,6 +205,14 @@ impl Harness {
     /// With a long `interval`, instances are probed once at the start and then left to real
     /// traffic: passive health is all that acts during a test.
     async fn start_probing_every(initial: RouteTable, interval: Duration) -> Harness {
+        Harness::start_with(initial, interval, ClientTimeouts::default()).await
+    }
+
+    async fn start_with(
+        initial: RouteTable,
+        interval: Duration,
+        client: ClientTimeouts,
+    ) -> Harness {
         let metrics = Metrics::new();
         let (tx, health) = mpsc::unbounded_channel();
         let proxy = Proxy::new(metrics.clone(), tx);
@@ -222,6 +230,7 @@ impl Harness {
             },
             upstream_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_millis(500),
+            client,
         };
         let p = proxy.clone();
         tokio::spawn(async move {
@@ -1034,4 +1043,47 @@ async fn requests_with_bodies_reuse_upstream_connections_on_both_paths() {
     }
     assert_eq!(up.bodies_completed.load(Ordering::SeqCst), 20);
     assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+}
+
+/// Clients that hold a connection without using it are let go: an idle keep-alive connection
+/// is closed, a head or a body that stops coming gets 408, on both paths.
+#[tokio::test]
+async fn idle_and_stalled_clients_are_let_go() {
+    let up = upstream("blue").await;
+    let short = Duration::from_millis(300);
+    let mut h = Harness::start_with(
+        table(1, &[("blue", 100, &[("b1", up.addr)])]),
+        Duration::from_secs(3600),
+        ClientTimeouts {
+            idle: short,
+            head: short,
+            body: short,
+        },
+    )
+    .await;
+    h.healthy(1).await;
+    for (case, sent, answer) in [
+        ("idle", "", ""),
+        ("half a head", "GET / HTTP/1.1\r\nHo", "HTTP/1.1 408 "),
+        (
+            "half a body",
+            "POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc",
+            "HTTP/1.1 408 ",
+        ),
+        (
+            "idle on hyper's path",
+            "PUT /count HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nab",
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK",
+        ),
+    ] {
+        let mut s = TcpStream::connect(h.addr).await.unwrap();
+        s.write_all(sent.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .unwrap_or_else(|_| panic!("{case}: the connection stayed open"))
+            .unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with(answer), "{case}: {text:?}");
+    }
 }

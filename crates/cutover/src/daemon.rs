@@ -16,7 +16,7 @@ use cutover_config::{RuntimeSettings, ServiceSettings, Settings};
 use cutover_controller::{Controller, DriverParts, ServiceSetup};
 use cutover_core::{DataPlane, RouteTable, Version};
 use cutover_metrics::Metrics;
-use cutover_proxy::{Proxy, ServiceProxySpec};
+use cutover_proxy::{ClientTimeouts, Proxy, ServiceProxySpec};
 use cutover_runtime::{ProcessRuntime, Runtime, StaticRuntime};
 use cutover_store::Store;
 use tokio::net::TcpListener;
@@ -100,6 +100,7 @@ async fn run(settings: Settings) -> CliResult {
             health: s.health.clone(),
             upstream_timeout: s.upstream_timeout,
             connect_timeout: CONNECT_TIMEOUT,
+            client: ClientTimeouts::default(),
         };
         // Until the controller publishes, the proxy answers 503: no instance is healthy yet.
         let initial = RouteTable::single(s.name.clone(), s.version.clone(), Vec::new());
