@@ -10,7 +10,8 @@
 //! accounting, error texts and draining are `forward.rs`'s, shared.
 //!
 //! It takes only what it fully understands: HTTP/1.1, an origin-form target, a Host, a body
-//! delimited by one Content-Length or by chunked, no Upgrade, no Expect. At the first request
+//! delimited by one Content-Length or by chunked, no Upgrade, no Expect other than
+//! `100-continue` (which it answers itself once the request is routed). At the first request
 //! it does not take, the connection goes to hyper's path for good, with the bytes already read
 //! ([`Prefixed`]); hyper also answers every head that does not parse. One request it answers itself: Content-Length together with
 //! Transfer-Encoding (in either order) gets 400, the smuggling attempt RFC 9112 §6.3 allows a
@@ -199,6 +200,8 @@ struct Head {
     close: bool,
     /// How the request's body is delimited (`Empty`, `Length` or `Chunked`).
     body: Framing,
+    /// `Expect: 100-continue`: the client waits for a go-ahead before it sends its body.
+    expect_continue: bool,
     host: Range<usize>,
     pin: Option<Range<usize>>,
     /// The first `X-Forwarded-For` value the client sent (replaced, with our peer appended).
@@ -358,7 +361,7 @@ fn parse_request(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
         return Parsed::Hyper;
     };
     lines.clear();
-    let (mut declared, mut other) = (Declared::default(), false);
+    let (mut declared, mut other, mut expect_continue) = (Declared::default(), false, false);
     let (mut host, mut pin, mut forwarded_for) = (None, None, None);
     let (mut forwarded_proto, mut forwarded_host) = (false, false);
     for h in req.headers.iter() {
@@ -372,7 +375,15 @@ fn parse_request(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
             }
             None => {}
         }
-        if is(name, "upgrade") || is(name, "expect") {
+        if is(name, "expect") {
+            // The go-ahead is the proxy's to give (see `proxy`); other expectations are
+            // hyper's to refuse.
+            if value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
+                expect_continue = true;
+                continue;
+            }
+            other = true;
+        } else if is(name, "upgrade") {
             other = true;
         } else if is(name, "host") {
             host.get_or_insert(range_in(buf, value));
@@ -426,6 +437,7 @@ fn parse_request(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
         is_head: method == "HEAD",
         close: named_by(&tokens, "close"),
         body,
+        expect_continue,
         host,
         pin,
         forwarded_for,
@@ -530,6 +542,18 @@ async fn proxy(
     let Some(cv) = table.versions.get(index) else {
         return false;
     };
+    // The request has somewhere to go: the client may send its body (RFC 9110 §10.1.1). Not
+    // asked of the upstream, whose early answer would come after the body anyway; if the body
+    // came already, the client did not wait and needs no go-ahead.
+    if head.expect_continue
+        && !complete
+        && client
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .is_err()
+    {
+        return false;
+    }
     write_request(conn, head, input, &b.lines, &mut b.out);
     let from = head.len.min(b.input.len());
     b.out
@@ -1204,6 +1228,15 @@ mod tests {
         assert!(matches!(body(post), Framing::Length(3)));
         let chunked = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
         assert!(matches!(body(chunked), Framing::Chunked(_)));
+        let expect =
+            "PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n";
+        assert!(matches!(
+            request(expect).0,
+            Parsed::Take(Head {
+                expect_continue: true,
+                ..
+            })
+        ));
         // hyper's: it answers the malformed ones (400) and serves the unusual ones.
         for raw in [
             "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
@@ -1213,7 +1246,7 @@ mod tests {
             "GET / HTTP/1.1\r\n\r\n",
             "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-            "PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+            "PUT / HTTP/1.1\r\nHost: a\r\nExpect: something-else\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
         ] {
             assert!(matches!(request(raw).0, Parsed::Hyper), "{raw}");

@@ -2,9 +2,9 @@
 //! with the fast path (`fast.rs`).
 //!
 //! Every connection starts on the fast path, which serves HTTP/1.1 requests itself and hands
-//! the connection to hyper (here) at the first request it does not take (an upgrade, `Expect`,
-//! HTTP/1.0, an absolute-form target, a head that does not parse). Nothing here may panic or
-//! block. Requests hyper cannot parse (differing Content-Lengths, bad chunk sizes, obs-fold,
+//! the connection to hyper (here) at the first request it does not take (an upgrade, an
+//! `Expect` other than `100-continue`, HTTP/1.0, an absolute-form target, a head that does not
+//! parse). Nothing here may panic or block. Requests hyper cannot parse (differing Content-Lengths, bad chunk sizes, obs-fold,
 //! oversized headers) are answered by hyper itself with 400/431 before this code runs, so they
 //! never reach an upstream. Bodies are streamed both ways, never buffered.
 

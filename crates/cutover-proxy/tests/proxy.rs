@@ -578,7 +578,8 @@ async fn malformed_requests_get_400_and_never_reach_an_upstream() {
     );
 }
 
-/// A connection that sent `Expect: 100-continue` is served by hyper from then on; there,
+/// A connection that sent an absolute-form request (as to a forward proxy) is served by hyper
+/// from then on; there,
 /// Content-Length with Transfer-Encoding is resolved as RFC 9112 §6.3 says (chunked wins, the
 /// connection closes after the answer), and the request smuggled behind the body is never
 /// forwarded.
@@ -587,7 +588,7 @@ async fn content_length_with_transfer_encoding_cannot_smuggle_on_hyper_s_path() 
     let up = upstream("blue").await;
     let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
     h.healthy(1).await;
-    let raw = "POST /count HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi\
+    let raw = "POST http://x/count HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi\
                POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
                POST /count HTTP/1.1\r\nHost: x\r\n\r\n";
     let text = raw_exchange(h.addr, raw).await;
@@ -955,7 +956,8 @@ async fn an_upstream_closing_kept_alive_connections_costs_no_request() {
 }
 
 /// Pipelined on one connection: a body by length, a chunked body, then a request that sends
-/// `Expect: 100-continue`, which moves the connection to hyper's path, where the last request
+/// an absolute target (as to a forward proxy), which moves the connection to hyper's path,
+/// where the last request
 /// is served too.
 #[tokio::test]
 async fn request_bodies_by_length_and_by_chunks_and_a_move_to_hyper() {
@@ -967,7 +969,7 @@ async fn request_bodies_by_length_and_by_chunks_and_a_move_to_hyper() {
         "POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc\
          POST /count HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
          4\r\nabcd\r\n1;x=y\r\ne\r\n0\r\nX-T: 1\r\n\r\n\
-         PUT /count HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nab\
+         PUT http://x/count HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab\
          GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     .await;
@@ -1010,7 +1012,7 @@ async fn an_answer_before_the_body_ends_is_relayed_and_closes_the_connection() {
 }
 
 /// Requests with bodies keep upstream connections alive on both paths: one client connection
-/// sending twenty of them (the last ten with `Expect: 100-continue`, which moves it to hyper's
+/// sending twenty of them (the last ten with absolute targets, which moves it to hyper's
 /// path) needs one upstream connection per path (hyper's path shares its connections with the
 /// health checker).
 #[tokio::test]
@@ -1024,13 +1026,8 @@ async fn requests_with_bodies_reuse_upstream_connections_on_both_paths() {
     h.healthy(1).await;
     let mut s = TcpStream::connect(h.addr).await.unwrap();
     for i in 0..20 {
-        let expect = if i >= 10 {
-            "Expect: 100-continue\r\n"
-        } else {
-            ""
-        };
-        let req =
-            format!("PUT /count HTTP/1.1\r\nHost: x\r\n{expect}Content-Length: 5\r\n\r\nhello");
+        let target = if i >= 10 { "http://x/count" } else { "/count" };
+        let req = format!("PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello");
         s.write_all(req.as_bytes()).await.unwrap();
         // One answer at a time: its end is the body "5".
         let mut got = Vec::new();
@@ -1072,8 +1069,8 @@ async fn idle_and_stalled_clients_are_let_go() {
         ),
         (
             "idle on hyper's path",
-            "PUT /count HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nab",
-            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK",
+            "PUT http://x/count HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab",
+            "HTTP/1.1 200 OK",
         ),
     ] {
         let mut s = TcpStream::connect(h.addr).await.unwrap();
@@ -1086,4 +1083,37 @@ async fn idle_and_stalled_clients_are_let_go() {
         let text = String::from_utf8_lossy(&out);
         assert!(text.starts_with(answer), "{case}: {text:?}");
     }
+}
+
+/// `Expect: 100-continue` (curl sends it for large uploads) is answered by the proxy once the
+/// request is routed; the body then follows on the same, still fast, path.
+#[tokio::test]
+async fn expect_continue_gets_its_go_ahead() {
+    let up = upstream("blue").await;
+    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
+    h.healthy(1).await;
+    let mut s = TcpStream::connect(h.addr).await.unwrap();
+    s.write_all(
+        b"PUT /count HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let go = b"HTTP/1.1 100 Continue\r\n\r\n";
+    let mut got = vec![0u8; go.len()];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, go);
+    // Then a request with both framings on the same connection: still refused, so the
+    // connection stayed on the path that refuses it.
+    s.write_all(b"hello").await.unwrap();
+    s.write_all(
+        b"POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
+    assert!(text.contains("\r\n\r\n5HTTP/1.1 400 "), "{text:?}");
+    assert_eq!(up.bodies_completed.load(Ordering::SeqCst), 1);
 }
