@@ -126,8 +126,7 @@ async fn run(
                         });
                     }
                     Parsed::Reject(why) => {
-                        plain(&mut b.out, StatusCode::BAD_REQUEST, why, true);
-                        let _ = client.write_all(&b.out).await;
+                        answer(&mut client, &mut b.out, StatusCode::BAD_REQUEST, why, true).await;
                         let _ = client.shutdown().await;
                         return None;
                     }
@@ -156,8 +155,8 @@ async fn run(
                     // whole in time (a slow or stalled client) is told why.
                     if !was_idle {
                         let msg = "408 Request Timeout: the request head did not arrive in time";
-                        plain(&mut b.out, StatusCode::REQUEST_TIMEOUT, msg, true);
-                        let _ = client.write_all(&b.out).await;
+                        answer(&mut client, &mut b.out, StatusCode::REQUEST_TIMEOUT, msg, true)
+                            .await;
                         let _ = client.shutdown().await;
                     }
                     return None;
@@ -215,25 +214,11 @@ struct Head {
 enum Parsed {
     Partial,
     Take(Head),
-    /// Not for this path (a body, an upgrade, HTTP/1.0, a head that does not parse...).
+    /// Not for this path (an upgrade, HTTP/1.0, a head that does not parse...).
     Hyper,
     /// A request that must not reach any upstream; answered 400 with this reason.
     Reject(&'static str),
 }
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1), which never cross the proxy; the same list as
-/// hyper's path strips.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "upgrade",
-    "keep-alive",
-    "proxy-connection",
-];
 
 fn is(name: &str, known: &str) -> bool {
     name.eq_ignore_ascii_case(known)
@@ -331,6 +316,12 @@ fn last_coding_is_chunked(value: &[u8]) -> bool {
         .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
+/// Whether a header stays on its side of the proxy: hop-by-hop by name (the list hyper's path
+/// strips), or named by the message's Connection header.
+fn hop_by_hop(name: &str, tokens: &[&[u8]]) -> bool {
+    forward::HOP_BY_HOP.iter().any(|n| is(name, n.as_str())) || named_by(tokens, name)
+}
+
 fn named_by(tokens: &[&[u8]], name: &str) -> bool {
     tokens
         .iter()
@@ -397,10 +388,9 @@ fn parse_request(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
         } else if is(name, "x-forwarded-host") {
             forwarded_host = true;
         }
-        if HOP_BY_HOP.iter().any(|n| is(name, n)) || named_by(&tokens, name) {
-            continue;
+        if !hop_by_hop(name, &tokens) {
+            push(lines, buf, name, value);
         }
-        push(lines, buf, name, value);
     }
     let Declared {
         lengths,
@@ -516,7 +506,9 @@ async fn proxy(
     let mut body = head.body;
     let (first, complete) = match delimit(&mut body, b.input.get(head.len..).unwrap_or_default()) {
         Ok((take, done, _)) => (take, done),
-        Err(()) => return malformed_body(client, &mut b.out).await,
+        Err(()) => {
+            return answer(client, &mut b.out, StatusCode::BAD_REQUEST, MALFORMED, true).await;
+        }
     };
     let input = &b.input[..];
     let mut close = conn.take_close() || head.close;
@@ -535,8 +527,14 @@ async fn proxy(
             close |= !complete;
             let consumed = (head.len + first).min(b.input.len());
             b.input.advance(consumed);
-            plain(&mut b.out, StatusCode::SERVICE_UNAVAILABLE, &msg, close);
-            return client.write_all(&b.out).await.is_ok() && !close;
+            return answer(
+                client,
+                &mut b.out,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &msg,
+                close,
+            )
+            .await;
         }
     };
     let Some(cv) = table.versions.get(index) else {
@@ -586,14 +584,12 @@ async fn proxy(
             // The client's fault, not the upstream's: no upstream error is counted.
             tracing::debug!(why, "request body broke off");
             cv.recorder.record(400, started.elapsed(), None);
-            return malformed_body(client, &mut b.out).await;
+            return answer(client, &mut b.out, StatusCode::BAD_REQUEST, MALFORMED, true).await;
         }
         Err(Failure::Stalled) => {
             cv.recorder.record(408, started.elapsed(), None);
             let msg = "408 Request Timeout: the request body stopped arriving";
-            plain(&mut b.out, StatusCode::REQUEST_TIMEOUT, msg, true);
-            let _ = client.write_all(&b.out).await;
-            return false;
+            return answer(client, &mut b.out, StatusCode::REQUEST_TIMEOUT, msg, true).await;
         }
         Err(f) => {
             let failed = match &f {
@@ -605,8 +601,7 @@ async fn proxy(
             let (status, msg) = forward::failure(conn, cv, &backend, failed, started);
             // A body not read to its end leaves the connection unusable.
             close |= !ex.consumed;
-            plain(&mut b.out, status, &msg, close);
-            return client.write_all(&b.out).await.is_ok() && !close;
+            return answer(client, &mut b.out, status, &msg, close).await;
         }
     };
     forward::answered(conn, cv, &backend, answer.status, started);
@@ -626,12 +621,19 @@ async fn proxy(
     !close
 }
 
-/// Answers a request whose body breaks its own framing (or ends early); the connection closes.
-async fn malformed_body(client: &mut TcpStream, out: &mut Vec<u8>) -> bool {
-    let msg = "400 Bad Request: the request body is malformed";
-    plain(out, StatusCode::BAD_REQUEST, msg, true);
-    let _ = client.write_all(out).await;
-    false
+/// The answer to a request whose body breaks its own framing (or ends early).
+const MALFORMED: &str = "400 Bad Request: the request body is malformed";
+
+/// Sends an answer of the proxy's own; whether the connection stays open after it.
+async fn answer(
+    client: &mut TcpStream,
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    msg: &str,
+    close: bool,
+) -> bool {
+    plain(out, status, msg, close);
+    client.write_all(out).await.is_ok() && !close
 }
 
 /// Why an exchange brought no response head.
@@ -720,10 +722,9 @@ fn parse_response(buf: &[u8], is_head: bool, lines: &mut Vec<Line>) -> ParsedAns
             }
             None => {}
         }
-        if HOP_BY_HOP.iter().any(|n| is(name, n)) || named_by(&tokens, name) {
-            continue;
+        if !hop_by_hop(name, &tokens) {
+            push(lines, buf, name, value);
         }
-        push(lines, buf, name, value);
     }
     if declared.bad_length {
         return ParsedAnswer::Bad("invalid or differing Content-Lengths".into());
@@ -809,7 +810,7 @@ impl Exchange<'_> {
         loop {
             let (mut s, reused) = match pool.take_raw() {
                 Some(s) => (s, true),
-                None => (pool.connect_raw().await.map_err(Failure::NotSent)?, false),
+                None => (pool.dial().await.map_err(Failure::NotSent)?, false),
             };
             b.upstream.clear();
             if !self.complete {

@@ -4,9 +4,9 @@
 //! Every connection starts on the fast path, which serves HTTP/1.1 requests itself and hands
 //! the connection to hyper (here) at the first request it does not take (an upgrade, an
 //! `Expect` other than `100-continue`, HTTP/1.0, an absolute-form target, a head that does not
-//! parse). Nothing here may panic or block. Requests hyper cannot parse (differing Content-Lengths, bad chunk sizes, obs-fold,
-//! oversized headers) are answered by hyper itself with 400/431 before this code runs, so they
-//! never reach an upstream. Bodies are streamed both ways, never buffered.
+//! parse). Nothing here may panic or block. Requests hyper cannot parse (differing
+//! Content-Lengths, bad chunk sizes, obs-fold, oversized headers) are answered by hyper itself
+//! with 400/431 before this code runs, so they never reach an upstream. Bodies are streamed both ways, never buffered.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -44,7 +44,7 @@ const PASSIVE_EJECT_AFTER: u32 = 3;
 /// healthy version stops taking traffic within a handful of requests.
 const EJECT_AFTER_FAILED_ANSWERS: u32 = 10;
 // Header names as statics: a `&str` key is parsed and hashed into a name on every lookup.
-pub(crate) static PIN_HEADER: HeaderName = HeaderName::from_static("x-cutover-version");
+static PIN_HEADER: HeaderName = HeaderName::from_static("x-cutover-version");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -183,7 +183,7 @@ fn is_upgrade(h: &HeaderMap) -> bool {
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) that never cross the proxy. A `static`, not a `const`:
 /// a const array of header names is built and dropped again at every use.
-static HOP_BY_HOP: [HeaderName; 9] = [
+pub(crate) static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,

@@ -106,11 +106,6 @@ impl Pool {
         }
     }
 
-    /// A new plain connection for the fast path.
-    pub(crate) async fn connect_raw(&self) -> Result<TcpStream, String> {
-        self.dial().await
-    }
-
     /// Sends `req` on an idle connection, or on a new one if none is usable. On success the
     /// sender comes back with the response; return it with [`Pool::put`] once the response
     /// body has been read to its end, not before (the connection is busy until then).
@@ -173,7 +168,8 @@ impl Pool {
             .retain(|(s, since)| !stale(s) && now.saturating_duration_since(*since) < max_idle);
     }
 
-    async fn dial(&self) -> Result<TcpStream, String> {
+    /// A new plain connection (the fast path's; hyper's path builds its senders on one).
+    pub(crate) async fn dial(&self) -> Result<TcpStream, String> {
         let stream =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
                 Err(_) => {

@@ -198,6 +198,13 @@ struct Harness {
 }
 
 impl Harness {
+    /// One version, "blue", of one instance at `addr`, already healthy.
+    async fn serving(addr: SocketAddr) -> Harness {
+        let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", addr)])])).await;
+        h.healthy(1).await;
+        h
+    }
+
     async fn start(initial: RouteTable) -> Harness {
         Harness::start_probing_every(initial, Duration::from_millis(50)).await
     }
@@ -539,8 +546,7 @@ async fn raw_exchange(addr: SocketAddr, raw: &str) -> String {
 #[tokio::test]
 async fn malformed_requests_get_400_and_never_reach_an_upstream() {
     let up = upstream("blue").await;
-    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
-    h.healthy(1).await;
+    let h = Harness::serving(up.addr).await;
     let vectors: &[(&str, &str)] = &[
         (
             "CL then TE",
@@ -586,8 +592,7 @@ async fn malformed_requests_get_400_and_never_reach_an_upstream() {
 #[tokio::test]
 async fn content_length_with_transfer_encoding_cannot_smuggle_on_hyper_s_path() {
     let up = upstream("blue").await;
-    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
-    h.healthy(1).await;
+    let h = Harness::serving(up.addr).await;
     let raw = "POST http://x/count HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi\
                POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
                POST /count HTTP/1.1\r\nHost: x\r\n\r\n";
@@ -613,8 +618,7 @@ async fn content_length_with_transfer_encoding_cannot_smuggle_on_hyper_s_path() 
 #[tokio::test]
 async fn websocket_upgrades_pass_through() {
     let up = upstream("blue").await;
-    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
-    h.healthy(1).await;
+    let h = Harness::serving(up.addr).await;
     let tcp = TcpStream::connect(h.addr).await.unwrap();
     let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{}/ws", h.addr), tcp)
         .await
@@ -645,8 +649,7 @@ fn rss_kib() -> u64 {
 #[tokio::test]
 async fn a_100_mb_body_streams_through_without_buffering() {
     let up = upstream("blue").await;
-    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
-    h.healthy(1).await;
+    let h = Harness::serving(up.addr).await;
     const CHUNK: usize = 64 * 1024;
     const CHUNKS: usize = 1600; // 100 MiB
     let before = rss_kib();
@@ -872,8 +875,7 @@ impl RawUpstream {
 #[tokio::test]
 async fn chunked_close_delimited_and_head_answers_are_relayed_whole() {
     let up = raw_upstream().await;
-    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
-    h.healthy(1).await;
+    let h = Harness::serving(up.addr).await;
     let c = client();
     assert_eq!(
         get(&c, h.addr, "/chunked", None).await,
@@ -910,8 +912,7 @@ async fn chunked_close_delimited_and_head_answers_are_relayed_whole() {
 #[tokio::test]
 async fn the_upstream_sees_forwarding_headers_and_no_hop_by_hop_ones() {
     let up = raw_upstream().await;
-    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
-    h.healthy(1).await;
+    let h = Harness::serving(up.addr).await;
     let text = raw_exchange(
         h.addr,
         "GET /hdr HTTP/1.1\r\nHost: shop.example\r\nConnection: X-Secret, close\r\n\
@@ -937,8 +938,7 @@ async fn the_upstream_sees_forwarding_headers_and_no_hop_by_hop_ones() {
 #[tokio::test]
 async fn an_upstream_closing_kept_alive_connections_costs_no_request() {
     let up = raw_upstream().await;
-    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
-    h.healthy(1).await;
+    let h = Harness::serving(up.addr).await;
     let c = client();
     for i in 0..30 {
         assert_eq!(
@@ -962,8 +962,7 @@ async fn an_upstream_closing_kept_alive_connections_costs_no_request() {
 #[tokio::test]
 async fn request_bodies_by_length_and_by_chunks_and_a_move_to_hyper() {
     let up = upstream("blue").await;
-    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
-    h.healthy(1).await;
+    let h = Harness::serving(up.addr).await;
     let text = raw_exchange(
         h.addr,
         "POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc\
@@ -988,8 +987,7 @@ async fn request_bodies_by_length_and_by_chunks_and_a_move_to_hyper() {
 #[tokio::test]
 async fn an_answer_before_the_body_ends_is_relayed_and_closes_the_connection() {
     let up = raw_upstream().await;
-    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
-    h.healthy(1).await;
+    let h = Harness::serving(up.addr).await;
     let mut s = TcpStream::connect(h.addr).await.unwrap();
     s.write_all(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
         .await
@@ -1090,8 +1088,7 @@ async fn idle_and_stalled_clients_are_let_go() {
 #[tokio::test]
 async fn expect_continue_gets_its_go_ahead() {
     let up = upstream("blue").await;
-    let mut h = Harness::start(table(1, &[("blue", 100, &[("b1", up.addr)])])).await;
-    h.healthy(1).await;
+    let h = Harness::serving(up.addr).await;
     let mut s = TcpStream::connect(h.addr).await.unwrap();
     s.write_all(
         b"PUT /count HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
