@@ -152,7 +152,15 @@ async fn promote(
     bytes: axum::body::Bytes,
 ) -> ApiResult<wire::Service> {
     let b: PromoteBody = body(&bytes)?;
-    act(&s, &name, Action::Promote { full: b.full }).await
+    act(
+        &s,
+        &name,
+        Action::Promote {
+            full: b.full,
+            force: b.force,
+        },
+    )
+    .await
 }
 
 async fn abort(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<wire::Service> {

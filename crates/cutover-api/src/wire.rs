@@ -24,7 +24,10 @@ pub struct Service {
     pub candidate: Option<String>,
     pub strategy: String,
     /// version → percent
+    /// Where unpinned traffic really goes (a version with no routable instance gets none).
     pub weights: BTreeMap<String, u8>,
+    /// The shares the rollout asks for.
+    pub configured_weights: BTreeMap<String, u8>,
     pub step: Option<usize>,
     pub steps: Option<usize>,
     pub rollout_id: Option<i64>,
@@ -92,6 +95,9 @@ pub struct DeployBody {
 pub struct PromoteBody {
     #[serde(default)]
     pub full: bool,
+    /// Promote although analysis failed at the current stage and has not passed since.
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -151,6 +157,11 @@ impl From<&ServiceView> for Service {
             candidate: s.candidate.as_ref().map(ToString::to_string),
             strategy: s.strategy.as_str().to_owned(),
             weights: s.weights.iter().map(|(v, w)| (v.to_string(), *w)).collect(),
+            configured_weights: s
+                .configured_weights
+                .iter()
+                .map(|(v, w)| (v.to_string(), *w))
+                .collect(),
             step: s.step.map(|(i, _)| i),
             steps: s.step.map(|(_, n)| n),
             rollout_id: s.rollout_id,

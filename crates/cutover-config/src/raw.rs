@@ -58,7 +58,38 @@ pub struct RawService {
     pub canary: Option<S<RawCanary>>,
     pub blue_green: Option<S<RawBlueGreen>>,
     pub rolling: Option<S<RawRolling>>,
-    pub analysis: Option<S<RawAnalysis>>,
+    pub scale_down_delay: Option<S<String>>,
+    pub analysis: Option<S<RawAnalysisOrOff>>,
+}
+
+/// `analysis = false`, or an `[services.X.analysis]` table.
+pub enum RawAnalysisOrOff {
+    Off(bool),
+    Table(Box<RawAnalysis>),
+}
+
+impl<'de> Deserialize<'de> for RawAnalysisOrOff {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawAnalysisOrOff;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("`false` or an analysis table")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(RawAnalysisOrOff::Off(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                // The table is read by the map's own deserializer, so its values keep spans.
+                RawAnalysis::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(|t| RawAnalysisOrOff::Table(Box::new(t)))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Deserialize)]
@@ -83,6 +114,7 @@ pub struct RawStep {
     pub weight: Option<S<i64>>,
     pub pause: Option<S<String>>,
     pub approve: Option<S<bool>>,
+    pub analysis: Option<S<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -109,6 +141,8 @@ pub struct RawAnalysis {
     pub max_p99: Option<S<String>>,
     pub failure_limit: Option<S<i64>>,
     pub compare_to_stable: Option<S<bool>>,
+    pub analysis_deadline: Option<S<String>>,
+    pub on_no_evidence: Option<S<String>>,
 }
 
 /// 1-based line and column of byte `offset` in `text`.

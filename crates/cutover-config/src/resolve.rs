@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cutover_core::{
-    AnalysisSpec, BlueGreenSpec, CanaryStep, HealthSpec, RollingSpec, RolloutSpec, ServiceName,
-    StrategyKind, Version, Weight,
+    AnalysisSpec, BlueGreenSpec, CanaryStep, HealthSpec, NoEvidence, RollingSpec, RolloutSpec,
+    ServiceName, StrategyKind, Version, Weight,
 };
 
-use crate::raw::{Raw, RawService, S, line_col};
+use crate::raw::{Raw, RawAnalysisOrOff, RawService, S, line_col};
 use crate::{
     ConfigError, DaemonSettings, Diagnostic, NotifySettings, RuntimeSettings, ServiceSettings,
     Settings,
@@ -79,6 +79,14 @@ impl Ctx<'_> {
                 default
             }
         }
+    }
+
+    /// A duration that may be zero (`scale_down_delay = "0s"` stops the old version at once).
+    fn duration_or_zero(&mut self, v: &S<String>, key: &str) -> Duration {
+        parse_duration(v.get_ref()).unwrap_or_else(|e| {
+            self.err(v, key, e);
+            Duration::ZERO
+        })
     }
 
     fn count(&mut self, v: Option<&S<i64>>, key: &str, min: i64, max: i64, default: u32) -> u32 {
@@ -523,18 +531,27 @@ fn service(
                     .preview_listen
                     .as_ref()
                     .and_then(|p| claim(cx, listens, p, k("blue_green.preview_listen"))),
-                scale_down_delay: match &b.scale_down_delay {
-                    Some(v) => match parse_duration(v.get_ref()) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            cx.err(v, k("blue_green.scale_down_delay"), e);
-                            d.scale_down_delay
-                        }
-                    },
-                    None => d.scale_down_delay,
-                },
             }
         }
+    };
+    // `scale_down_delay` is the service's since every strategy keeps the old version warm;
+    // `[blue_green] scale_down_delay`, where it used to live, still works.
+    let old_delay = s
+        .blue_green
+        .as_ref()
+        .and_then(|b| b.get_ref().scale_down_delay.as_ref());
+    let scale_down_delay = match (&s.scale_down_delay, old_delay) {
+        (Some(_), Some(old)) => {
+            cx.err(
+                old,
+                k("blue_green.scale_down_delay"),
+                "is also set as services.NAME.scale_down_delay; keep only that one",
+            );
+            defaults.scale_down_delay
+        }
+        (Some(v), None) => cx.duration_or_zero(v, &k("scale_down_delay")),
+        (None, Some(v)) => cx.duration_or_zero(v, &k("blue_green.scale_down_delay")),
+        (None, None) => defaults.scale_down_delay,
     };
 
     let rolling = match &s.rolling {
@@ -572,10 +589,22 @@ fn service(
         }
     };
 
-    let analysis = match &s.analysis {
+    let analysis = match s.analysis.as_ref().map(|a| (a, a.get_ref())) {
         None => AnalysisSpec::default(),
-        Some(a) => {
-            let a = a.get_ref();
+        Some((at, RawAnalysisOrOff::Off(on))) => {
+            if *on {
+                cx.err(
+                    at,
+                    k("analysis"),
+                    "`analysis = true` is the default; write an [analysis] table to tune it, or `analysis = false` to turn it off",
+                );
+            }
+            AnalysisSpec {
+                enabled: false,
+                ..AnalysisSpec::default()
+            }
+        }
+        Some((_, RawAnalysisOrOff::Table(a))) => {
             let d = AnalysisSpec::default();
             let max_error_rate = match &a.max_error_rate {
                 Some(v) if !(0.0..=1.0).contains(v.get_ref()) => {
@@ -589,7 +618,22 @@ fn service(
                 Some(v) => Some(*v.get_ref()),
                 None => d.max_error_rate,
             };
+            let on_no_evidence = match &a.on_no_evidence {
+                None => d.on_no_evidence,
+                Some(v) => NoEvidence::parse(v.get_ref()).unwrap_or_else(|| {
+                    cx.err(
+                        v,
+                        k("analysis.on_no_evidence"),
+                        format!(
+                            "{:?} is not one of \"pause\", \"rollback\", \"promote\"",
+                            v.get_ref()
+                        ),
+                    );
+                    d.on_no_evidence
+                }),
+            };
             AnalysisSpec {
+                enabled: true,
                 interval: cx.duration(a.interval.as_ref(), &k("analysis.interval"), d.interval),
                 min_requests: u64::from(cx.count(
                     a.min_requests.as_ref(),
@@ -618,6 +662,12 @@ fn service(
                     .compare_to_stable
                     .as_ref()
                     .map_or(d.compare_to_stable, |v| *v.get_ref()),
+                deadline: cx.duration(
+                    a.analysis_deadline.as_ref(),
+                    &k("analysis.analysis_deadline"),
+                    d.deadline,
+                ),
+                on_no_evidence,
             }
         }
     };
@@ -644,6 +694,7 @@ fn service(
             &k("stop_timeout"),
             defaults.stop_timeout,
         ),
+        scale_down_delay,
     };
     let upstream_timeout = cx.duration(
         s.upstream_timeout.as_ref(),
@@ -715,9 +766,17 @@ fn canary_steps(
                 out.push(CanaryStep::SetWeight {
                     weight: Weight::new(u32::try_from(n).unwrap_or(100)).unwrap_or(Weight::FULL),
                     pause,
+                    analysis: step.analysis.as_ref().is_none_or(|a| *a.get_ref()),
                 });
             }
             (None, Some(a)) if *a.get_ref() => {
+                if let Some(x) = &step.analysis {
+                    cx.err(
+                        x,
+                        format!("{sk}.analysis"),
+                        "an approval step is a person's decision; analysis applies to weight steps",
+                    );
+                }
                 if let Some(p) = &step.pause {
                     cx.err(
                         p,

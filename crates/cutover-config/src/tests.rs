@@ -57,6 +57,31 @@ fn broken_configs_name_file_line_column_and_key() {
             web("[services.web.canary]\nsteps = []\n"),
             "cutover.toml:5:9: services.web.canary.steps: needs at least one step, e.g. [ { weight = 10, pause = \"1m\" }, { weight = 100 } ]",
         ),
+        // Evidence: analysis keys and how a step or service opts out.
+        (
+            web("[services.web.analysis]\non_no_evidence = \"ignore\"\n"),
+            "cutover.toml:5:18: services.web.analysis.on_no_evidence: \"ignore\" is not one of \"pause\", \"rollback\", \"promote\"",
+        ),
+        (
+            web("[services.web.analysis]\nanalysis_deadline = \"0s\"\n"),
+            "cutover.toml:5:21: services.web.analysis.analysis_deadline: must be longer than 0",
+        ),
+        (
+            web("analysis = true\n"),
+            "cutover.toml:4:12: services.web.analysis: `analysis = true` is the default; write an [analysis] table to tune it, or `analysis = false` to turn it off",
+        ),
+        (
+            web("analysis = \"off\"\n"),
+            "cutover.toml:4:12: services.web.analysis: invalid type: string \"off\", expected `false` or an analysis table",
+        ),
+        (
+            web("[services.web.canary]\nsteps = [ { approve = true, analysis = false }, { weight = 100 } ]\n"),
+            "cutover.toml:5:40: services.web.canary.steps[0].analysis: an approval step is a person's decision; analysis applies to weight steps",
+        ),
+        (
+            web("scale_down_delay = \"5s\"\n[services.web.blue_green]\nscale_down_delay = \"10s\"\n"),
+            "cutover.toml:6:20: services.web.blue_green.scale_down_delay: is also set as services.NAME.scale_down_delay; keep only that one",
+        ),
         // Commands and runtimes.
         (
             "[services.web]\nlisten = \"127.0.0.1:8080\"\ncommand = [\"app\", \"--port\", \"8000\"]\n".to_owned(),
@@ -178,11 +203,11 @@ fn broken_configs_name_file_line_column_and_key() {
         // Found by serde while reading: unknown keys, wrong types, TOML syntax.
         (
             web("bogus = 1\n"),
-            "cutover.toml:4:1: services.web.bogus: unknown key `bogus`; allowed keys: `listen`, `version`, `runtime`, `command`, `env`, `reads_port_env`, `upstreams`, `instances`, `strategy`, `progress_deadline`, `drain_timeout`, `stop_timeout`, `upstream_timeout`, `health`, `canary`, `blue_green`, `rolling`, `analysis`",
+            "cutover.toml:4:1: services.web.bogus: unknown key `bogus`; allowed keys: `listen`, `version`, `runtime`, `command`, `env`, `reads_port_env`, `upstreams`, `instances`, `strategy`, `progress_deadline`, `drain_timeout`, `stop_timeout`, `upstream_timeout`, `health`, `canary`, `blue_green`, `rolling`, `scale_down_delay`, `analysis`",
         ),
         (
             web("[services.web.canary]\nsteps = [ { weight = 10, wait = \"5s\" }, { weight = 100 } ]\n"),
-            "cutover.toml:5:26: services.web.canary.steps[0].wait: unknown key `wait`; allowed keys: `weight`, `pause`, `approve`",
+            "cutover.toml:5:26: services.web.canary.steps[0].wait: unknown key `wait`; allowed keys: `weight`, `pause`, `approve`, `analysis`",
         ),
         (
             "[demon]\napi = \"127.0.0.1:7070\"\n".to_owned(),
@@ -296,6 +321,38 @@ fn extensions_and_services_in_name_order() {
 }
 
 #[test]
+fn analysis_opt_outs_and_the_service_scale_down_delay() {
+    let s = parse(
+        &web("scale_down_delay = \"0s\"\nanalysis = false\n[services.web.canary]\nsteps = [ { weight = 10, pause = \"5s\", analysis = false }, { weight = 100 } ]\n"),
+        Path::new("cutover.toml"),
+    )
+    .expect("valid");
+    let r = &s.service("web").expect("web").rollout;
+    assert!(!r.analysis.enabled);
+    assert_eq!(r.scale_down_delay, Duration::ZERO);
+    assert!(matches!(
+        r.canary_steps[0],
+        cutover_core::CanaryStep::SetWeight {
+            analysis: false,
+            ..
+        }
+    ));
+    let s = parse(
+        &web("[services.web.blue_green]\nscale_down_delay = \"7s\"\n[services.web.analysis]\nanalysis_deadline = \"3m\"\non_no_evidence = \"rollback\"\n"),
+        Path::new("cutover.toml"),
+    )
+    .expect("valid");
+    let r = &s.service("web").expect("web").rollout;
+    assert!(r.analysis.enabled);
+    assert_eq!(r.scale_down_delay, Duration::from_secs(7));
+    assert_eq!(r.analysis.deadline, Duration::from_secs(180));
+    assert_eq!(
+        r.analysis.on_no_evidence,
+        cutover_core::NoEvidence::Rollback
+    );
+}
+
+#[test]
 fn init_template_parses() {
     let s = parse(INIT_TEMPLATE, Path::new("/srv/app/cutover.toml")).unwrap();
     assert_eq!(s.daemon.state_dir, Path::new("/srv/app/.cutover"));
@@ -389,26 +446,32 @@ upstreams = { v1 = ["127.0.0.1:18081"], v2 = ["127.0.0.1:18082"] }
         vec![
             cutover_core::CanaryStep::SetWeight {
                 weight: w(10),
-                pause
+                pause,
+                analysis: true,
             },
             cutover_core::CanaryStep::SetWeight {
                 weight: w(50),
-                pause
+                pause,
+                analysis: true,
             },
             cutover_core::CanaryStep::Approve,
             cutover_core::CanaryStep::SetWeight {
                 weight: w(100),
-                pause: None
+                pause: None,
+                analysis: true,
             },
         ]
     );
     assert!(r.blue_green.auto_promote);
     assert_eq!(r.blue_green.preview_listen, Some(addr("127.0.0.1:8081")));
-    assert_eq!(r.blue_green.scale_down_delay, Duration::from_secs(30));
+    assert_eq!(r.scale_down_delay, Duration::from_secs(30));
     assert_eq!((r.rolling.max_surge, r.rolling.max_unavailable), (1, 0));
     assert_eq!(
         r.analysis,
         cutover_core::AnalysisSpec {
+            enabled: true,
+            deadline: Duration::from_secs(600),
+            on_no_evidence: cutover_core::NoEvidence::Pause,
             interval: Duration::from_secs(2),
             min_requests: 50,
             max_error_rate: Some(0.01),

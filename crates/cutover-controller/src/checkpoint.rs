@@ -6,12 +6,14 @@
 
 use std::time::Duration;
 
-use cutover_core::{RolloutOutcome, StrategyKind, Timestamp, Version, Weight};
+use cutover_core::{RolloutOutcome, ServiceName, StrategyKind, Timestamp, Version, Weight};
 use serde::{Deserialize, Serialize};
 
-use crate::fsm::{Rollout, Stage};
+use crate::fsm::{Gate, Rollout, Stage, Verdict};
 
-const FORMAT: u32 = 1;
+/// 2 added the evidence gate, the healthy count and the blue-green preview stage; a format-1
+/// checkpoint reads with an empty gate (its stage waits for a new verdict).
+const FORMAT: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct Checkpoint {
@@ -21,7 +23,20 @@ struct Checkpoint {
     strategy: String,
     started_at: u64,
     failures: u32,
+    #[serde(default)]
+    gate: CpGate,
+    #[serde(default)]
+    healthy: u32,
     stage: CpStage,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct CpGate {
+    since: u64,
+    /// `pass` or `fail`.
+    last: Option<String>,
+    note: Option<String>,
+    noted_at: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -38,6 +53,7 @@ enum CpStage {
     Rolling {
         ready: u32,
     },
+    Preview,
     AwaitingApproval {
         step: usize,
         weight: u8,
@@ -73,6 +89,13 @@ pub fn encode(r: &Rollout) -> String {
         strategy: r.strategy.as_str().to_owned(),
         started_at: r.started_at.as_millis(),
         failures: r.failures,
+        gate: CpGate {
+            since: r.gate.since.0,
+            last: r.gate.last.map(|v| verdict_name(v).to_owned()),
+            note: r.gate.note.clone(),
+            noted_at: r.gate.noted_at.map(|t| t.0),
+        },
+        healthy: r.healthy,
         stage: stage_out(&r.stage),
     };
     // Serialising plain strings and numbers cannot fail; an empty checkpoint would only make
@@ -80,7 +103,16 @@ pub fn encode(r: &Rollout) -> String {
     serde_json::to_string(&cp).unwrap_or_default()
 }
 
-pub fn decode(id: i64, text: &str) -> Result<Rollout, CheckpointError> {
+fn verdict_name(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Pass => "pass",
+        Verdict::Fail => "fail",
+        Verdict::Inconclusive => "inconclusive",
+    }
+}
+
+/// The rollout `id` of `service` from its checkpoint text.
+pub fn decode(id: i64, service: &ServiceName, text: &str) -> Result<Rollout, CheckpointError> {
     let cp: Checkpoint = serde_json::from_str(text)?;
     if cp.v > FORMAT {
         return Err(CheckpointError::Version(cp.v));
@@ -89,13 +121,33 @@ pub fn decode(id: i64, text: &str) -> Result<Rollout, CheckpointError> {
         what: "strategy",
         value: cp.strategy.clone(),
     })?;
+    let last = match cp.gate.last.as_deref() {
+        None => None,
+        Some(v) => Some(
+            [Verdict::Pass, Verdict::Fail, Verdict::Inconclusive]
+                .into_iter()
+                .find(|x| verdict_name(*x) == v)
+                .ok_or_else(|| CheckpointError::Unknown {
+                    what: "verdict",
+                    value: v.to_owned(),
+                })?,
+        ),
+    };
     Ok(Rollout {
         id,
+        service: service.clone(),
         stable: Version::new(&cp.stable),
         candidate: Version::new(&cp.candidate),
         strategy,
         started_at: Timestamp(cp.started_at),
         failures: cp.failures,
+        gate: Gate {
+            since: Timestamp(cp.gate.since),
+            last,
+            note: cp.gate.note,
+            noted_at: cp.gate.noted_at.map(Timestamp),
+        },
+        healthy: cp.healthy,
         stage: stage_in(cp.stage)?,
     })
 }
@@ -115,6 +167,7 @@ fn stage_out(s: &Stage) -> CpStage {
             hold_until: hold_until.map(|t| t.0),
         },
         Stage::Rolling { ready } => CpStage::Rolling { ready: *ready },
+        Stage::Preview => CpStage::Preview,
         Stage::AwaitingApproval { step, weight } => CpStage::AwaitingApproval {
             step: *step,
             weight: weight.percent(),
@@ -154,6 +207,7 @@ fn stage_in(s: CpStage) -> Result<Stage, CheckpointError> {
             hold_until: hold_until.map(Timestamp),
         },
         CpStage::Rolling { ready } => Stage::Rolling { ready },
+        CpStage::Preview => Stage::Preview,
         CpStage::AwaitingApproval { step, weight: w } => Stage::AwaitingApproval {
             step,
             weight: weight(w)?,

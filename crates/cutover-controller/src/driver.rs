@@ -27,6 +27,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::checkpoint;
 use crate::fsm::{self, Command, Event, HealthCounts, Rollout, Verdict};
+use crate::probe;
 use crate::view::{
     Action, ControlError, DeployRequest, EventView, InstanceView, Notice, RolloutView, ServiceView,
 };
@@ -44,6 +45,8 @@ pub struct ServiceSetup {
     /// Deployed when the state has no stable version yet.
     pub initial_version: Version,
     pub spec: RolloutSpec,
+    /// Paths the blue-green preview probes ask the candidate for (the health path and `/`).
+    pub probe_paths: Vec<String>,
     /// Command template for process services (empty for static ones).
     pub command: Vec<String>,
     /// The service's configured environment, below any per-rollout `--env`.
@@ -52,6 +55,9 @@ pub struct ServiceSetup {
     pub known_versions: Option<Vec<Version>>,
     pub runtime: Arc<Runtime>,
 }
+
+/// Traffic shares in percent per version, stable first.
+type Shares = Vec<(Version, u8)>;
 
 /// A request to the driver with the channel its answer goes back on.
 enum Request {
@@ -169,6 +175,11 @@ struct Svc {
     preview: bool,
     generation: u64,
     next_instance: u64,
+    /// Probe traffic to a blue-green preview that is being judged.
+    prober: Option<tokio::task::JoinHandle<()>>,
+    /// The version a promotion retired, kept running out of traffic until the time given,
+    /// so that a rollback is an instant switch.
+    warm: Option<(Version, Timestamp)>,
 }
 
 /// Everything the driver is given at start.
@@ -202,6 +213,8 @@ pub fn driver(parts: DriverParts) -> (Driver, Controller) {
                 preview: false,
                 generation: 0,
                 next_instance: 1,
+                prober: None,
+                warm: None,
                 setup,
             };
             (name, svc)
@@ -339,7 +352,7 @@ impl Driver {
         };
         let mut spec = svc.setup.spec.clone();
         spec.strategy = row.strategy;
-        match checkpoint::decode(row.id, &row.checkpoint) {
+        match checkpoint::decode(row.id, &name, &row.checkpoint) {
             Ok(rollout) => {
                 let baseline = self.snapshots(&name, &rollout.stable, &rollout.candidate);
                 let t = now();
@@ -496,7 +509,7 @@ impl Driver {
             .insert_rollout(&new)
             .map_err(|e| ControlError::Internal(e.to_string()))?;
         let (rollout, cmds) =
-            Rollout::begin(&spec, id, stable.clone(), version.clone(), spec.strategy, t);
+            Rollout::begin(&spec, id, name.clone(), stable.clone(), version.clone(), t);
         let row = RolloutRow {
             id,
             service: new.service,
@@ -512,6 +525,10 @@ impl Driver {
         };
         let baseline = self.snapshots(name, &stable, &version);
         if let Some(svc) = self.services.get_mut(name) {
+            // A version kept warm after a promotion serves this rollout instead of stopping.
+            if svc.warm.as_ref().is_some_and(|(v, _)| *v == version) {
+                svc.warm = None;
+            }
             svc.active = Some(Active {
                 rollout,
                 row,
@@ -522,6 +539,8 @@ impl Driver {
             });
         }
         self.commit(name, cmds).await;
+        // Instances of the candidate that already run (kept warm) count at once.
+        self.feed_health(name, None).await;
         let row = self
             .store
             .rollout(id)
@@ -539,7 +558,9 @@ impl Driver {
         if svc.active.is_none() {
             if action == Action::Rollback {
                 // After a finished promotion the previous version is started again and takes
-                // all traffic as soon as it is healthy: a blue-green switch with no delay.
+                // all traffic as soon as it is healthy: a blue-green switch with no delay. A
+                // person asked to go back to the version that served before, so the way back
+                // is not held for a verdict.
                 let Some((prev, env)) = svc.previous.clone() else {
                     return Err(ControlError::Conflict(format!(
                         "{name} has no previous version to roll back to"
@@ -548,7 +569,8 @@ impl Driver {
                 let mut spec = svc.setup.spec.clone();
                 spec.strategy = StrategyKind::BlueGreen;
                 spec.blue_green.auto_promote = true;
-                spec.blue_green.scale_down_delay = Duration::ZERO;
+                spec.scale_down_delay = Duration::ZERO;
+                spec.analysis.enabled = false;
                 self.begin(name, prev, env, spec).await?;
                 return self.view(name);
             }
@@ -558,7 +580,7 @@ impl Driver {
             )));
         }
         let event = match action {
-            Action::Promote { full } => Event::Promote { full },
+            Action::Promote { full, force } => Event::Promote { full, force },
             Action::Abort => Event::Abort,
             Action::Rollback => Event::Rollback,
             Action::Pause => Event::Pause,
@@ -647,6 +669,17 @@ impl Driver {
         let t = now();
         let names: Vec<ServiceName> = self.services.keys().cloned().collect();
         for name in names {
+            let cold = self
+                .services
+                .get(&name)
+                .and_then(|s| s.warm.clone())
+                .filter(|(_, at)| t >= *at);
+            if let Some((version, _)) = cold {
+                if let Some(svc) = self.services.get_mut(&name) {
+                    svc.warm = None;
+                }
+                self.scale(&name, &version, 0).await;
+            }
             let Some(a) = self.services.get(&name).and_then(|s| s.active.as_ref()) else {
                 continue;
             };
@@ -677,7 +710,11 @@ impl Driver {
             .metrics
             .snapshot(name, &a.rollout.stable)
             .window_since(Some(&a.baseline.0));
-        let compare = a.spec.analysis.compare_to_stable && stable_weight > Weight::ZERO;
+        // Comparing with stable needs both to serve the same user traffic; a preview's
+        // candidate sees only probes, so it is held to the absolute thresholds alone.
+        let compare = a.spec.analysis.compare_to_stable
+            && stable_weight > Weight::ZERO
+            && stable_weight < Weight::FULL;
         let j = judge(&a.spec.analysis, &cand, compare.then_some(&stable));
         let verdict = match j.verdict {
             cutover_analysis::Verdict::Pass => Verdict::Pass,
@@ -800,6 +837,39 @@ impl Driver {
             self.run_command(name, c).await;
         }
         self.finish_if_done(name);
+        self.reconcile_probes(name);
+    }
+
+    /// Runs probe traffic exactly while the rollout wants it (a judged blue-green preview).
+    fn reconcile_probes(&mut self, name: &ServiceName) {
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
+        let want = svc
+            .active
+            .as_ref()
+            .filter(|a| a.rollout.wants_probes(&a.spec));
+        match (want, &svc.prober) {
+            (Some(a), None) => {
+                let analysis = &a.spec.analysis;
+                // Enough probes for a window of `min_requests` in about one interval, within
+                // a rate no service should notice.
+                let per_interval = analysis.min_requests as f64;
+                let rate =
+                    (per_interval / analysis.interval.as_secs_f64().max(0.1)).clamp(10.0, 50.0);
+                svc.prober = Some(probe::spawn(
+                    svc.setup.listen,
+                    a.rollout.candidate.clone(),
+                    svc.setup.probe_paths.clone(),
+                    rate as u32,
+                ));
+            }
+            (None, Some(p)) => {
+                p.abort();
+                svc.prober = None;
+            }
+            _ => {}
+        }
     }
 
     async fn run_command(&mut self, name: &ServiceName, c: Command) {
@@ -821,6 +891,11 @@ impl Driver {
                 if let Some(a) = self.services.get_mut(name).and_then(|s| s.active.as_mut()) {
                     a.baseline = snaps;
                     a.next_analysis = now().plus(a.spec.analysis.interval);
+                }
+            }
+            Command::Retire { version, at } => {
+                if let Some(svc) = self.services.get_mut(name) {
+                    svc.warm = Some((version, at));
                 }
             }
             Command::Record { .. } => {}
@@ -1033,13 +1108,32 @@ impl Driver {
             preview: candidate.filter(|_| svc.preview),
             versions,
         };
-        let weights: Vec<(Version, u8)> = table
-            .versions
-            .iter()
-            .map(|v| (v.version.clone(), v.weight.percent()))
-            .collect();
-        self.metrics.set_weights(name, &weights);
         self.dataplane.publish(table);
+        self.update_instance_gauges(name);
+    }
+
+    /// `(configured, effective)` shares of unpinned traffic in percent, stable first. The
+    /// proxy gives a version with no routable instance no traffic: its share goes to the
+    /// other version, and the effective shares say so.
+    fn weights(svc: &Svc) -> (Shares, Shares) {
+        let cand = svc.active.as_ref().map(|a| &a.rollout.candidate);
+        let w = svc.candidate_weight.percent();
+        let mut configured = vec![(svc.stable.clone(), 100 - w)];
+        let Some(cand) = cand.filter(|c| **c != svc.stable) else {
+            return (configured.clone(), configured);
+        };
+        configured.push((cand.clone(), w));
+        let routable = |v: &Version| {
+            svc.instances
+                .values()
+                .any(|i| &i.version == v && !i.draining && i.health == Health::Healthy)
+        };
+        let effective = match (routable(&svc.stable), routable(cand)) {
+            (true, false) => vec![(svc.stable.clone(), 100), (cand.clone(), 0)],
+            (false, true) => vec![(svc.stable.clone(), 0), (cand.clone(), 100)],
+            _ => configured.clone(),
+        };
+        (configured, effective)
     }
 
     fn update_instance_gauges(&self, name: &ServiceName) {
@@ -1053,6 +1147,8 @@ impl Driver {
         let list: Vec<(Version, Health, u64)> =
             counts.into_iter().map(|((v, h), n)| (v, h, n)).collect();
         self.metrics.set_instances(name, &list);
+        // Health decides where traffic really goes, so the weight gauge follows it too.
+        self.metrics.set_weights(name, &Self::weights(svc).1);
     }
 
     fn snapshots(
@@ -1068,6 +1164,11 @@ impl Driver {
     }
 
     async fn stop_everything(&mut self) {
+        for svc in self.services.values_mut() {
+            if let Some(p) = svc.prober.take() {
+                p.abort();
+            }
+        }
         let runtimes: Vec<(Arc<Runtime>, Duration)> = self
             .services
             .values()
@@ -1153,13 +1254,7 @@ impl Driver {
     fn view(&self, name: &ServiceName) -> Result<ServiceView, ControlError> {
         let svc = self.services.get(name).ok_or_else(|| Self::unknown(name))?;
         let a = svc.active.as_ref();
-        let mut weights = vec![(
-            svc.stable.clone(),
-            svc.candidate_weight.complement().percent(),
-        )];
-        if let Some(a) = a {
-            weights.push((a.rollout.candidate.clone(), svc.candidate_weight.percent()));
-        }
+        let (configured_weights, weights) = Self::weights(svc);
         let instances = svc
             .instances
             .iter()
@@ -1189,6 +1284,7 @@ impl Driver {
                 .map(|a| a.rollout.strategy)
                 .unwrap_or(svc.setup.spec.strategy),
             weights,
+            configured_weights,
             step: a.and_then(|a| a.rollout.step_progress(&a.spec)),
             rollout_id: a.map(|a| a.rollout.id),
             failures: a.map(|a| a.rollout.failures).unwrap_or(0),

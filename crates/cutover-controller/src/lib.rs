@@ -11,6 +11,7 @@
 pub mod checkpoint;
 pub mod driver;
 pub mod fsm;
+mod probe;
 pub mod view;
 
 pub use driver::{Controller, Driver, DriverParts, ServiceSetup, driver};

@@ -54,8 +54,12 @@ pub struct ServiceView {
     pub stable: Version,
     pub candidate: Option<Version>,
     pub strategy: StrategyKind,
-    /// Configured shares in percent, stable first.
+    /// Where unpinned traffic really goes, in percent, stable first: a version with no
+    /// routable instance gets none, and its configured share goes to the other.
     pub weights: Vec<(Version, u8)>,
+    /// The shares the rollout asks for, stable first (equal to `weights` unless a version
+    /// has no routable instance).
+    pub configured_weights: Vec<(Version, u8)>,
     /// `(step, steps)` of a canary rollout, 1-based.
     pub step: Option<(usize, usize)>,
     pub rollout_id: Option<i64>,
@@ -70,7 +74,11 @@ pub struct ServiceView {
 /// What a person asked the controller to do to a service's rollout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
-    Promote { full: bool },
+    /// `force`: promote although analysis failed at the current stage.
+    Promote {
+        full: bool,
+        force: bool,
+    },
     Abort,
     Rollback,
     Pause,

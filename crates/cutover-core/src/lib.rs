@@ -18,7 +18,7 @@ mod time;
 
 pub use health::{Health, HealthChange, HealthSpec};
 pub use names::{InstanceId, ServiceName, Version};
-pub use phase::{Phase, RolloutOutcome, StrategyKind};
+pub use phase::{NoEvidence, Phase, RolloutOutcome, StrategyKind};
 pub use route::{Backend, DataPlane, RouteTable, RouteVersion, Weight, WeightError};
 pub use spec::{AnalysisSpec, BlueGreenSpec, CanaryStep, RollingSpec, RolloutSpec};
 pub use stats::{LatencyDist, UpstreamErrorKind, WindowStats};

@@ -83,6 +83,19 @@ kebab_enum!(
     }
 );
 
+kebab_enum!(
+    /// What a rollout does when a stage waited `analysis_deadline` without a passing verdict
+    /// and without a failed one either (too little traffic to judge).
+    NoEvidence {
+        /// Roll back: no evidence is treated as bad evidence.
+        Rollback => "rollback",
+        /// Pause and wait for a person (`promote`, `resume` or `abort`). The default.
+        Pause => "pause",
+        /// Advance without a verdict: only ever the user's explicit choice.
+        Promote => "promote",
+    }
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

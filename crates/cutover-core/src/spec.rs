@@ -7,15 +7,18 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::{StrategyKind, Weight};
+use crate::{NoEvidence, StrategyKind, Weight};
 
 /// One step of a canary rollout (`[services.X.canary] steps`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CanaryStep {
-    /// Send `weight` percent to the candidate, then hold for `pause` (or move on at once).
+    /// Send `weight` percent to the candidate, then hold for at least `pause` and until
+    /// analysis has passed at this weight (unless `analysis` is false for this step).
     SetWeight {
         weight: Weight,
         pause: Option<Duration>,
+        /// `analysis = false` on the step: it advances on its pause alone, unjudged.
+        analysis: bool,
     },
     /// Hold until a person runs `cutover promote`.
     Approve,
@@ -24,6 +27,9 @@ pub enum CanaryStep {
 /// `[services.X.analysis]`: how the candidate is judged while it takes traffic.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AnalysisSpec {
+    /// `analysis = false` on the service: no stage waits for a verdict. The only way, with a
+    /// step's own `analysis = false`, to advance without evidence.
+    pub enabled: bool,
     /// How often the judge looks at the requests since its last verdict.
     pub interval: Duration,
     /// No verdict on fewer candidate requests than this; the window keeps growing instead.
@@ -36,17 +42,24 @@ pub struct AnalysisSpec {
     pub failure_limit: u32,
     /// Also compare the candidate with the stable version on the same window, statistically.
     pub compare_to_stable: bool,
+    /// How long one stage (a canary step, a rolling batch, a blue-green preview) may wait for
+    /// a passing verdict before `on_no_evidence` decides.
+    pub deadline: Duration,
+    pub on_no_evidence: NoEvidence,
 }
 
 impl Default for AnalysisSpec {
     fn default() -> Self {
         AnalysisSpec {
+            enabled: true,
             interval: Duration::from_secs(2),
             min_requests: 50,
             max_error_rate: Some(0.01),
             max_p99: Some(Duration::from_millis(500)),
             failure_limit: 2,
             compare_to_stable: true,
+            deadline: Duration::from_secs(600),
+            on_no_evidence: NoEvidence::Pause,
         }
     }
 }
@@ -59,8 +72,6 @@ pub struct BlueGreenSpec {
     pub auto_promote: bool,
     /// Serves only the candidate before the switch, for smoke tests.
     pub preview_listen: Option<SocketAddr>,
-    /// The old version is kept running this long after the switch, for an instant rollback.
-    pub scale_down_delay: Duration,
 }
 
 impl Default for BlueGreenSpec {
@@ -68,7 +79,6 @@ impl Default for BlueGreenSpec {
         BlueGreenSpec {
             auto_promote: true,
             preview_listen: None,
-            scale_down_delay: Duration::from_secs(30),
         }
     }
 }
@@ -107,6 +117,10 @@ pub struct RolloutSpec {
     pub drain_timeout: Duration,
     /// After SIGTERM, how long an instance may take to exit before SIGKILL.
     pub stop_timeout: Duration,
+    /// After a promotion (every strategy), the old version keeps running this long, out of
+    /// traffic, while post-promotion analysis judges the new one; a rollback within it is an
+    /// instant switch.
+    pub scale_down_delay: Duration,
 }
 
 impl Default for RolloutSpec {
@@ -119,15 +133,18 @@ impl Default for RolloutSpec {
                 CanaryStep::SetWeight {
                     weight: w(10),
                     pause: Some(Duration::from_secs(20)),
+                    analysis: true,
                 },
                 CanaryStep::SetWeight {
                     weight: w(50),
                     pause: Some(Duration::from_secs(20)),
+                    analysis: true,
                 },
                 CanaryStep::Approve,
                 CanaryStep::SetWeight {
                     weight: Weight::FULL,
                     pause: None,
+                    analysis: true,
                 },
             ],
             blue_green: BlueGreenSpec::default(),
@@ -136,6 +153,7 @@ impl Default for RolloutSpec {
             progress_deadline: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(10),
+            scale_down_delay: Duration::from_secs(30),
         }
     }
 }

@@ -68,6 +68,9 @@ pub enum Command {
         /// Skip the remaining steps: straight to 100%.
         #[arg(long)]
         full: bool,
+        /// Promote although analysis failed at the current stage and has not passed since.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         read: ReadOpts,
     },

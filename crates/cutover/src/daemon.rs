@@ -312,6 +312,11 @@ fn service_setup(s: &ServiceSettings, process: &Arc<Runtime>) -> ServiceSetup {
         listen: s.listen,
         preview_listen: s.rollout.blue_green.preview_listen,
         initial_version: s.version.clone(),
+        probe_paths: if s.health.path == "/" {
+            vec!["/".to_owned()]
+        } else {
+            vec![s.health.path.clone(), "/".to_owned()]
+        },
         spec,
         command,
         env,

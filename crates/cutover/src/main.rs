@@ -111,6 +111,7 @@ fn run(cli: Cli) -> CliResult {
         Command::Promote {
             service,
             full,
+            force,
             read,
         } => {
             let client = Client::new(&load(&cli)?)?;
@@ -118,7 +119,7 @@ fn run(cli: Cli) -> CliResult {
                 &client,
                 service,
                 "promote",
-                json!({"full": full}),
+                json!({"full": full, "force": force}),
                 read.json,
             ))
         }

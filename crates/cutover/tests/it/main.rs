@@ -6,5 +6,6 @@
 
 mod cli;
 mod dashboard;
+mod evidence;
 mod harness;
 mod rollouts;

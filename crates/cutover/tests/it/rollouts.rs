@@ -144,6 +144,8 @@ fn blue_green_switch_loses_no_request_under_load() {
 fn sigkill_mid_rollout_resumes_and_leaves_no_orphans() {
     let steps = r#"[ { weight = 20, pause = "2s" }, { approve = true }, { weight = 100 } ]"#;
     let mut d = Daemon::start(steps);
+    // Traffic is the evidence each step needs, before and after the restart.
+    let load = Load::start(d.web, 2, Duration::from_millis(5));
     assert!(d.cli(&["deploy", "web", "v2"]).status.success());
     let s = d.wait_for("v2 at 20%", |s| {
         s["weights"]["v2"] == 20 && healthy(s, "v2") == 2
@@ -183,6 +185,7 @@ fn sigkill_mid_rollout_resumes_and_leaves_no_orphans() {
     let r: serde_json::Value =
         serde_json::from_slice(&d.cli(&["history", "--json"]).stdout).unwrap();
     assert_eq!(r["rollouts"].as_array().unwrap().len(), 1);
+    load.stop();
 }
 
 #[test]
