@@ -182,6 +182,24 @@ struct Svc {
     warm: Option<(Version, Timestamp)>,
 }
 
+/// How the driver's run ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Stop every instance: the daemon exits.
+    Stop,
+    /// Leave every instance running for the daemon program that takes over (a planned
+    /// restart); [`Driver::run`] returns them.
+    HandOver,
+}
+
+/// An instance left running by a hand-over, for the next program to adopt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandedOver {
+    pub instance: InstanceId,
+    /// Healthy when handed over: the next program routes to it at once.
+    pub healthy: bool,
+}
+
 /// Everything the driver is given at start.
 pub struct DriverParts {
     pub services: Vec<ServiceSetup>,
@@ -190,6 +208,8 @@ pub struct DriverParts {
     pub metrics: Metrics,
     pub health: mpsc::UnboundedReceiver<HealthChange>,
     pub exits: mpsc::UnboundedReceiver<InstanceExit>,
+    /// Instances a previous program of this daemon handed over: adopted, not started again.
+    pub adopt: Vec<HandedOver>,
 }
 
 /// Creates the driver and its handle. Run the driver with [`Driver::run`] on a runtime of its
@@ -231,6 +251,7 @@ pub fn driver(parts: DriverParts) -> (Driver, Controller) {
         exits: parts.exits,
         internal_tx: itx,
         internal: irx,
+        adopt: parts.adopt,
     };
     (d, Controller { tx, notices })
 }
@@ -246,6 +267,7 @@ pub struct Driver {
     exits: mpsc::UnboundedReceiver<InstanceExit>,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal: mpsc::UnboundedReceiver<Internal>,
+    adopt: Vec<HandedOver>,
 }
 
 fn now() -> Timestamp {
@@ -258,16 +280,20 @@ fn now() -> Timestamp {
 
 impl Driver {
     /// Restores state, starts the stable versions, resumes rollouts, then serves until
-    /// `shutdown` resolves; finally stops every instance it started.
-    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+    /// `shutdown` resolves; finally stops every instance it started, or, for a hand-over,
+    /// returns them running.
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = Shutdown>,
+    ) -> Vec<HandedOver> {
         self.restore().await;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sample = tokio::time::interval(Duration::from_secs(1));
         tokio::pin!(shutdown);
-        loop {
+        let how = loop {
             tokio::select! {
-                _ = &mut shutdown => break,
+                how = &mut shutdown => break how,
                 Some(req) = self.requests.recv() => self.request(req).await,
                 Some(h) = self.health.recv() => self.on_health(h).await,
                 Some(e) = self.exits.recv() => self.on_exit(e).await,
@@ -275,17 +301,51 @@ impl Driver {
                 _ = tick.tick() => self.on_tick().await,
                 _ = sample.tick() => self.metrics.sample(now()),
             }
+        };
+        match how {
+            Shutdown::Stop => {
+                self.stop_everything().await;
+                Vec::new()
+            }
+            Shutdown::HandOver => self.hand_over(),
         }
-        self.stop_everything().await;
+    }
+
+    /// Leaves every instance running and says which, for the next program. Nothing is
+    /// forgotten in the store: its rows are how that program finds them.
+    fn hand_over(&mut self) -> Vec<HandedOver> {
+        let mut out = Vec::new();
+        for svc in self.services.values_mut() {
+            if let Some(p) = svc.prober.take() {
+                p.abort();
+            }
+            for (id, i) in &svc.instances {
+                out.push(HandedOver {
+                    instance: id.clone(),
+                    healthy: i.health == Health::Healthy && !i.draining,
+                });
+            }
+        }
+        out
     }
 
     // ---- start-up -----------------------------------------------------------------------
 
     async fn restore(&mut self) {
-        // Instances a previous daemon started and did not stop (it was killed) are gone or
-        // orphans: kill what is left, then start what the state requires.
+        // Instances a previous program of this daemon handed over keep running and are
+        // adopted. Any other a previous daemon started and did not stop (it was killed) are
+        // gone or orphans: kill what is left, then start what the state requires.
         match self.store.instances(None) {
-            Ok(rows) => {
+            Ok(mut rows) => {
+                let adopt = std::mem::take(&mut self.adopt);
+                let mut orphans = Vec::new();
+                for r in rows.drain(..) {
+                    match adopt.iter().find(|h| h.instance.as_str() == r.id) {
+                        Some(h) if self.adopt_instance(&r, h.healthy).await => {}
+                        _ => orphans.push(r),
+                    }
+                }
+                let rows = orphans;
                 let groups: Vec<(u32, u32)> = rows
                     .iter()
                     .filter_map(|r| Some((r.pid?, r.pgid.or(r.pid)?)))
@@ -334,6 +394,63 @@ impl Driver {
         for row in active {
             self.resume_rollout(row).await;
         }
+    }
+
+    /// Takes over an instance a previous program handed over: the runtime supervises it
+    /// again, and it keeps its health so the proxy routes to it without waiting for probes.
+    async fn adopt_instance(&mut self, row: &InstanceRow, healthy: bool) -> bool {
+        let name = ServiceName::new(&row.service);
+        let (Some(svc), Ok(addr)) = (
+            self.services.get_mut(&name),
+            row.address.parse::<SocketAddr>(),
+        ) else {
+            return false;
+        };
+        let version = Version::new(&row.version);
+        let instance = InstanceId::new(&row.id);
+        let spec = StartSpec {
+            service: name.clone(),
+            version: version.clone(),
+            instance: instance.clone(),
+            index: 0,
+            command: svc.setup.command.clone(),
+            env: svc.setup.env.clone(),
+            port: Some(addr.port()),
+        };
+        let started = cutover_runtime::Started {
+            instance: instance.clone(),
+            addr,
+            pid: row.pid,
+            pgid: row.pgid,
+        };
+        if let Err(e) = svc.setup.runtime.adopt(spec, started).await {
+            tracing::warn!(instance = %instance, error = %e, "could not adopt an instance");
+            return false;
+        }
+        // Ids of adopted instances are taken: new ones are numbered after them.
+        if let Some(seq) = row
+            .id
+            .rsplit('-')
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            svc.next_instance = svc.next_instance.max(seq + 1);
+        }
+        svc.instances.insert(
+            instance,
+            Instance {
+                version,
+                addr,
+                pid: row.pid,
+                health: if healthy {
+                    Health::Healthy
+                } else {
+                    Health::Starting
+                },
+                draining: false,
+            },
+        );
+        true
     }
 
     async fn resume_rollout(&mut self, mut row: RolloutRow) {
@@ -1085,6 +1202,7 @@ impl Driver {
                 .map(|(id, i)| Backend {
                     instance: id.clone(),
                     addr: i.addr,
+                    healthy: i.health == Health::Healthy,
                 })
                 .collect()
         };

@@ -14,7 +14,7 @@ pub mod fsm;
 mod probe;
 pub mod view;
 
-pub use driver::{Controller, Driver, DriverParts, ServiceSetup, driver};
+pub use driver::{Controller, Driver, DriverParts, HandedOver, ServiceSetup, Shutdown, driver};
 pub use view::{
     Action, ControlError, DeployRequest, EventView, InstanceView, Notice, RolloutView, ServiceView,
 };

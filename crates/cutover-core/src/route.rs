@@ -59,6 +59,10 @@ impl fmt::Display for Weight {
 pub struct Backend {
     pub instance: InstanceId,
     pub addr: SocketAddr,
+    /// Known healthy when it enters the proxy (kept warm, or handed over by a previous
+    /// daemon): routable at once instead of after `healthy_threshold` probes. Probes and real
+    /// traffic can still take it out.
+    pub healthy: bool,
 }
 
 /// A version present in the table with its share of traffic and all of its instances.

@@ -46,7 +46,13 @@ pub(crate) struct HealthState {
 }
 
 impl BackendState {
-    fn new(id: InstanceId, version: Version, addr: SocketAddr, connect_timeout: Duration) -> Self {
+    fn new(
+        id: InstanceId,
+        version: Version,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        healthy: bool,
+    ) -> Self {
         // A socket address always formats to a valid authority; the fallback is unreachable.
         let authority = http::uri::Authority::try_from(addr.to_string().as_str())
             .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1"));
@@ -55,9 +61,13 @@ impl BackendState {
             version,
             addr,
             authority,
-            routable: AtomicBool::new(false),
+            routable: AtomicBool::new(healthy),
             health: Mutex::new(HealthState {
-                health: Health::Starting,
+                health: if healthy {
+                    Health::Healthy
+                } else {
+                    Health::Starting
+                },
                 passes: 0,
                 failures: 0,
             }),
@@ -125,6 +135,7 @@ impl Backends {
         version: &Version,
         addr: SocketAddr,
         connect_timeout: Duration,
+        healthy: bool,
     ) -> Arc<BackendState> {
         let mut map = self.map();
         if let Some(b) = map.get(id).filter(|b| {
@@ -137,6 +148,7 @@ impl Backends {
             version.clone(),
             addr,
             connect_timeout,
+            healthy,
         ));
         if let Some(old) = map.insert(id.clone(), b.clone()) {
             old.removed.store(true, Ordering::SeqCst);

@@ -49,23 +49,45 @@ const BUF: usize = 16 * 1024;
 /// open client connection, idle ones included, holds this buffer.
 const HEAD_BUF: usize = 4 * 1024;
 
-/// Serves a client connection here until a request this path does not take; then the
-/// connection, with what was read of it, is returned for hyper's path. `None` when the
-/// connection is done (closed by either side, or the proxy stops).
+/// How a client connection left the fast path.
+pub(crate) enum Served {
+    /// Closed by either side, or the proxy stopped.
+    Done,
+    /// A request this path does not take: the connection, with what was read of it, goes to
+    /// hyper's path.
+    Hyper(Prefixed),
+    /// The proxy is handing its connections to a new daemon: this one is between requests,
+    /// with nothing of a next request read, so it can be served on by the new process.
+    Parked(TcpStream),
+}
+
+/// Serves a client connection here until a request this path does not take, the connection
+/// ends, or the proxy stops (closing it) or hands over (parking it at its next idle moment).
 pub(crate) async fn serve(
     conn: &Conn,
     client: TcpStream,
     mut stop: watch::Receiver<bool>,
-) -> Option<Prefixed> {
+) -> Served {
     // `idle`: waiting for the first byte of a request, so stopping may close at once.
     // `closing`: the proxy stops; finish the request under way and close.
-    let (idle, closing) = (AtomicBool::new(true), AtomicBool::new(false));
-    let mut run = std::pin::pin!(run(conn, client, &idle, &closing));
+    // `parking`: the proxy hands over; finish the request under way and park.
+    let (idle, closing, parking) = (
+        AtomicBool::new(true),
+        AtomicBool::new(false),
+        AtomicBool::new(false),
+    );
+    let park = tokio::sync::Notify::new();
+    let mut run = std::pin::pin!(run(conn, client, &idle, &closing, (&parking, &park)));
     tokio::select! {
         r = run.as_mut() => r,
         _ = forward::stopped(&mut stop) => {
+            if conn.ctx.proxy.handing_over() {
+                parking.store(true, Ordering::Relaxed);
+                park.notify_one();
+                return run.await;
+            }
             if idle.load(Ordering::Relaxed) {
-                return None;
+                return Served::Done;
             }
             closing.store(true, Ordering::Relaxed);
             run.await
@@ -89,7 +111,8 @@ async fn run(
     mut client: TcpStream,
     idle: &AtomicBool,
     closing: &AtomicBool,
-) -> Option<Prefixed> {
+    (parking, park): (&AtomicBool, &tokio::sync::Notify),
+) -> Served {
     let mut b = Bufs {
         input: BytesMut::with_capacity(HEAD_BUF),
         // Allocated by the first exchange, not by every connection that opens.
@@ -118,9 +141,9 @@ async fn run(
                     }
                     Parsed::Partial | Parsed::Hyper => {
                         if closing.load(Ordering::Relaxed) {
-                            return None;
+                            return Served::Done;
                         }
-                        return Some(Prefixed {
+                        return Served::Hyper(Prefixed {
                             pre: b.input,
                             io: client,
                         });
@@ -128,11 +151,13 @@ async fn run(
                     Parsed::Reject(why) => {
                         answer(&mut client, &mut b.out, StatusCode::BAD_REQUEST, why, true).await;
                         let _ = client.shutdown().await;
-                        return None;
+                        return Served::Done;
                     }
                 }
             } else if closing.load(Ordering::Relaxed) {
-                return None;
+                return Served::Done;
+            } else if parking.load(Ordering::Relaxed) {
+                return Served::Parked(client);
             }
             let was_idle = b.input.is_empty();
             if was_idle && armed.is_none() {
@@ -147,9 +172,12 @@ async fn run(
                 // The read first: when it is ready, the timer is not even looked at.
                 biased;
                 r = client.read_buf(&mut b.input) => match r {
-                    Ok(0) | Err(_) => return None,
+                    Ok(0) | Err(_) => return Served::Done,
                     Ok(_) => idle.store(false, Ordering::Relaxed),
                 },
+                // Nothing of a next request has been read: whatever the client sends now
+                // waits in the socket for the process that takes the connection over.
+                _ = park.notified(), if was_idle => return Served::Parked(client),
                 _ = &mut deadline => {
                     // An idle keep-alive connection just closes; a head that does not come
                     // whole in time (a slow or stalled client) is told why.
@@ -159,7 +187,7 @@ async fn run(
                             .await;
                         let _ = client.shutdown().await;
                     }
-                    return None;
+                    return Served::Done;
                 }
             }
         };
@@ -167,7 +195,7 @@ async fn run(
         let keep = proxy(conn, &head, &mut b, &mut client, closing).await;
         if !keep {
             let _ = client.shutdown().await;
-            return None;
+            return Served::Done;
         }
     }
 }

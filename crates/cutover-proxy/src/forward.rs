@@ -74,10 +74,22 @@ pub(crate) async fn accept_loop(
     ctx: Ctx,
     preview: bool,
     mut stop: watch::Receiver<bool>,
+    adopted: Vec<std::net::TcpStream>,
 ) {
     // Every connection task holds a clone of `alive`; when the last is dropped, `all_done`
     // resolves: that is how shutdown waits for requests in flight.
     let (alive, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
+    // Connections a previous daemon handed over are served first, as if just accepted.
+    for s in adopted {
+        let taken = s
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(s))
+            .and_then(|s| s.peer_addr().map(|p| (s, p)));
+        match taken {
+            Ok((stream, peer)) => spawn_conn(&ctx, preview, stream, peer, &alive, &stop),
+            Err(e) => tracing::warn!(error = %e, "could not take over a client connection"),
+        }
+    }
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -91,25 +103,39 @@ pub(crate) async fn accept_loop(
             },
             _ = stopped(&mut stop) => break,
         };
-        let _ = stream.set_nodelay(true);
-        let conn = Arc::new(Conn {
-            ctx: ctx.clone(),
-            peer,
-            preview,
-            peer_ip: HeaderValue::from_str(&peer.ip().to_string()).ok(),
-            last: Mutex::new(None),
-        });
-        let (alive, stop) = (alive.clone(), stop.clone());
-        tokio::spawn(async move {
-            if let Some(rest) = crate::fast::serve(&conn, stream, stop.clone()).await {
-                serve_hyper(conn, rest, stop).await;
-            }
-            drop(alive);
-        });
+        spawn_conn(&ctx, preview, stream, peer, &alive, &stop);
     }
     drop(listener);
     drop(alive);
     let _ = all_done.recv().await;
+}
+
+/// Serves one client connection in a task of its own.
+fn spawn_conn(
+    ctx: &Ctx,
+    preview: bool,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    alive: &tokio::sync::mpsc::Sender<()>,
+    stop: &watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let conn = Arc::new(Conn {
+        ctx: ctx.clone(),
+        peer,
+        preview,
+        peer_ip: HeaderValue::from_str(&peer.ip().to_string()).ok(),
+        last: Mutex::new(None),
+    });
+    let (alive, stop) = (alive.clone(), stop.clone());
+    tokio::spawn(async move {
+        match crate::fast::serve(&conn, stream, stop.clone()).await {
+            crate::fast::Served::Done => {}
+            crate::fast::Served::Hyper(rest) => serve_hyper(conn, rest, stop).await,
+            crate::fast::Served::Parked(s) => conn.ctx.proxy.park(&conn.ctx.state.name, preview, s),
+        }
+        drop(alive);
+    });
 }
 
 /// Serves a client connection with hyper until it closes or the proxy stops.

@@ -87,6 +87,26 @@ struct Inner {
     metrics: Metrics,
     health_events: mpsc::UnboundedSender<HealthChange>,
     services: RwLock<HashMap<ServiceName, Arc<ServiceState>>>,
+    /// Set before a hand-over to a new daemon: stopping then parks idle client connections
+    /// instead of closing them.
+    handing_over: std::sync::atomic::AtomicBool,
+    parked: std::sync::Mutex<Vec<ParkedConn>>,
+}
+
+/// A client connection between requests, parked for the daemon that takes over.
+#[derive(Debug)]
+pub struct ParkedConn {
+    pub service: ServiceName,
+    /// Accepted on the blue-green preview listener rather than the main one.
+    pub preview: bool,
+    pub stream: std::net::TcpStream,
+}
+
+/// Client connections a previous daemon handed over, served before anything is accepted.
+#[derive(Debug, Default)]
+pub struct Adopted {
+    pub main: Vec<std::net::TcpStream>,
+    pub preview: Vec<std::net::TcpStream>,
 }
 
 /// The data plane handle. Cheap to clone.
@@ -102,8 +122,49 @@ impl Proxy {
                 metrics,
                 health_events,
                 services: RwLock::new(HashMap::new()),
+                handing_over: std::sync::atomic::AtomicBool::new(false),
+                parked: std::sync::Mutex::new(Vec::new()),
             }),
         }
+    }
+
+    /// Makes the next stop a hand-over: each client connection finishes the request under way
+    /// and is parked at its next idle moment (see [`Proxy::take_parked`]) instead of closed.
+    /// Connections that moved to hyper's path (upgrades, HTTP/1.0) still close gracefully.
+    pub fn hand_over(&self) {
+        self.inner
+            .handing_over
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(crate) fn handing_over(&self) -> bool {
+        self.inner
+            .handing_over
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub(crate) fn park(&self, service: &ServiceName, preview: bool, s: tokio::net::TcpStream) {
+        match s.into_std() {
+            Ok(stream) => {
+                if let Ok(mut p) = self.inner.parked.lock() {
+                    p.push(ParkedConn {
+                        service: service.clone(),
+                        preview,
+                        stream,
+                    });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not park a client connection"),
+        }
+    }
+
+    /// The connections parked by a hand-over, once the proxies have stopped.
+    pub fn take_parked(&self) -> Vec<ParkedConn> {
+        self.inner
+            .parked
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default()
     }
 
     fn service(&self, name: &ServiceName) -> Option<Arc<ServiceState>> {
@@ -158,6 +219,27 @@ impl Proxy {
         initial: RouteTable,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ProxyError> {
+        self.serve_adopting(
+            spec,
+            listener,
+            preview,
+            initial,
+            shutdown,
+            Adopted::default(),
+        )
+        .await
+    }
+
+    /// [`Proxy::serve`], first serving client connections a previous daemon handed over.
+    pub async fn serve_adopting(
+        &self,
+        spec: ServiceProxySpec,
+        listener: TcpListener,
+        preview: Option<TcpListener>,
+        initial: RouteTable,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        adopted: Adopted,
+    ) -> Result<(), ProxyError> {
         listener.local_addr().map_err(ProxyError::Listener)?;
         let state = self.service_or_insert(&initial);
         if let Ok(mut t) = state.timeouts.lock() {
@@ -177,9 +259,22 @@ impl Proxy {
             upstream_timeout: spec.upstream_timeout,
             client: spec.client,
         };
-        let preview_task = preview
-            .map(|l| tokio::spawn(forward::accept_loop(l, ctx.clone(), true, stop_rx.clone())));
-        let main = tokio::spawn(forward::accept_loop(listener, ctx, false, stop_rx));
+        let preview_task = preview.map(|l| {
+            tokio::spawn(forward::accept_loop(
+                l,
+                ctx.clone(),
+                true,
+                stop_rx.clone(),
+                adopted.preview,
+            ))
+        });
+        let main = tokio::spawn(forward::accept_loop(
+            listener,
+            ctx,
+            false,
+            stop_rx,
+            adopted.main,
+        ));
         shutdown.await;
         let _ = stop_tx.send(true);
         let _ = main.await;

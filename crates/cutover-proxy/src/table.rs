@@ -69,7 +69,13 @@ impl Compiled {
                     .iter()
                     .map(|b| {
                         keep.insert(b.instance.clone());
-                        backends.get_or_create(&b.instance, &rv.version, b.addr, connect_timeout)
+                        backends.get_or_create(
+                            &b.instance,
+                            &rv.version,
+                            b.addr,
+                            connect_timeout,
+                            b.healthy,
+                        )
                     })
                     .collect(),
                 recorder: metrics.recorder(&table.service, &rv.version),
@@ -180,6 +186,7 @@ mod tests {
                 .map(|(id, port)| Backend {
                     instance: InstanceId::new(*id),
                     addr: std::net::SocketAddr::from(([127, 0, 0, 1], *port)),
+                    healthy: false,
                 })
                 .collect(),
         }
@@ -233,6 +240,7 @@ mod tests {
             &Version::new("v1"),
             std::net::SocketAddr::from(([127, 0, 0, 1], 1001)),
             Duration::from_secs(1),
+            false,
         );
         b.update_health(|h| h.health = Health::Healthy);
         let lease = b.lease().expect("a healthy instance takes requests");

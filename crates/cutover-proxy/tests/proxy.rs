@@ -181,6 +181,7 @@ fn table(generation: u64, versions: &[(&str, u32, Instances<'_>)]) -> RouteTable
                     .map(|(id, addr)| Backend {
                         instance: InstanceId::new(*id),
                         addr: *addr,
+                        healthy: false,
                     })
                     .collect(),
             })

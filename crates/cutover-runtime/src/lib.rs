@@ -9,6 +9,7 @@
 // says why it is sound.
 #![allow(unsafe_code)]
 
+pub mod inherit;
 mod logs;
 mod process;
 
@@ -122,6 +123,15 @@ impl Runtime {
     ) -> Result<(), RuntimeError> {
         match self {
             Runtime::Process(p) => p.stop(instance, stop_timeout).await,
+            Runtime::Static(_) => Ok(()),
+        }
+    }
+
+    /// Supervises an instance a previous program of this daemon started and handed over:
+    /// it is not started again. `spec` is how to restart it if it exits.
+    pub async fn adopt(&self, spec: StartSpec, started: Started) -> Result<(), RuntimeError> {
+        match self {
+            Runtime::Process(p) => p.adopt(spec, started),
             Runtime::Static(_) => Ok(()),
         }
     }

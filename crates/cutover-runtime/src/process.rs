@@ -180,10 +180,14 @@ impl ProcessRuntime {
                 },
             );
         }
-        tokio::spawn(
-            self.clone()
-                .supervise(spec.clone(), launch, child, pgid, stop_rx, exited_tx),
-        );
+        tokio::spawn(self.clone().supervise(
+            spec.clone(),
+            launch,
+            Running::Child(child),
+            pgid,
+            stop_rx,
+            exited_tx,
+        ));
         Ok(Started {
             instance: spec.instance,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -192,12 +196,49 @@ impl ProcessRuntime {
         })
     }
 
+    /// Supervises an instance a previous program of this daemon started: the process is
+    /// still this daemon's child (the program was replaced in place), so it is waited for by
+    /// pid, and restarted from `spec` like any other if it exits.
+    pub fn adopt(&self, spec: StartSpec, started: Started) -> Result<(), RuntimeError> {
+        let pid = started.pid.ok_or_else(|| {
+            RuntimeError::Io(std::io::Error::other("a handed-over instance has no pid"))
+        })?;
+        if !is_our_child(pid) {
+            return Err(RuntimeError::Io(std::io::Error::other(format!(
+                "process {pid} is not running as this daemon's child"
+            ))));
+        }
+        let launch = self.launch(&spec, started.addr.port())?;
+        let pgid = Arc::new(AtomicU32::new(started.pgid.unwrap_or(pid)));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (exited_tx, exited_rx) = watch::channel(false);
+        if let Ok(mut procs) = self.inner.procs.lock() {
+            procs.insert(
+                spec.instance.clone(),
+                Handle {
+                    pgid: pgid.clone(),
+                    stop: stop_tx,
+                    exited: exited_rx,
+                },
+            );
+        }
+        tokio::spawn(self.clone().supervise(
+            spec,
+            launch,
+            Running::Adopted(pid),
+            pgid,
+            stop_rx,
+            exited_tx,
+        ));
+        Ok(())
+    }
+
     /// Waits for the instance to exit; restarts it with backoff unless it was asked to stop.
     async fn supervise(
         self,
         spec: StartSpec,
         launch: Launch,
-        mut child: Child,
+        mut child: Running,
         pgid: Arc<AtomicU32>,
         mut stop: watch::Receiver<bool>,
         exited: watch::Sender<bool>,
@@ -240,7 +281,7 @@ impl ProcessRuntime {
                 match self.spawn(&spec.instance, &launch) {
                     Ok(c) => {
                         pgid.store(c.id().unwrap_or(0), Ordering::SeqCst);
-                        child = c;
+                        child = Running::Child(c);
                         started = Instant::now();
                         break;
                     }
@@ -299,6 +340,50 @@ impl ProcessRuntime {
         }
         while set.join_next().await.is_some() {}
     }
+}
+
+/// An instance's process: one this program spawned, or one it adopted from the program it
+/// replaced (a child all the same, but without a tokio handle).
+enum Running {
+    Child(Child),
+    Adopted(u32),
+}
+
+impl Running {
+    async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self {
+            Running::Child(c) => c.wait().await,
+            Running::Adopted(pid) => {
+                // No handle to await: ask the kernel without blocking, a few times a second.
+                // Only adopted instances are polled, and only until their first exit.
+                let pid = libc::pid_t::try_from(*pid).map_err(std::io::Error::other)?;
+                loop {
+                    let mut status = 0;
+                    // SAFETY: waitpid(2) with WNOHANG writes the status into our local.
+                    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+                    if r == pid {
+                        return Ok(std::process::ExitStatus::from_raw(status));
+                    }
+                    if r < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Whether `pid` is a live child of this process.
+fn is_our_child(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let ppid = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+        .and_then(|p| p.parse::<u32>().ok());
+    ppid == Some(std::process::id())
 }
 
 /// Kills what is left of instances a previous daemon started: every process in one of the

@@ -443,6 +443,22 @@ impl Store {
     }
 }
 
+/// Writes `bytes` to `path` readable by its owner only (0600 whatever the umask), replacing
+/// it whole: written beside it first, then renamed over it.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// The API token in `state_dir/token`: created at first use with mode 0600 (random 256 bits as
 /// 64 hex characters), read afterwards. A token file others can read is refused.
 pub fn ensure_token(state_dir: &Path) -> Result<String, StoreError> {

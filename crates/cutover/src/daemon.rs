@@ -8,12 +8,13 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use cutover_api::ApiState;
 use cutover_config::{RuntimeSettings, ServiceSettings, Settings};
-use cutover_controller::{Controller, DriverParts, ServiceSetup};
+use cutover_controller::{Controller, DriverParts, HandedOver, ServiceSetup, Shutdown};
 use cutover_core::{DataPlane, RouteTable, Version};
 use cutover_metrics::Metrics;
 use cutover_proxy::{ClientTimeouts, Proxy, ServiceProxySpec};
@@ -23,11 +24,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::exit::{CliError, CliResult, Code};
+use crate::handover;
 
 /// Upstream connect timeout; a local upstream that does not accept within this is down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest the proxies may take to finish requests in flight at shutdown.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
+/// The longest a restart in place waits for connections to finish their requests and park.
+const HANDOVER_DRAIN: Duration = Duration::from_secs(10);
 
 pub fn up(settings: Settings) -> CliResult {
     let builder = if settings.daemon.worker_threads == 1 {
@@ -48,6 +52,8 @@ pub fn up(settings: Settings) -> CliResult {
 struct Listeners {
     api: TcpListener,
     services: Vec<(TcpListener, Option<TcpListener>)>,
+    /// A duplicate of each, kept for a planned restart to hand over by number.
+    keep: Vec<(String, OwnedFd)>,
 }
 
 async fn bind(addr: SocketAddr, key: &str) -> CliResult<TcpListener> {
@@ -59,23 +65,91 @@ async fn bind(addr: SocketAddr, key: &str) -> CliResult<TcpListener> {
     })
 }
 
-async fn bind_all(settings: &Settings) -> CliResult<Listeners> {
-    let api = bind(settings.daemon.api, "daemon.api").await?;
+/// The listener for `key` on `addr`: the one a previous program handed over when it listens
+/// there (so not one connection waiting in its queue is lost), else a new one.
+async fn listener(
+    addr: SocketAddr,
+    key: &str,
+    what: &str,
+    inherited: &mut BTreeMap<String, std::net::TcpListener>,
+    keep: &mut Vec<(String, OwnedFd)>,
+) -> CliResult<TcpListener> {
+    let l = match inherited.remove(key) {
+        Some(l) if l.local_addr().is_ok_and(|a| a == addr || addr.port() == 0) => l
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(l))
+            .map_err(|e| CliError::new(Code::Failure, format!("cannot take over {addr}: {e}")))?,
+        _ => bind(addr, what).await?,
+    };
+    let dup = l
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| CliError::new(Code::Failure, format!("cannot keep {addr}: {e}")))?;
+    keep.push((key.to_owned(), dup));
+    Ok(l)
+}
+
+async fn bind_all(
+    settings: &Settings,
+    inherited: &mut BTreeMap<String, std::net::TcpListener>,
+) -> CliResult<Listeners> {
+    let mut keep = Vec::new();
+    let api = listener(
+        settings.daemon.api,
+        "daemon.api",
+        "daemon.api",
+        inherited,
+        &mut keep,
+    )
+    .await?;
     let mut services = Vec::new();
     for s in &settings.services {
-        let main = bind(s.listen, &format!("services.{}.listen", s.name)).await?;
+        let name = s.name.as_str();
+        let main = listener(
+            s.listen,
+            &handover::listener_key(name, false),
+            &format!("services.{name}.listen"),
+            inherited,
+            &mut keep,
+        )
+        .await?;
         let preview = match s.rollout.blue_green.preview_listen {
-            Some(a) => {
-                Some(bind(a, &format!("services.{}.blue_green.preview_listen", s.name)).await?)
-            }
+            Some(a) => Some(
+                listener(
+                    a,
+                    &handover::listener_key(name, true),
+                    &format!("services.{name}.blue_green.preview_listen"),
+                    inherited,
+                    &mut keep,
+                )
+                .await?,
+            ),
             None => None,
         };
         services.push((main, preview));
     }
-    Ok(Listeners { api, services })
+    Ok(Listeners {
+        api,
+        services,
+        keep,
+    })
+}
+
+/// Why the daemon's main loop ended.
+enum Ending {
+    Stop,
+    /// Re-execute in place (reload or upgrade), with the config already validated.
+    Restart,
+}
+
+/// What the controller thread needs to re-execute the daemon after its driver handed over.
+struct Restart {
+    listeners: Vec<(String, OwnedFd)>,
+    parked: Vec<cutover_proxy::ParkedConn>,
 }
 
 async fn run(settings: Settings) -> CliResult {
+    let mut taken = handover::take().map_err(|e| CliError::new(Code::Failure, e))?;
     let store = Store::open(&settings.daemon.state_dir).map_err(|e| {
         CliError::new(
             Code::Failure,
@@ -87,7 +161,13 @@ async fn run(settings: Settings) -> CliResult {
     })?;
     let token = cutover_store::ensure_token(&settings.daemon.state_dir)
         .map_err(|e| CliError::new(Code::Failure, format!("cannot set up the API token: {e}")))?;
-    let listeners = bind_all(&settings).await?;
+    let mut inherited = taken
+        .as_mut()
+        .map(|t| std::mem::take(&mut t.listeners))
+        .unwrap_or_default();
+    let listeners = bind_all(&settings, &mut inherited).await?;
+    // Listeners the new config no longer has close here.
+    drop(inherited);
 
     let metrics = Metrics::new();
     let (health_tx, health_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -107,15 +187,26 @@ async fn run(settings: Settings) -> CliResult {
         let p = proxy.clone();
         let name = s.name.clone();
         let stop = wait_true(proxies_stopping.clone());
+        let adopted = taken
+            .as_mut()
+            .map(|t| t.adopted(s.name.as_str()))
+            .unwrap_or_default();
         proxy_tasks.push(tokio::spawn(async move {
-            if let Err(e) = p.serve(spec, listener, preview, initial, stop).await {
+            if let Err(e) = p
+                .serve_adopting(spec, listener, preview, initial, stop, adopted)
+                .await
+            {
                 tracing::error!(service = %name, error = %e, "proxy stopped with an error");
             }
         }));
     }
+    let restarted = taken.is_some();
+    let adopt = taken.map(|t| t.instances).unwrap_or_default();
 
-    let (controller, driver_thread, stop_driver) =
-        start_controller(&settings, store, &proxy, &metrics, health_rx)?;
+    let (restart_tx, restart_rx) = std::sync::mpsc::channel::<Restart>();
+    let (controller, driver_thread, stop_driver) = start_controller(
+        &settings, store, &proxy, &metrics, health_rx, adopt, restart_rx,
+    )?;
 
     if let Some(url) = &settings.notify.webhook {
         match url.parse::<hyper::Uri>() {
@@ -142,8 +233,18 @@ async fn run(settings: Settings) -> CliResult {
         api_state,
         wait_true(api_stopping),
     ));
+    let state_dir = settings.daemon.state_dir.clone();
+    let _ = cutover_store::write_private(
+        &handover::pid_path(&state_dir),
+        format!("{}\n", std::process::id()).as_bytes(),
+    );
     eprintln!(
-        "cutover is up: dashboard and API on http://{api_addr}/ (token in {}); {} service(s): {}",
+        "cutover is {}: dashboard and API on http://{api_addr}/ (token in {}); {} service(s): {}",
+        if restarted {
+            "up again (restarted in place)"
+        } else {
+            "up"
+        },
         settings.daemon.state_dir.join("token").display(),
         settings.services.len(),
         settings
@@ -153,28 +254,121 @@ async fn run(settings: Settings) -> CliResult {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    // The CLI follows a restart by this file: written once everything serves.
+    let boot = format!(
+        "{}\n",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    let _ = cutover_store::write_private(&handover::boot_path(&state_dir), boot.as_bytes());
 
-    shutdown_signal().await;
-    eprintln!("cutover: shutting down: finishing requests in flight, then stopping instances");
+    let ending = wait_for_ending(&settings).await;
+    match ending {
+        Ending::Stop => {
+            eprintln!(
+                "cutover: shutting down: finishing requests in flight, then stopping instances"
+            )
+        }
+        Ending::Restart => {
+            eprintln!(
+                "cutover: restarting in place: finishing requests in flight, keeping connections and instances"
+            );
+            proxy.hand_over();
+        }
+    }
     let _ = stop_proxies.send(true);
     let _ = stop_api.send(true);
-    let drained = tokio::time::timeout(SHUTDOWN_DRAIN, futures_join(proxy_tasks)).await;
+    let drain = match ending {
+        Ending::Stop => SHUTDOWN_DRAIN,
+        // A connection still mid-request after this is closed rather than hold the restart.
+        Ending::Restart => HANDOVER_DRAIN,
+    };
+    let drained = tokio::time::timeout(drain, futures_join(proxy_tasks)).await;
     if drained.is_err() {
-        tracing::warn!("requests still in flight after {SHUTDOWN_DRAIN:?}; stopping anyway");
+        tracing::warn!("requests still in flight after {drain:?}; going on anyway");
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
-    let _ = stop_driver.send(true);
-    // The driver stops every instance before its thread ends; joining it off the runtime keeps
-    // this thread free to run the proxies' last tasks meanwhile.
+    if let Ending::Restart = ending {
+        let _ = restart_tx.send(Restart {
+            listeners: listeners.keep,
+            parked: proxy.take_parked(),
+        });
+    }
+    let _ = stop_driver.send(Some(match ending {
+        Ending::Stop => Shutdown::Stop,
+        Ending::Restart => Shutdown::HandOver,
+    }));
+    // The driver stops every instance before its thread ends (or, for a restart, the thread
+    // replaces this program); joining it off the runtime keeps this thread free meanwhile.
     let joined = tokio::task::spawn_blocking(move || driver_thread.join()).await;
-    if !matches!(joined, Ok(Ok(()))) {
-        return Err(CliError::new(
-            Code::Failure,
-            "the controller thread ended abnormally",
-        ));
+    match joined {
+        Ok(Ok(None)) => {}
+        Ok(Ok(Some(why))) => {
+            return Err(CliError::new(
+                Code::Failure,
+                format!("the restart failed, and the daemon stopped: {why}"),
+            ));
+        }
+        _ => {
+            return Err(CliError::new(
+                Code::Failure,
+                "the controller thread ended abnormally",
+            ));
+        }
     }
     eprintln!("cutover: stopped");
     Ok(())
+}
+
+/// Waits for SIGTERM/Ctrl-C (stop) or SIGHUP/SIGUSR2 (restart in place). A restart whose
+/// config does not load is refused: the reason goes to the log and to `restart-error` for
+/// the CLI, and the daemon goes on as it was.
+async fn wait_for_ending(settings: &Settings) -> Ending {
+    use tokio::signal::unix::{SignalKind, signal};
+    async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+        match s {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    }
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let mut usr2 = signal(SignalKind::user_defined2()).ok();
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return Ending::Stop,
+            _ = recv(&mut hup) => {}
+            _ = recv(&mut usr2) => {}
+        }
+        let state_dir = &settings.daemon.state_dir;
+        let refused = match cutover_config::load(&settings.file) {
+            Err(e) => Some(e.to_string()),
+            Ok(new) if new.daemon.state_dir != *state_dir => Some(format!(
+                "daemon.state_dir changed from {} to {}: that needs a full restart (stop, then `cutover up`)",
+                state_dir.display(),
+                new.daemon.state_dir.display()
+            )),
+            Ok(_) => None,
+        };
+        match refused {
+            Some(why) => {
+                tracing::error!("restart refused; still running as before: {why}");
+                let _ = cutover_store::write_private(
+                    &handover::error_path(state_dir),
+                    format!("{why}\n").as_bytes(),
+                );
+            }
+            None => {
+                let _ = std::fs::remove_file(handover::error_path(state_dir));
+                return Ending::Restart;
+            }
+        }
+    }
 }
 
 async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
@@ -210,15 +404,24 @@ async fn shutdown_signal() {
 }
 
 /// Starts the controller on its own thread and runtime; returns its handle once it is running.
+/// The thread's result is `Some(why)` when a restart in place failed.
+#[allow(clippy::type_complexity)]
 fn start_controller(
     settings: &Settings,
     store: Store,
     proxy: &Proxy,
     metrics: &Metrics,
     health: tokio::sync::mpsc::UnboundedReceiver<cutover_core::HealthChange>,
-) -> CliResult<(Controller, std::thread::JoinHandle<()>, watch::Sender<bool>)> {
+    adopt: Vec<HandedOver>,
+    restart: std::sync::mpsc::Receiver<Restart>,
+) -> CliResult<(
+    Controller,
+    std::thread::JoinHandle<Option<String>>,
+    watch::Sender<Option<Shutdown>>,
+)> {
     let services: Vec<ServiceSettings> = settings.services.clone();
     let logs = settings.daemon.state_dir.join("logs");
+    let state_dir = settings.daemon.state_dir.clone();
     let self_exe = std::env::current_exe().map_err(|e| {
         CliError::new(
             Code::Failure,
@@ -227,7 +430,7 @@ fn start_controller(
     })?;
     let dataplane: Arc<dyn DataPlane> = Arc::new(proxy.clone());
     let metrics = metrics.clone();
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop_tx, mut stop_rx) = watch::channel(None);
     let (handle_tx, handle_rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("cutover-controller".into())
@@ -240,10 +443,10 @@ fn start_controller(
                 Err(e) => {
                     let _ =
                         handle_tx.send(Err(format!("cannot start the controller runtime: {e}")));
-                    return;
+                    return None;
                 }
             };
-            rt.block_on(async move {
+            let handed = rt.block_on(async move {
                 let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
                 let process = Arc::new(Runtime::Process(ProcessRuntime::new(
                     logs, self_exe, exits_tx,
@@ -259,10 +462,23 @@ fn start_controller(
                     metrics,
                     health,
                     exits: exits_rx,
+                    adopt,
                 });
                 let _ = handle_tx.send(Ok(controller));
-                driver.run(wait_true(stop_rx)).await;
+                let shutdown = async move {
+                    match stop_rx.wait_for(Option::is_some).await {
+                        Ok(s) => s.unwrap_or(Shutdown::Stop),
+                        Err(_) => Shutdown::Stop,
+                    }
+                };
+                driver.run(shutdown).await
             });
+            // The main thread asks for a restart before it stops the driver, so the request
+            // is here by now if there is one.
+            let r = restart.try_recv().ok()?;
+            // This thread spawned the instances, so it is the one that must exec (see the
+            // `handover` module's doc).
+            Some(handover::exec(&state_dir, &r.listeners, r.parked, handed))
         })
         .map_err(|e| {
             CliError::new(

@@ -9,6 +9,7 @@ mod commands;
 mod daemon;
 mod demo;
 mod exit;
+mod handover;
 mod notify;
 mod render;
 
