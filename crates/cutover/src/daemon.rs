@@ -5,6 +5,9 @@
 //! stall a proxy worker, and instances are spawned from that one long-lived thread, which is
 //! what PR_SET_PDEATHSIG ties their lives to. Shutdown runs in the order that loses no request:
 //! proxies stop accepting and finish what is in flight, then instances are stopped.
+//!
+//! Beside them: the optional token-free `/metrics` listener (`[daemon] metrics`) and the thread
+//! that keeps the dashboard's chart series in SQLite across restarts (`series`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::exit::{CliError, CliResult, Code};
+use crate::output::err;
 
 /// Upstream connect timeout; a local upstream that does not accept within this is down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -47,6 +51,7 @@ pub fn up(settings: Settings) -> CliResult {
 /// Every socket `up` needs, bound before anything starts so that a taken port fails fast.
 struct Listeners {
     api: TcpListener,
+    metrics: Option<TcpListener>,
     services: Vec<(TcpListener, Option<TcpListener>)>,
 }
 
@@ -61,6 +66,10 @@ async fn bind(addr: SocketAddr, key: &str) -> CliResult<TcpListener> {
 
 async fn bind_all(settings: &Settings) -> CliResult<Listeners> {
     let api = bind(settings.daemon.api, "daemon.api").await?;
+    let metrics = match settings.daemon.metrics {
+        Some(a) => Some(bind(a, "daemon.metrics").await?),
+        None => None,
+    };
     let mut services = Vec::new();
     for s in &settings.services {
         let main = bind(s.listen, &format!("services.{}.listen", s.name)).await?;
@@ -72,7 +81,11 @@ async fn bind_all(settings: &Settings) -> CliResult<Listeners> {
         };
         services.push((main, preview));
     }
-    Ok(Listeners { api, services })
+    Ok(Listeners {
+        api,
+        metrics,
+        services,
+    })
 }
 
 async fn run(settings: Settings) -> CliResult {
@@ -90,6 +103,21 @@ async fn run(settings: Settings) -> CliResult {
     let listeners = bind_all(&settings).await?;
 
     let metrics = Metrics::new();
+    // The charts' last 15 minutes from before this start, before anything samples anew.
+    let started = crate::series::now();
+    match crate::series::restore(&store, &metrics, started) {
+        Ok(n) => tracing::debug!(points = n, "restored the dashboard's chart points"),
+        Err(e) => tracing::warn!(error = %e, "could not restore the dashboard's chart points"),
+    }
+    let series_saver = match Store::open(&settings.daemon.state_dir) {
+        Ok(s) => crate::series::Saver::start(s, metrics.clone(), started)
+            .map_err(|e| tracing::warn!(error = %e, "cannot start saving chart points"))
+            .ok(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the state for chart points; charts will start empty after a restart");
+            None
+        }
+    };
     let (health_tx, health_rx) = tokio::sync::mpsc::unbounded_channel();
     let proxy = Proxy::new(metrics.clone(), health_tx);
     let (stop_proxies, proxies_stopping) = watch::channel(false);
@@ -140,11 +168,25 @@ async fn run(settings: Settings) -> CliResult {
     let api = tokio::spawn(cutover_api::serve(
         listeners.api,
         api_state,
-        wait_true(api_stopping),
+        wait_true(api_stopping.clone()),
     ));
-    eprintln!(
-        "cutover is up: dashboard and API on http://{api_addr}/ (token in {}); {} service(s): {}",
+    let scrape = listeners.metrics.map(|l| {
+        let addr = l.local_addr().ok();
+        let task = tokio::spawn(cutover_api::serve_metrics(
+            l,
+            metrics.clone(),
+            wait_true(api_stopping),
+        ));
+        (addr, task)
+    });
+    err(format_args!(
+        "cutover is up: dashboard and API on http://{api_addr}/ (token in {}){}; {} service(s): {}",
         settings.daemon.state_dir.join("token").display(),
+        scrape
+            .as_ref()
+            .and_then(|(a, _)| *a)
+            .map(|a| format!(", metrics without a token on http://{a}/metrics"))
+            .unwrap_or_default(),
         settings.services.len(),
         settings
             .services
@@ -152,10 +194,10 @@ async fn run(settings: Settings) -> CliResult {
             .map(|s| format!("{} on {}", s.name, s.listen))
             .collect::<Vec<_>>()
             .join(", ")
-    );
+    ));
 
     shutdown_signal().await;
-    eprintln!("cutover: shutting down: finishing requests in flight, then stopping instances");
+    err("cutover: shutting down: finishing requests in flight, then stopping instances");
     let _ = stop_proxies.send(true);
     let _ = stop_api.send(true);
     let drained = tokio::time::timeout(SHUTDOWN_DRAIN, futures_join(proxy_tasks)).await;
@@ -163,17 +205,24 @@ async fn run(settings: Settings) -> CliResult {
         tracing::warn!("requests still in flight after {SHUTDOWN_DRAIN:?}; stopping anyway");
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
+    if let Some((_, task)) = scrape {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     let _ = stop_driver.send(true);
     // The driver stops every instance before its thread ends; joining it off the runtime keeps
     // this thread free to run the proxies' last tasks meanwhile.
     let joined = tokio::task::spawn_blocking(move || driver_thread.join()).await;
+    if let Some(s) = series_saver {
+        // The controller has stopped sampling: this saves the last points.
+        let _ = tokio::task::spawn_blocking(move || s.stop()).await;
+    }
     if !matches!(joined, Ok(Ok(()))) {
         return Err(CliError::new(
             Code::Failure,
             "the controller thread ended abnormally",
         ));
     }
-    eprintln!("cutover: stopped");
+    err("cutover: stopped");
     Ok(())
 }
 

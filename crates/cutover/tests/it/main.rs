@@ -6,5 +6,6 @@
 
 mod cli;
 mod dashboard;
+mod daytwo;
 mod harness;
 mod rollouts;
