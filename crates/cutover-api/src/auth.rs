@@ -37,6 +37,31 @@ pub fn presented(headers: &HeaderMap) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
+/// Who is acting, for the record (rollout `started_by`/`ended_by`, event messages).
+///
+/// The dashboard's session (the cookie, no bearer header) is `dashboard`, whatever it sends;
+/// an API client names itself in [`ACTOR_HEADER`](crate::wire::ACTOR_HEADER) (the CLI sends
+/// `user@host`); anything else is `api`. The name is a label the token holder chooses, not an
+/// identity cutover checks: it is kept printable and short so it cannot garble logs or pages.
+pub fn actor(headers: &HeaderMap) -> String {
+    if headers.get(header::AUTHORIZATION).is_none() && presented(headers).is_some() {
+        return "dashboard".to_owned();
+    }
+    // Lossy rather than `to_str`, so a name such as `josé@host` is kept.
+    let named: String = headers
+        .get(crate::wire::ACTOR_HEADER)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(100)
+        .collect();
+    match named.trim() {
+        "" => "api".to_owned(),
+        n => n.to_owned(),
+    }
+}
+
 pub fn authorised(headers: &HeaderMap, token: &str) -> bool {
     presented(headers).is_some_and(|t| token_matches(&t, token))
 }
@@ -75,5 +100,23 @@ mod tests {
             "a wrong bearer is not rescued by a cookie"
         );
         assert!(!token_matches("ab", "abc"));
+    }
+
+    #[test]
+    fn actors() {
+        let mut h = HeaderMap::new();
+        assert_eq!(actor(&h), "api");
+        h.insert(crate::wire::ACTOR_HEADER, "ana@build-1".parse().unwrap());
+        h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
+        assert_eq!(actor(&h), "ana@build-1");
+        h.insert(crate::wire::ACTOR_HEADER, " a\tb ".parse().unwrap());
+        assert_eq!(actor(&h), "ab", "control characters are dropped");
+        h.insert(crate::wire::ACTOR_HEADER, "x".repeat(300).parse().unwrap());
+        assert_eq!(actor(&h).len(), 100);
+        // The dashboard's session is the dashboard, whatever the page claims.
+        let mut d = HeaderMap::new();
+        d.insert(header::COOKIE, "cutover_token=abc".parse().unwrap());
+        d.insert(crate::wire::ACTOR_HEADER, "someone@else".parse().unwrap());
+        assert_eq!(actor(&d), "dashboard");
     }
 }

@@ -1,9 +1,11 @@
 //! The dashboard: a login form that sets the token cookie, and server-rendered pages.
 //!
 //! No front-end build step: HTML is rendered here, charts are inline SVG drawn from the metrics'
-//! 15-minute series, and a small inline script listens to the SSE stream and swaps in a freshly
+//! 15-minute series (which the daemon keeps in SQLite across restarts) on a time axis labelled
+//! relative to now, and a small inline script listens to the SSE stream and swaps in a freshly
 //! rendered service panel whenever something is recorded. Buttons post to the same API routes
-//! the CLI uses, authenticated by the HttpOnly SameSite=Strict cookie. It holds no state.
+//! the CLI uses, authenticated by the HttpOnly SameSite=Strict cookie (so the API records them
+//! as the `dashboard`'s). It holds no state.
 
 use std::fmt::Write;
 
@@ -146,18 +148,23 @@ async fn index(State(s): State<ApiState>, headers: HeaderMap) -> Response {
     };
     let mut body = header_bar("services");
     for svc in &services {
+        // Phase and weights at a glance: the page reloads itself on every recorded event.
         let _ = write!(
             body,
             "<section class=card data-service=\"{n}\"><h2><a href=\"/services/{n}\">{n}</a> <span class=\"phase phase-{p}\">{p}</span></h2>\
-<p class=dim>listen {listen} · stable {st}{cand} · {strategy}</p>{weights}</section>",
+<p class=dim>listen {listen} · stable {st}{cand}{step} · {strategy}</p>{weights}</section>",
             n = escape(svc.name.as_str()),
             p = svc.phase,
             listen = svc.listen,
             st = escape(svc.stable.as_str()),
-            cand = svc
-                .candidate
-                .as_ref()
-                .map(|c| format!(" · candidate {}", escape(c.as_str())))
+            cand = match (&svc.candidate, svc.rollout_id) {
+                (Some(c), Some(id)) => format!(" · rollout #{id} to {}", escape(c.as_str())),
+                (Some(c), None) => format!(" · candidate {}", escape(c.as_str())),
+                _ => String::new(),
+            },
+            step = svc
+                .step
+                .map(|(i, n)| format!(" · step {i}/{n}"))
                 .unwrap_or_default(),
             strategy = svc.strategy,
             weights = weight_bars(svc),
@@ -416,6 +423,21 @@ fn chart(
         yb = y(0.0),
         top = fmt_axis(top),
     );
+    // The time axis: a faint grid line and a label per tick, "now" at the right edge.
+    for (at, label) in time_ticks(start, end) {
+        let tx = x(at);
+        let now = label == "now";
+        let _ = write!(
+            out,
+            "<line x1={tx:.1} y1=16 x2={tx:.1} y2={yt:.1} stroke=#30363d stroke-opacity=.5 />\
+<text class=tick x={lx:.1} y={ly} fill=#9aa3b2 font-size=8 text-anchor={anchor} data-at=\"{iso}\">{label}<title>{iso}</title></text>",
+            yt = y(0.0) + 3.0,
+            lx = if now { W - 4.0 } else { tx },
+            ly = H - 3.0,
+            anchor = if now { "end" } else { "middle" },
+            iso = crate::wire::rfc3339(at),
+        );
+    }
     // Decisions and steps on the time axis.
     for e in events
         .iter()
@@ -436,16 +458,23 @@ fn chart(
         );
     }
     for (i, s) in series.iter().enumerate() {
-        let pts: Vec<String> = s
-            .points
-            .iter()
-            .filter(|p| p.at >= start)
-            .filter_map(|p| {
-                value(plot, p.requests, p.errors, p.p99)
-                    .map(|v| format!("{:.1},{:.1}", x(p.at), y(v)))
-            })
-            .collect();
-        if !pts.is_empty() {
+        // One line per stretch of consecutive samples: a gap (the daemon was down) stays a gap
+        // instead of being bridged by a straight line.
+        let mut segments: Vec<Vec<String>> = Vec::new();
+        let mut previous: Option<Timestamp> = None;
+        for p in s.points.iter().filter(|p| p.at >= start) {
+            if previous.is_none_or(|t| p.at.as_millis().saturating_sub(t.as_millis()) > GAP_MS) {
+                segments.push(Vec::new());
+            }
+            previous = Some(p.at);
+            if let (Some(v), Some(seg)) = (
+                value(plot, p.requests, p.errors, p.p99),
+                segments.last_mut(),
+            ) {
+                seg.push(format!("{:.1},{:.1}", x(p.at), y(v)));
+            }
+        }
+        for pts in segments.iter().filter(|s| !s.is_empty()) {
             let _ = write!(
                 out,
                 "<polyline fill=none stroke={} stroke-width=1.5 points=\"{}\" />",
@@ -456,6 +485,38 @@ fn chart(
     }
     out.push_str("</svg>");
     out
+}
+
+/// Samples further apart than this (they are taken every second) mark a gap in the data.
+const GAP_MS: u64 = 5_000;
+
+/// Ticks for a time axis from `start` to `end`: at most five, a round step apart, counted back
+/// from the end and labelled relative to it ("now", "-30s", "-5m"). Relative labels are true in
+/// every time zone, and the page is re-rendered every few seconds, so they never go stale.
+fn time_ticks(start: Timestamp, end: Timestamp) -> Vec<(Timestamp, String)> {
+    const STEPS_S: &[u64] = &[1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900];
+    let span = end.as_millis().saturating_sub(start.as_millis());
+    let step = STEPS_S
+        .iter()
+        .map(|s| s * 1000)
+        .find(|s| span / s <= 4)
+        .unwrap_or(900_000);
+    (0..)
+        .map(|k| k * step)
+        .take_while(|back| *back <= span)
+        .map(|back| (Timestamp(end.as_millis() - back), relative(back)))
+        .collect()
+}
+
+/// "now", "-45s", "-5m", "-1m30s" for a time `back_ms` before now.
+fn relative(back_ms: u64) -> String {
+    let s = back_ms / 1000;
+    match (s / 60, s % 60) {
+        (0, 0) => "now".to_owned(),
+        (0, sec) => format!("-{sec}s"),
+        (min, 0) => format!("-{min}m"),
+        (min, sec) => format!("-{min}m{sec}s"),
+    }
 }
 
 fn is_marker(kind: &str) -> bool {
@@ -562,6 +623,57 @@ mod tests {
             escape("<a href=\"x\">&'"),
             "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
         );
+    }
+
+    #[test]
+    fn time_axis_ticks() {
+        let labels = |span_s: u64| -> Vec<String> {
+            let end = Timestamp(1_000_000_000);
+            time_ticks(Timestamp(end.as_millis() - span_s * 1000), end)
+                .into_iter()
+                .map(|(_, l)| l)
+                .collect()
+        };
+        assert_eq!(labels(0), ["now"]);
+        assert_eq!(labels(3), ["now", "-1s", "-2s", "-3s"]);
+        assert_eq!(labels(40), ["now", "-10s", "-20s", "-30s", "-40s"]);
+        assert_eq!(labels(100), ["now", "-30s", "-1m", "-1m30s"]);
+        assert_eq!(labels(15 * 60), ["now", "-5m", "-10m", "-15m"]);
+    }
+
+    #[test]
+    fn charts_have_a_labelled_time_axis_and_keep_gaps_open() {
+        let point = |at: u64| cutover_metrics::SeriesPoint {
+            at: Timestamp(at),
+            requests: 10,
+            errors: 1,
+            p99: Some(std::time::Duration::from_millis(20)),
+        };
+        let series = vec![VersionSeries {
+            version: cutover_core::Version::new("v1"),
+            // Two stretches 59 s apart: the daemon was down in between.
+            points: vec![
+                point(100_000),
+                point(101_000),
+                point(160_000),
+                point(161_000),
+            ],
+        }];
+        let svg = chart(
+            Plot::Rate,
+            &series,
+            &[],
+            Timestamp(100_000),
+            Timestamp(161_000),
+        );
+        assert_eq!(svg.matches("<polyline").count(), 2, "{svg}");
+        let ticks: Vec<&str> = svg
+            .split("class=tick")
+            .skip(1)
+            .filter_map(|t| t.split_once('>').and_then(|(_, r)| r.split_once('<')))
+            .map(|(label, _)| label)
+            .collect();
+        assert_eq!(ticks, ["now", "-15s", "-30s", "-45s", "-1m"], "{svg}");
     }
 
     #[test]

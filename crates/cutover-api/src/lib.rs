@@ -1,5 +1,6 @@
 //! cutover-api: the daemon's HTTP API (CONTRACT §5), its authentication, the live event stream,
-//! `/metrics`, and the dashboard.
+//! `/metrics` (also alone and without a token on the optional `[daemon] metrics` listener), and
+//! the dashboard.
 //!
 //! Every route but `GET /healthz` and the login form requires the token, as a bearer header or
 //! as the HttpOnly cookie the login form sets; the comparison is constant-time. Errors are JSON
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use cutover_controller::Controller;
 use cutover_metrics::Metrics;
 
-pub use routes::router;
+pub use routes::{metrics_router, router};
 
 /// What the API's handlers share.
 #[derive(Clone)]
@@ -34,6 +35,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Serves only `GET /metrics`, without a token, on `listener` until `shutdown` resolves.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, metrics_router(metrics))
         .with_graceful_shutdown(shutdown)
         .await
 }

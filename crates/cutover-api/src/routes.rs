@@ -4,13 +4,14 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
 use cutover_controller::{Action, ControlError, DeployRequest};
 use cutover_core::StrategyKind;
+use cutover_metrics::Metrics;
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use tokio_stream::wrappers::BroadcastStream;
@@ -112,6 +113,7 @@ fn body<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Result<T, ApiEr
 async fn deploy(
     State(s): State<ApiState>,
     Path(name): Path<String>,
+    headers: HeaderMap,
     bytes: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<wire::Rollout>), ApiError> {
     let b: DeployBody = body(&bytes)?;
@@ -135,20 +137,27 @@ async fn deploy(
             version: b.version,
             env: b.env,
             strategy,
+            actor: auth::actor(&headers),
         })
         .await?;
     Ok((StatusCode::CREATED, Json(wire::Rollout::from(&r))))
 }
 
-async fn act(s: &ApiState, name: &str, action: Action) -> ApiResult<wire::Service> {
+async fn act(
+    s: &ApiState,
+    name: &str,
+    action: Action,
+    headers: &HeaderMap,
+) -> ApiResult<wire::Service> {
     Ok(Json(wire::Service::from(
-        &s.controller.act(name, action).await?,
+        &s.controller.act(name, action, auth::actor(headers)).await?,
     )))
 }
 
 async fn promote(
     State(s): State<ApiState>,
     Path(name): Path<String>,
+    headers: HeaderMap,
     bytes: axum::body::Bytes,
 ) -> ApiResult<wire::Service> {
     let b: PromoteBody = body(&bytes)?;
@@ -159,24 +168,41 @@ async fn promote(
             full: b.full,
             force: b.force,
         },
+        &headers,
     )
     .await
 }
 
-async fn abort(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<wire::Service> {
-    act(&s, &name, Action::Abort).await
+async fn abort(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<wire::Service> {
+    act(&s, &name, Action::Abort, &headers).await
 }
 
-async fn rollback(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<wire::Service> {
-    act(&s, &name, Action::Rollback).await
+async fn rollback(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<wire::Service> {
+    act(&s, &name, Action::Rollback, &headers).await
 }
 
-async fn pause(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<wire::Service> {
-    act(&s, &name, Action::Pause).await
+async fn pause(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<wire::Service> {
+    act(&s, &name, Action::Pause, &headers).await
 }
 
-async fn resume(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<wire::Service> {
-    act(&s, &name, Action::Resume).await
+async fn resume(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<wire::Service> {
+    act(&s, &name, Action::Resume, &headers).await
 }
 
 #[derive(Deserialize)]
@@ -229,11 +255,34 @@ async fn series(State(s): State<ApiState>, Path(name): Path<String>) -> Result<R
 }
 
 async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+    exposition(&s.metrics)
+}
+
+fn exposition(m: &Metrics) -> impl IntoResponse + use<> {
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        s.metrics.render_prometheus(),
+        m.render_prometheus(),
     )
+}
+
+/// The router of the optional scrape listener (`[daemon] metrics`): `GET /metrics` without a
+/// token, so Prometheus needs no secret, and nothing else: every other path is 404, so this
+/// address reveals no state and accepts no action.
+pub fn metrics_router(metrics: Metrics) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(m): State<Metrics>| async move { exposition(&m) }),
+        )
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "this listener serves only GET /metrics; the API is on daemon.api",
+            )
+        })
+        .with_state(metrics)
 }

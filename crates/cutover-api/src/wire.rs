@@ -9,6 +9,9 @@ use cutover_controller::{EventView, InstanceView, RolloutView, ServiceView};
 use cutover_core::Timestamp;
 use serde::{Deserialize, Serialize};
 
+/// The request header in which an API client says who is acting (the CLI: `user@host`).
+pub const ACTOR_HEADER: &str = "x-cutover-actor";
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     pub services: Vec<Service>,
@@ -73,6 +76,13 @@ pub struct Rollout {
     /// Seconds from start to the end, when it ended.
     pub duration_seconds: Option<f64>,
     pub env: BTreeMap<String, String>,
+    /// Who started it: `user@host` from the CLI, `dashboard`, or `api`; null for rollouts
+    /// recorded before cutover kept this.
+    #[serde(default)]
+    pub started_by: Option<String>,
+    /// Who ended it, when a person's action did (abort, rollback); null otherwise.
+    #[serde(default)]
+    pub ended_by: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<Event>,
 }
@@ -187,6 +197,8 @@ impl From<&RolloutView> for Rollout {
             finished_at: r.finished_at.map(rfc3339),
             duration_seconds: r.finished_at.map(|f| f.since(r.started_at).as_secs_f64()),
             env: r.env.clone(),
+            started_by: r.started_by.clone(),
+            ended_by: r.ended_by.clone(),
             events: r.events.iter().map(Event::from).collect(),
         }
     }

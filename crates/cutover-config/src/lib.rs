@@ -40,6 +40,8 @@ impl Settings {
 #[derive(Clone, Debug, PartialEq)]
 pub struct DaemonSettings {
     pub api: SocketAddr,
+    /// An optional second listener serving only `GET /metrics`, without a token.
+    pub metrics: Option<SocketAddr>,
     /// Resolved against the config file's directory when relative.
     pub state_dir: PathBuf,
     /// 0: one per core.

@@ -28,6 +28,7 @@ pub struct Raw {
 #[serde(deny_unknown_fields)]
 pub struct RawDaemon {
     pub api: Option<S<String>>,
+    pub metrics: Option<S<String>>,
     pub state_dir: Option<S<String>>,
     pub worker_threads: Option<S<i64>>,
 }

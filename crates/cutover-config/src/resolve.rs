@@ -130,6 +130,7 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
 
     let mut daemon = DaemonSettings {
         api: SocketAddr::from(([127, 0, 0, 1], 7070)),
+        metrics: None,
         state_dir: base.join(".cutover"),
         worker_threads: 0,
     };
@@ -180,6 +181,14 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
     // Where each listen address was claimed, to report collisions at the second use.
     let mut listens: BTreeMap<SocketAddr, String> =
         BTreeMap::from([(daemon.api, "daemon.api".to_owned())]);
+    if let Some(m) = raw
+        .daemon
+        .as_ref()
+        .and_then(|d| d.get_ref().metrics.as_ref())
+    {
+        // Checked like the services' listeners: a fixed port, and no address used twice.
+        daemon.metrics = claim(&mut cx, &mut listens, m, "daemon.metrics".to_owned());
+    }
     let mut services = Vec::new();
     // Checked in file order, so a collision is reported where the second use is written.
     let mut in_file_order: Vec<_> = raw.services.iter().collect();
@@ -221,10 +230,15 @@ fn claim(
 ) -> Option<SocketAddr> {
     let a = cx.addr(v, &key)?;
     if a.port() == 0 {
+        let scraped = key == "daemon.metrics";
         cx.err(
             v,
             key,
-            format!("{a} has port 0; users need a fixed port to send traffic to"),
+            if scraped {
+                format!("{a} has port 0; Prometheus needs a fixed port to scrape")
+            } else {
+                format!("{a} has port 0; users need a fixed port to send traffic to")
+            },
         );
         return None;
     }

@@ -146,6 +146,22 @@ fn broken_configs_name_file_line_column_and_key() {
             "cutover.toml:2:10: services.web.listen: 127.0.0.1:0 has port 0; users need a fixed port to send traffic to",
         ),
         (
+            format!("[daemon]\nmetrics = \"127.0.0.1:7070\"\n{GOOD_SERVICE}"),
+            "cutover.toml:2:11: daemon.metrics: 127.0.0.1:7070 is already used by daemon.api",
+        ),
+        (
+            "[daemon]\nmetrics = \"0.0.0.0:9100\"\n[services.web]\nlisten = \"127.0.0.1:9100\"\ncommand = [\"app\", \"{port}\"]\n".to_owned(),
+            "cutover.toml:4:10: services.web.listen: 127.0.0.1:9100 collides with 0.0.0.0:9100 of daemon.metrics (same port)",
+        ),
+        (
+            format!("[daemon]\nmetrics = \"127.0.0.1:0\"\n{GOOD_SERVICE}"),
+            "cutover.toml:2:11: daemon.metrics: 127.0.0.1:0 has port 0; Prometheus needs a fixed port to scrape",
+        ),
+        (
+            format!("[daemon]\nmetrics = \"9100\"\n{GOOD_SERVICE}"),
+            "cutover.toml:2:11: daemon.metrics: \"9100\" is not an address like \"127.0.0.1:8080\"",
+        ),
+        (
             "[services.web]\nlisten = \"localhost\"\ncommand = [\"app\", \"{port}\"]\n".to_owned(),
             "cutover.toml:2:10: services.web.listen: \"localhost\" is not an address like \"127.0.0.1:8080\"",
         ),
@@ -259,6 +275,19 @@ fn diagnostics_carry_structured_fields() {
 }
 
 #[test]
+fn a_metrics_listener_is_read() {
+    let s = parse(
+        &format!("[daemon]\nmetrics = \"127.0.0.1:9100\"\n{GOOD_SERVICE}"),
+        Path::new("cutover.toml"),
+    )
+    .expect("valid");
+    assert_eq!(
+        s.daemon.metrics,
+        Some("127.0.0.1:9100".parse().expect("addr"))
+    );
+}
+
+#[test]
 fn port_placeholder_may_be_absent_when_the_program_reads_port() {
     let s = parse(
         "[services.web]\nlisten = \"127.0.0.1:8080\"\ncommand = [\"./app\"]\nreads_port_env = true\n",
@@ -277,6 +306,7 @@ fn defaults_fill_what_is_not_written() {
     assert_eq!(s.daemon.api, "127.0.0.1:7070".parse().expect("addr"));
     assert_eq!(s.daemon.state_dir, Path::new("./.cutover"));
     assert_eq!(s.daemon.worker_threads, 0);
+    assert_eq!(s.daemon.metrics, None);
     assert_eq!(s.notify.webhook, None);
     let web = s.service("web").expect("web");
     assert_eq!(web.version.as_str(), "v1");

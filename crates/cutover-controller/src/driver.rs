@@ -70,6 +70,7 @@ enum Request {
     Act(
         String,
         Action,
+        String,
         oneshot::Sender<Result<ServiceView, ControlError>>,
     ),
     History(
@@ -113,8 +114,14 @@ impl Controller {
         self.ask(|tx| Request::Deploy(req, tx)).await?
     }
 
-    pub async fn act(&self, service: &str, action: Action) -> Result<ServiceView, ControlError> {
-        self.ask(|tx| Request::Act(service.to_owned(), action, tx))
+    /// A person's action on a service's rollout; `actor` says who, for the record.
+    pub async fn act(
+        &self,
+        service: &str,
+        action: Action,
+        actor: String,
+    ) -> Result<ServiceView, ControlError> {
+        self.ask(|tx| Request::Act(service.to_owned(), action, actor, tx))
             .await?
     }
 
@@ -252,6 +259,7 @@ pub fn driver(parts: DriverParts) -> (Driver, Controller) {
         internal_tx: itx,
         internal: irx,
         adopt: parts.adopt,
+        acting: None,
     };
     (d, Controller { tx, notices })
 }
@@ -268,6 +276,8 @@ pub struct Driver {
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal: mpsc::UnboundedReceiver<Internal>,
     adopt: Vec<HandedOver>,
+    /// Who asked for the request being handled; the next commit credits its events to them.
+    acting: Option<String>,
 }
 
 fn now() -> Timestamp {
@@ -512,11 +522,15 @@ impl Driver {
                 let _ = tx.send(self.view(&ServiceName::new(&name)));
             }
             Request::Deploy(req, tx) => {
+                self.acting = Some(req.actor.clone());
                 let r = self.deploy(req).await;
+                self.acting = None;
                 let _ = tx.send(r);
             }
-            Request::Act(name, action, tx) => {
+            Request::Act(name, action, actor, tx) => {
+                self.acting = Some(actor);
                 let r = self.act(&ServiceName::new(&name), action).await;
+                self.acting = None;
                 let _ = tx.send(r);
             }
             Request::History(service, limit, tx) => {
@@ -620,6 +634,7 @@ impl Driver {
             env,
             started_at: t,
             checkpoint: String::new(),
+            started_by: self.acting.clone(),
         };
         let id = self
             .store
@@ -639,6 +654,8 @@ impl Driver {
             started_at: t,
             finished_at: None,
             checkpoint: checkpoint::encode(&rollout),
+            started_by: new.started_by,
+            ended_by: None,
         };
         let baseline = self.snapshots(name, &stable, &version);
         if let Some(svc) = self.services.get_mut(name) {
@@ -905,11 +922,14 @@ impl Driver {
             return;
         };
         let Some(a) = svc.active.as_mut() else { return };
+        // Only this commit is the person's doing; what follows from it later is cutover's.
+        let actor = self.acting.take();
         a.row.checkpoint = checkpoint::encode(&a.rollout);
         a.row.outcome = a.rollout.outcome();
         a.row.reason = a.rollout.reason().map(str::to_owned);
         if a.rollout.is_done() {
             a.row.finished_at = Some(t);
+            a.row.ended_by = actor.clone();
         }
         let phase = a.rollout.phase();
         let weight = a.rollout.candidate_weight(&a.spec).percent();
@@ -921,7 +941,10 @@ impl Driver {
                     rollout_id: Some(a.rollout.id),
                     at: t,
                     kind: kind.as_str().to_owned(),
-                    message: message.clone(),
+                    message: match &actor {
+                        Some(who) => format!("{message} (by {who})"),
+                        None => message.clone(),
+                    },
                     data: format!(
                         "{{\"phase\":\"{phase}\",\"candidate_weight\":{weight},\"failures\":{}}}",
                         a.rollout.failures
@@ -930,6 +953,9 @@ impl Driver {
                 _ => None,
             })
             .collect();
+        for e in &events {
+            tracing::info!(service = %e.service, kind = %e.kind, "{}", e.message);
+        }
         // Persist before acting: if the daemon dies between here and the commands, a restart
         // re-applies the recorded state instead of forgetting a decision.
         match self.store.record_transition(&a.row, &events) {
@@ -1343,6 +1369,7 @@ impl Driver {
             message,
             data: "{}".to_owned(),
         };
+        tracing::info!(service = %e.service, kind = %e.kind, "{}", e.message);
         match self.store.append_event(&e) {
             Ok(id) => {
                 let _ = self.notices.send(Notice {
@@ -1425,6 +1452,8 @@ fn rollout_view(r: RolloutRow) -> RolloutView {
         started_at: r.started_at,
         finished_at: r.finished_at,
         env: r.env,
+        started_by: r.started_by,
+        ended_by: r.ended_by,
         events: Vec::new(),
     }
 }

@@ -41,6 +41,10 @@ pub struct RolloutView {
     pub started_at: Timestamp,
     pub finished_at: Option<Timestamp>,
     pub env: BTreeMap<String, String>,
+    /// Who asked for it (`user@host`, `dashboard`, `api`); `None` for older rollouts.
+    pub started_by: Option<String>,
+    /// Who ended it, when a person's action did.
+    pub ended_by: Option<String>,
     /// Filled only when one rollout is asked for.
     pub events: Vec<EventView>,
 }
@@ -104,6 +108,8 @@ pub struct DeployRequest {
     pub version: String,
     pub env: BTreeMap<String, String>,
     pub strategy: Option<StrategyKind>,
+    /// Who asks: recorded on the rollout and in its events.
+    pub actor: String,
 }
 
 /// Why a request failed, in a way the API maps onto a status code.

@@ -34,6 +34,10 @@ const BUCKETS: &[f64] = &[
 ];
 /// The dashboard keeps this many one-second points: 15 minutes.
 const SERIES_POINTS: usize = 15 * 60;
+/// How far back the dashboard's series reach. Points are also dropped by age, not only by
+/// count, so points restored after a restart leave on time even for a version that no longer
+/// takes requests.
+pub const SERIES_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// Latencies are recorded in microseconds up to an hour, at 3 significant digits.
 const MAX_MICROS: u64 = 3_600_000_000;
 
@@ -252,10 +256,62 @@ impl Metrics {
                 errors: w.errors,
                 p99: w.latency.quantile(0.99),
             });
-            while s.points.len() > SERIES_POINTS {
+            s.last = Some(snap);
+        }
+        let oldest = now
+            .as_millis()
+            .saturating_sub(u64::try_from(SERIES_WINDOW.as_millis()).unwrap_or(u64::MAX));
+        for s in series.values_mut() {
+            while s.points.len() > SERIES_POINTS
+                || s.points.front().is_some_and(|p| p.at.as_millis() <= oldest)
+            {
                 s.points.pop_front();
             }
-            s.last = Some(snap);
+        }
+        series.retain(|_, s| !s.points.is_empty() || s.last.is_some());
+    }
+
+    /// Every series point sampled after `after`, for saving them elsewhere.
+    pub fn points_after(&self, after: Timestamp) -> Vec<(ServiceName, Version, SeriesPoint)> {
+        let series = lock(&self.inner.series);
+        let mut out = Vec::new();
+        for ((service, version), s) in series.iter() {
+            // Points are in time order: walk back from the newest.
+            let fresh = s.points.iter().rev().take_while(|p| p.at > after);
+            let start = out.len();
+            out.extend(fresh.map(|p| (service.clone(), version.clone(), p.clone())));
+            out[start..].reverse();
+        }
+        out
+    }
+
+    /// Puts saved points (e.g. from before a restart) in front of what was sampled since.
+    /// Points at or after the first sampled one are ignored, so restoring twice is harmless.
+    pub fn restore_series(
+        &self,
+        service: &ServiceName,
+        version: &Version,
+        points: impl IntoIterator<Item = SeriesPoint>,
+    ) {
+        let mut series = lock(&self.inner.series);
+        let s = series
+            .entry((service.clone(), version.clone()))
+            .or_insert_with(|| Series {
+                last: None,
+                points: VecDeque::with_capacity(SERIES_POINTS),
+            });
+        let first = s.points.front().map(|p| p.at);
+        let mut older: Vec<SeriesPoint> = points
+            .into_iter()
+            .filter(|p| first.is_none_or(|f| p.at < f))
+            .collect();
+        older.sort_by_key(|p| p.at);
+        older.dedup_by_key(|p| p.at);
+        for p in older.into_iter().rev() {
+            s.points.push_front(p);
+        }
+        while s.points.len() > SERIES_POINTS {
+            s.points.pop_front();
         }
     }
 
@@ -484,6 +540,63 @@ mod tests {
             m.sample(Timestamp(3_000 + i));
         }
         assert_eq!(m.series(&s)[0].points.len(), SERIES_POINTS);
+    }
+
+    #[test]
+    fn series_are_bounded_by_age_and_restorable() {
+        let m = Metrics::new();
+        let (s, v1, old) = (
+            ServiceName::new("web"),
+            Version::new("v1"),
+            Version::new("v0"),
+        );
+        let window = SERIES_WINDOW.as_millis() as u64;
+        let t0 = 10 * window;
+        let point = |at: u64, requests: u64| SeriesPoint {
+            at: Timestamp(at),
+            requests,
+            errors: 0,
+            p99: None,
+        };
+        // Before the restart: v0 took traffic, v1 too; saved points come back in order.
+        m.restore_series(&s, &old, vec![point(t0 - 2_000, 3), point(t0 - 3_000, 4)]);
+        m.restore_series(&s, &v1, vec![point(t0 - 1_000, 9)]);
+        m.recorder(&s, &v1).record(200, ms(1), None);
+        m.sample(Timestamp(t0));
+        let series = m.series(&s);
+        let counts: Vec<(&str, Vec<u64>)> = series
+            .iter()
+            .map(|vs| {
+                (
+                    vs.version.as_str(),
+                    vs.points.iter().map(|p| p.requests).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(counts, vec![("v0", vec![4, 3]), ("v1", vec![9, 1])]);
+        // Restoring again (or something newer than what was sampled) changes nothing.
+        m.restore_series(&s, &v1, vec![point(t0 - 1_000, 9), point(t0 + 5, 1)]);
+        assert_eq!(m.series(&s)[1].points.len(), 2);
+        let fresh = m.points_after(Timestamp(t0 - 1_500));
+        assert_eq!(
+            fresh
+                .iter()
+                .map(|(_, v, p)| (v.as_str(), p.at.as_millis()))
+                .collect::<Vec<_>>(),
+            vec![("v1", t0 - 1_000), ("v1", t0)]
+        );
+        // Fifteen minutes on, the restored points have aged out, and v0 with them.
+        m.sample(Timestamp(t0 + window - 500));
+        let series = m.series(&s);
+        assert_eq!(series.len(), 1, "v0 has no points left");
+        assert_eq!(
+            series[0]
+                .points
+                .iter()
+                .map(|p| p.at.as_millis())
+                .collect::<Vec<_>>(),
+            vec![t0, t0 + window - 500]
+        );
     }
 
     fn sample_exposition() -> String {

@@ -1,7 +1,7 @@
 //! cutover-store: the daemon's durable state in one SQLite file (`state_dir/state.db`).
 //!
-//! It owns the schema and its forward migrations, and the rows of rollouts, events, services and
-//! instances. It knows nothing of the controller's types: a rollout's `checkpoint` is opaque
+//! It owns the schema and its forward migrations, and the rows of rollouts, events, services,
+//! instances and the dashboard's chart points. It knows nothing of the controller's types: a rollout's `checkpoint` is opaque
 //! text the controller writes and reads. It also owns the API token file. Synchronous by design:
 //! the controller calls it from its own thread, never from a proxy worker.
 
@@ -29,7 +29,8 @@ pub enum StoreError {
 }
 
 /// Forward migrations; entry `i` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &["CREATE TABLE rollouts (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE rollouts (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         service TEXT NOT NULL,
         from_version TEXT NOT NULL,
@@ -70,7 +71,23 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE rollouts (
         pid INTEGER,
         pgid INTEGER,
         started_at INTEGER NOT NULL
-    );"];
+    );",
+    // Who started a rollout and who ended it, when a person did (`user@host`, `dashboard`).
+    "ALTER TABLE rollouts ADD COLUMN started_by TEXT;
+    ALTER TABLE rollouts ADD COLUMN ended_by TEXT;",
+    // The dashboard's chart points, so the charts survive a restart. Bounded by the writer to
+    // the window the charts show; keyed by time so a re-written point replaces itself.
+    "CREATE TABLE series_points (
+        service TEXT NOT NULL,
+        version TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        requests INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        p99_us INTEGER,
+        PRIMARY KEY (service, version, at)
+    ) WITHOUT ROWID;
+    CREATE INDEX series_points_at ON series_points(at);",
+];
 
 pub struct NewRollout {
     pub service: String,
@@ -80,6 +97,8 @@ pub struct NewRollout {
     pub env: BTreeMap<String, String>,
     pub started_at: Timestamp,
     pub checkpoint: String,
+    /// Who asked for it (`user@host`, `dashboard`, `api`); `None` when cutover itself did.
+    pub started_by: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -96,6 +115,20 @@ pub struct RolloutRow {
     pub finished_at: Option<Timestamp>,
     /// Opaque text the controller writes: its serialised state.
     pub checkpoint: String,
+    pub started_by: Option<String>,
+    /// Who ended it when a person did (abort, a rollback request); `None` otherwise.
+    pub ended_by: Option<String>,
+}
+
+/// One point of a dashboard chart series: what one version answered in one interval.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeriesRow {
+    pub service: String,
+    pub version: String,
+    pub at: Timestamp,
+    pub requests: u64,
+    pub errors: u64,
+    pub p99_micros: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -160,7 +193,7 @@ fn db_ts(t: Timestamp) -> i64 {
     i64::try_from(t.as_millis()).unwrap_or(i64::MAX)
 }
 
-const ROLLOUT_COLS: &str = "id, service, from_version, to_version, strategy, env, outcome, reason, started_at, finished_at, checkpoint";
+const ROLLOUT_COLS: &str = "id, service, from_version, to_version, strategy, env, outcome, reason, started_at, finished_at, checkpoint, started_by, ended_by";
 const EVENT_COLS: &str = "id, service, rollout_id, at, kind, message, data";
 
 fn rollout_row(r: &Row<'_>) -> rusqlite::Result<Result<RolloutRow, StoreError>> {
@@ -183,6 +216,8 @@ fn rollout_row(r: &Row<'_>) -> rusqlite::Result<Result<RolloutRow, StoreError>> 
             started_at: ts(r.get(8)?),
             finished_at: finished.map(ts),
             checkpoint: r.get(10)?,
+            started_by: r.get(11)?,
+            ended_by: r.get(12)?,
         })
     })();
     Ok(row)
@@ -253,8 +288,8 @@ impl Store {
 
     pub fn insert_rollout(&mut self, r: &NewRollout) -> Result<i64, StoreError> {
         self.conn.execute(
-            "INSERT INTO rollouts (service, from_version, to_version, strategy, env, outcome, reason, started_at, finished_at, checkpoint)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7, NULL, ?8)",
+            "INSERT INTO rollouts (service, from_version, to_version, strategy, env, outcome, reason, started_at, finished_at, checkpoint, started_by)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7, NULL, ?8, ?9)",
             params![
                 r.service,
                 r.from_version,
@@ -263,7 +298,8 @@ impl Store {
                 env_text(&r.env),
                 RolloutOutcome::InProgress.as_str(),
                 db_ts(r.started_at),
-                r.checkpoint
+                r.checkpoint,
+                r.started_by
             ],
         )?;
         Ok(self.conn.last_insert_rowid())
@@ -271,14 +307,15 @@ impl Store {
 
     fn update_rollout_in(conn: &Connection, r: &RolloutRow) -> Result<(), StoreError> {
         conn.execute(
-            "UPDATE rollouts SET outcome = ?2, reason = ?3, finished_at = ?4, checkpoint = ?5, env = ?6 WHERE id = ?1",
+            "UPDATE rollouts SET outcome = ?2, reason = ?3, finished_at = ?4, checkpoint = ?5, env = ?6, ended_by = ?7 WHERE id = ?1",
             params![
                 r.id,
                 r.outcome.as_str(),
                 r.reason,
                 r.finished_at.map(db_ts),
                 r.checkpoint,
-                env_text(&r.env)
+                env_text(&r.env),
+                r.ended_by
             ],
         )?;
         Ok(())
@@ -426,6 +463,58 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Saves chart points (replacing any at the same service, version and time) and forgets
+    /// those older than `keep_after`, in one transaction.
+    pub fn save_series(
+        &mut self,
+        points: &[SeriesRow],
+        keep_after: Timestamp,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR REPLACE INTO series_points (service, version, at, requests, errors, p99_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for p in points {
+                insert.execute(params![
+                    p.service,
+                    p.version,
+                    db_ts(p.at),
+                    i64::try_from(p.requests).unwrap_or(i64::MAX),
+                    i64::try_from(p.errors).unwrap_or(i64::MAX),
+                    p.p99_micros.map(|v| i64::try_from(v).unwrap_or(i64::MAX)),
+                ])?;
+            }
+        }
+        tx.execute(
+            "DELETE FROM series_points WHERE at <= ?1",
+            [db_ts(keep_after)],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Chart points newer than `after`, oldest first.
+    pub fn series_since(&self, after: Timestamp) -> Result<Vec<SeriesRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT service, version, at, requests, errors, p99_us FROM series_points
+             WHERE at > ?1 ORDER BY service, version, at",
+        )?;
+        let count = |v: i64| u64::try_from(v).unwrap_or(0);
+        let rows = stmt.query_map([db_ts(after)], |r| {
+            Ok(SeriesRow {
+                service: r.get(0)?,
+                version: r.get(1)?,
+                at: ts(r.get(2)?),
+                requests: count(r.get(3)?),
+                errors: count(r.get(4)?),
+                p99_micros: r.get::<_, Option<i64>>(5)?.map(count),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Saves a rollout's new state and the events that explain it, all or nothing.
     pub fn record_transition(
         &mut self,
@@ -510,6 +599,7 @@ mod tests {
             env: BTreeMap::from([("A".into(), "1".into())]),
             started_at: Timestamp(1_000),
             checkpoint: "{}".into(),
+            started_by: Some("ana@build-1".into()),
         }
     }
 
@@ -538,6 +628,9 @@ mod tests {
         row.reason = Some("done".into());
         row.finished_at = Some(Timestamp(9_000));
         row.checkpoint = "{\"x\":1}".into();
+        assert_eq!(row.started_by.as_deref(), Some("ana@build-1"));
+        assert_eq!(row.ended_by, None);
+        row.ended_by = Some("dashboard".into());
         let ids = s
             .record_transition(&row, &[event("web", Some(a), "promoted")])
             .unwrap();
@@ -648,6 +741,63 @@ mod tests {
             Store::open(dir.path()),
             Err(StoreError::Newer { found: 99, .. })
         ));
+    }
+
+    #[test]
+    fn a_version_1_database_gains_the_actor_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The state as the first release wrote it.
+            let conn = Connection::open(dir.path().join("state.db")).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL);
+                 INSERT INTO schema_version VALUES (1);
+                 INSERT INTO rollouts (service, from_version, to_version, strategy, env, outcome, started_at, checkpoint)
+                 VALUES ('web', 'v1', 'v2', 'canary', '{}', 'promoted', 5, '');",
+            )
+            .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let old = &s.rollouts(None, 5).unwrap()[0];
+        assert_eq!((old.started_by.clone(), old.ended_by.clone()), (None, None));
+        assert!(s.series_since(Timestamp(0)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn series_points_are_replaced_pruned_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let point = |version: &str, at: u64, requests: u64| SeriesRow {
+            service: "web".into(),
+            version: version.into(),
+            at: Timestamp(at),
+            requests,
+            errors: requests / 10,
+            p99_micros: (requests > 0).then_some(1_500),
+        };
+        {
+            let mut s = Store::open(dir.path()).unwrap();
+            s.save_series(
+                &[point("v1", 1_000, 5), point("v1", 2_000, 7)],
+                Timestamp(0),
+            )
+            .unwrap();
+            // The same instant again replaces the point; older ones than the window go.
+            s.save_series(
+                &[point("v1", 2_000, 8), point("v2", 3_000, 0)],
+                Timestamp(1_000),
+            )
+            .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            s.series_since(Timestamp(0)).unwrap(),
+            vec![point("v1", 2_000, 8), point("v2", 3_000, 0)]
+        );
+        assert_eq!(
+            s.series_since(Timestamp(2_000)).unwrap(),
+            vec![point("v2", 3_000, 0)]
+        );
     }
 
     #[test]

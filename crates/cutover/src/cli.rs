@@ -1,6 +1,7 @@
 //! The command line (CONTRACT §1) as clap derive types. Parsing only; no behaviour here.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -44,12 +45,20 @@ pub enum Command {
         /// Extra environment for the new version's instances (repeatable).
         #[arg(long = "env", value_name = "KEY=VAL")]
         env: Vec<String>,
+        /// Extra environment from a file of KEY=VAL lines (`#` comments, blank lines, optional
+        /// `export` and quotes); `--env` wins over it. Its values are never printed.
+        #[arg(long, value_name = "PATH")]
+        env_file: Option<PathBuf>,
         /// Override the configured strategy for this rollout: canary, blue-green or rolling.
         #[arg(long)]
         strategy: Option<String>,
         /// Follow progress until the rollout ends; exit 1 unless it was promoted.
         #[arg(long)]
         wait: bool,
+        /// With --wait: stop waiting after this long (e.g. 90s, 5m) and exit 1; the rollout
+        /// itself goes on.
+        #[arg(long, requires = "wait", value_name = "DUR", value_parser = duration)]
+        timeout: Option<Duration>,
         #[command(flatten)]
         read: ReadOpts,
     },
@@ -99,6 +108,20 @@ pub enum Command {
     },
     /// The sample upstream used by the demo and tests.
     DemoApp(DemoAppArgs),
+    /// Print a shell completion script, e.g. `cutover completions bash > ~/.local/share/bash-completion/completions/cutover`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// A duration like `90s`, `5m` or `1h30m`.
+fn duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be longer than 0".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{e}; write it like 90s, 5m or 1h30m")),
+    }
 }
 
 #[derive(Args, Debug, Clone, Copy, Default)]

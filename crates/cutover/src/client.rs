@@ -1,5 +1,6 @@
 //! The CLI's HTTP client for the daemon's API: finds the address and token from the config,
-//! and turns HTTP failures into the exit codes of CONTRACT §1.
+//! says who is acting (`user@host`, for the rollout's record), and turns HTTP failures into the
+//! exit codes of CONTRACT §1.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use crate::exit::{CliError, CliResult, Code};
 pub struct Client {
     addr: SocketAddr,
     token: String,
+    actor: String,
     http: HyperClient<HttpConnector, Full<Bytes>>,
 }
 
@@ -54,6 +56,7 @@ impl Client {
         Client {
             addr,
             token,
+            actor: actor(),
             http: HyperClient::builder(TokioExecutor::new()).build(connector),
         }
     }
@@ -89,6 +92,11 @@ impl Client {
                 format!("Bearer {}", self.token),
             )
             .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(
+                cutover_api::wire::ACTOR_HEADER,
+                hyper::header::HeaderValue::from_bytes(self.actor.as_bytes())
+                    .unwrap_or(hyper::header::HeaderValue::from_static("unknown")),
+            )
             .body(Full::new(bytes))
             .map_err(|e| CliError::new(Code::Usage, format!("bad request to {uri}: {e}")))?;
         let resp = tokio::time::timeout(Duration::from_secs(30), self.http.request(req))
@@ -137,6 +145,52 @@ impl Client {
     }
 }
 
+/// Who runs this CLI, for the record: `CUTOVER_ACTOR` when set (a CI job can name itself),
+/// else `user@host` from `USER`/`LOGNAME` and the kernel's hostname.
+pub fn actor() -> String {
+    let var = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(a) = var("CUTOVER_ACTOR") {
+        return a;
+    }
+    let user = var("USER")
+        .or_else(|| var("LOGNAME"))
+        .or_else(user_from_uid)
+        .unwrap_or_else(|| "unknown".into());
+    let host = ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|h| h.trim().to_owned())
+        .find(|h| !h.is_empty())
+        .or_else(|| var("HOSTNAME"))
+        .unwrap_or_else(|| "localhost".into());
+    format!("{user}@{host}")
+}
+
+/// The login name of this process's real uid, for when `USER` and `LOGNAME` are unset (cron,
+/// containers, some service managers): from /proc and /etc/passwd, else `uid<N>`.
+fn user_from_uid() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .to_owned();
+    let named = std::fs::read_to_string("/etc/passwd").ok().and_then(|p| {
+        p.lines().find_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            (f.nth(1)? == uid).then(|| name.to_owned())
+        })
+    });
+    Some(named.unwrap_or_else(|| format!("uid{uid}")))
+}
+
 fn decode<T: DeserializeOwned>(path: &str, v: serde_json::Value) -> CliResult<T> {
     serde_json::from_value(v)
         .map_err(|e| CliError::new(Code::Failure, format!("unexpected answer from {path}: {e}")))
@@ -148,4 +202,21 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_os_user_is_found_without_user_or_logname() {
+        // Linux keeps the real uid in /proc: its name from /etc/passwd, or `uid<N>`.
+        let name = user_from_uid().unwrap();
+        assert!(!name.is_empty() && !name.contains(':'), "{name}");
+        let a = actor();
+        assert!(
+            std::env::var_os("CUTOVER_ACTOR").is_some() || a.contains('@'),
+            "{a}"
+        );
+    }
 }

@@ -1,7 +1,7 @@
 //! The CLI verbs that talk to a running daemon, plus `init` and `validate`.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::Path;
 use std::time::Duration;
 
@@ -12,14 +12,14 @@ use serde_json::json;
 
 use crate::client::Client;
 use crate::exit::{CliError, CliResult, Code};
+use crate::output::{err, out, out_raw};
 use crate::render;
 
 /// Prints a JSON document alone on stdout.
 fn print_json(v: &impl serde::Serialize) -> CliResult {
     let text = serde_json::to_string_pretty(v)
         .map_err(|e| CliError::new(Code::Failure, format!("cannot encode JSON: {e}")))?;
-    println!("{text}");
-    Ok(())
+    out(text)
 }
 
 pub fn init(config: &Path, force: bool) -> CliResult {
@@ -49,12 +49,11 @@ pub fn init(config: &Path, force: bool) -> CliResult {
             format!("cannot create {}: {e}", dir.display()),
         )
     })?;
-    println!(
+    out(format_args!(
         "wrote {} and {}/\nnext: `cutover validate`, then `cutover up`, then in another terminal `cutover deploy web v2 --wait`",
         config.display(),
         dir.display()
-    );
-    Ok(())
+    ))
 }
 
 pub fn validate(settings: &Settings, json: bool) -> CliResult {
@@ -84,16 +83,22 @@ pub fn validate(settings: &Settings, json: bool) -> CliResult {
             "valid": true,
             "file": settings.file.display().to_string(),
             "api": settings.daemon.api.to_string(),
+            "metrics": settings.daemon.metrics.map(|a| a.to_string()),
             "state_dir": settings.daemon.state_dir.display().to_string(),
             "services": services,
         }));
     }
-    println!("{}: valid", settings.file.display());
-    println!(
+    out(format_args!("{}: valid", settings.file.display()))?;
+    out(format_args!(
         "api and dashboard on http://{}/, state in {}",
         settings.daemon.api,
         settings.daemon.state_dir.display()
-    );
+    ))?;
+    if let Some(m) = settings.daemon.metrics {
+        out(format_args!(
+            "metrics for Prometheus on http://{m}/metrics (no token; nothing else served there)"
+        ))?;
+    }
     for s in &settings.services {
         let what = match &s.runtime {
             RuntimeSettings::Process { command, .. } => {
@@ -114,10 +119,10 @@ pub fn validate(settings: &Settings, json: bool) -> CliResult {
                     .join(" ")
             ),
         };
-        println!(
+        out(format_args!(
             "service {} on {}: {} {}, rollouts by {}",
             s.name, s.listen, s.version, what, s.rollout.strategy
-        );
+        ))?;
     }
     Ok(())
 }
@@ -135,17 +140,77 @@ fn parse_env(pairs: &[String]) -> CliResult<BTreeMap<String, String>> {
         .collect()
 }
 
+/// Reads an env file: `KEY=VAL` lines, `#` comments and blank lines, an optional `export `
+/// before the name, and values optionally in matching single or double quotes (taken as they
+/// are: no escapes, no expansion). A `#` after a value is part of it. Messages name the line
+/// but never show it, since it may hold a secret.
+pub fn parse_env_file(path: &Path) -> CliResult<BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        CliError::new(
+            Code::Usage,
+            format!("cannot read --env-file {}: {e}", path.display()),
+        )
+    })?;
+    let mut env = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let bad = |what: &str| {
+            CliError::new(
+                Code::Usage,
+                format!(
+                    "{}:{}: {what} (the line is not shown: it may hold a secret)",
+                    path.display(),
+                    i + 1
+                ),
+            )
+        };
+        let (key, value) = line
+            .split_once('=')
+            .ok_or_else(|| bad("expected KEY=VALUE"))?;
+        let key = key.trim();
+        let valid = key
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(bad(
+                "the name before '=' is not a variable name (letters, digits and '_', not starting with a digit)",
+            ));
+        }
+        let value = value.trim();
+        let unquoted = ['"', '\'']
+            .iter()
+            .find_map(|q| value.strip_prefix(*q).and_then(|v| v.strip_suffix(*q)))
+            .unwrap_or(value);
+        env.insert(key.to_owned(), unquoted.to_owned());
+    }
+    Ok(env)
+}
+
 pub struct DeployArgs<'a> {
     pub service: &'a str,
     pub version: &'a str,
     pub env: &'a [String],
+    pub env_file: Option<&'a Path>,
     pub strategy: Option<&'a str>,
     pub wait: bool,
+    /// With `wait`: how long to wait at most.
+    pub timeout: Option<Duration>,
     pub json: bool,
 }
 
 pub async fn deploy(client: &Client, a: DeployArgs<'_>) -> CliResult {
-    let env = parse_env(a.env)?;
+    // The file first, so that `--env` overrides it (CONTRACT §12).
+    let mut env = match a.env_file {
+        Some(p) => parse_env_file(p)?,
+        None => BTreeMap::new(),
+    };
+    env.extend(parse_env(a.env)?);
     let body = json!({"version": a.version, "env": env, "strategy": a.strategy});
     let r: Rollout = client
         .post(&format!("/api/v1/services/{}/deploy", a.service), body)
@@ -154,13 +219,42 @@ pub async fn deploy(client: &Client, a: DeployArgs<'_>) -> CliResult {
         if a.json {
             return print_json(&r);
         }
-        println!(
+        return out(format_args!(
             "rollout #{} of {} {} → {} started ({}); follow it with `cutover status {} --watch`",
             r.id, r.service, r.from, r.to, r.strategy, r.service
-        );
-        return Ok(());
+        ));
     }
-    let done = follow(client, &r, a.json).await?;
+    let deadline = a.timeout.map(|t| tokio::time::Instant::now() + t);
+    let done = match follow(client, &r, a.json, deadline).await? {
+        Followed::Ended(done) => done,
+        Followed::StillRunning(cur, svc) => {
+            if a.json {
+                print_json(&cur)?;
+            }
+            let at = svc
+                .map(|s| {
+                    let step = match (s.step, s.steps) {
+                        (Some(i), Some(n)) => format!(", step {i}/{n}"),
+                        _ => String::new(),
+                    };
+                    let weight = s.weights.get(&cur.to).copied().unwrap_or(0);
+                    format!(" ({}{step}, {} at {weight}%)", s.phase, cur.to)
+                })
+                .unwrap_or_default();
+            return Err(CliError::new(
+                Code::Failure,
+                format!(
+                    "gave up waiting after {}: rollout #{} of {} to {} is still running{at}; follow it with `cutover status {} --watch` (or stop it with `cutover abort {}`)",
+                    humantime::format_duration(a.timeout.unwrap_or_default()),
+                    cur.id,
+                    cur.service,
+                    cur.to,
+                    cur.service,
+                    cur.service
+                ),
+            ));
+        }
+    };
     if a.json {
         print_json(&done)?;
     }
@@ -179,8 +273,20 @@ pub async fn deploy(client: &Client, a: DeployArgs<'_>) -> CliResult {
     }
 }
 
-/// Follows a rollout until it ends, printing its events (and a progress bar on a terminal).
-async fn follow(client: &Client, r: &Rollout, quiet: bool) -> CliResult<Rollout> {
+enum Followed {
+    Ended(Rollout),
+    /// The deadline came first: the rollout as last seen, and its service if it was read.
+    StillRunning(Rollout, Option<Box<Service>>),
+}
+
+/// Follows a rollout until it ends or `deadline` passes, printing its events (and a progress
+/// bar on a terminal).
+async fn follow(
+    client: &Client,
+    r: &Rollout,
+    quiet: bool,
+    deadline: Option<tokio::time::Instant>,
+) -> CliResult<Followed> {
     let tty = std::io::stderr().is_terminal() && !quiet;
     let bar = if tty {
         let b = ProgressBar::new(100);
@@ -196,6 +302,7 @@ async fn follow(client: &Client, r: &Rollout, quiet: bool) -> CliResult<Rollout>
         None
     };
     let mut seen = 0i64;
+    let mut last_service = None;
     loop {
         let cur: Rollout = client.get(&format!("/api/v1/rollouts/{}", r.id)).await?;
         let last = seen;
@@ -206,27 +313,31 @@ async fn follow(client: &Client, r: &Rollout, quiet: bool) -> CliResult<Rollout>
             }
             match &bar {
                 Some(b) => b.println(render::event_line(e)),
-                None => eprintln!("{}", render::event_line(e)),
+                None => err(render::event_line(e)),
             }
         }
-        if let Some(b) = &bar
+        let out_of_time = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+        if (bar.is_some() || out_of_time)
             && let Ok(svc) = client
                 .get::<Service>(&format!("/api/v1/services/{}", r.service))
                 .await
         {
-            b.set_position(u64::from(svc.weights.get(&r.to).copied().unwrap_or(0)));
-            let step = match (svc.step, svc.steps) {
-                (Some(i), Some(n)) => format!(" step {i}/{n}"),
-                _ => String::new(),
-            };
-            b.set_message(format!("{}{step}", svc.phase));
+            if let Some(b) = &bar {
+                b.set_position(u64::from(svc.weights.get(&r.to).copied().unwrap_or(0)));
+                let step = match (svc.step, svc.steps) {
+                    (Some(i), Some(n)) => format!(" step {i}/{n}"),
+                    _ => String::new(),
+                };
+                b.set_message(format!("{}{step}", svc.phase));
+            }
+            last_service = Some(Box::new(svc));
         }
         if cur.outcome != "in-progress" {
             if let Some(b) = bar {
                 b.finish_with_message(cur.outcome.clone());
             }
             if !quiet {
-                eprintln!(
+                err(format_args!(
                     "rollout #{} {}{}",
                     cur.id,
                     cur.outcome,
@@ -234,11 +345,26 @@ async fn follow(client: &Client, r: &Rollout, quiet: bool) -> CliResult<Rollout>
                         .as_deref()
                         .map(|r| format!(": {r}"))
                         .unwrap_or_default()
-                );
+                ));
             }
-            return Ok(cur);
+            return Ok(Followed::Ended(cur));
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        if out_of_time {
+            if let Some(b) = bar {
+                b.abandon_with_message("still running");
+            }
+            return Ok(Followed::StillRunning(cur, last_service));
+        }
+        let pause = tokio::time::sleep(Duration::from_millis(250));
+        match deadline {
+            Some(d) => {
+                tokio::select! {
+                    _ = pause => {}
+                    _ = tokio::time::sleep_until(d) => {}
+                }
+            }
+            None => pause.await,
+        }
     }
 }
 
@@ -248,19 +374,22 @@ pub async fn status(client: &Client, service: Option<&str>, watch: bool, json: b
     }
     let tty = std::io::stdout().is_terminal();
     let mut last = String::new();
+    let closed = crate::output::stdout_closed();
+    tokio::pin!(closed);
     loop {
         let text = status_text(client, service).await?;
         if tty {
             // Clear and redraw in place, like `watch`.
-            print!("\x1b[H\x1b[2J{text}");
-            let _ = std::io::stdout().flush();
+            out_raw(&format!("\x1b[H\x1b[2J{text}"))?;
         } else if text != last {
-            println!("{text}");
+            out(&text)?;
         }
         last = text;
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
+            // `| head` has what it wanted: stop now, not at the next change.
+            _ = &mut closed => return Ok(()),
         }
     }
 }
@@ -300,7 +429,7 @@ async fn status_once(
         }
     } else {
         for s in &services {
-            println!("{}", render::service(s, 5));
+            out(render::service(s, 5))?;
         }
     }
     Ok(services)
@@ -324,8 +453,7 @@ pub async fn act(
         .first()
         .map(|e| e.message.clone())
         .unwrap_or_default();
-    println!("{}: {} ({})", s.name, s.phase, last);
-    Ok(())
+    out(format_args!("{}: {} ({})", s.name, s.phase, last))
 }
 
 pub async fn history(
@@ -342,6 +470,48 @@ pub async fn history(
     if json {
         return print_json(&h);
     }
-    print!("{}", render::history(&h.rollouts));
-    Ok(())
+    out_raw(&render::history(&h.rollouts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".env");
+        std::fs::write(
+            &path,
+            "# a comment\n\nA=1\nexport B = two words \nC=\"quoted # kept\"\nD='single'\nE=\nF=a=b#c\n",
+        )
+        .unwrap();
+        let env = parse_env_file(&path).unwrap();
+        let want: BTreeMap<String, String> = [
+            ("A", "1"),
+            ("B", "two words"),
+            ("C", "quoted # kept"),
+            ("D", "single"),
+            ("E", ""),
+            ("F", "a=b#c"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(env, want);
+
+        for (text, line) in [("A=1\nhunter2\n", ":2:"), ("1X=hunter2\n", ":1:")] {
+            std::fs::write(&path, text).unwrap();
+            let e = parse_env_file(&path).unwrap_err();
+            assert_eq!(e.code, Code::Usage);
+            assert!(e.message.contains(line), "{}", e.message);
+            assert!(
+                !e.message.contains("hunter2"),
+                "a value leaked: {}",
+                e.message
+            );
+        }
+        let e = parse_env_file(&dir.path().join("missing")).unwrap_err();
+        assert_eq!(e.code, Code::Usage);
+    }
 }

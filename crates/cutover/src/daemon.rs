@@ -5,6 +5,9 @@
 //! stall a proxy worker, and instances are spawned from that one long-lived thread, which is
 //! what PR_SET_PDEATHSIG ties their lives to. Shutdown runs in the order that loses no request:
 //! proxies stop accepting and finish what is in flight, then instances are stopped.
+//!
+//! Beside them: the optional token-free `/metrics` listener (`[daemon] metrics`) and the thread
+//! that keeps the dashboard's chart series in SQLite across restarts (`series`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,6 +28,7 @@ use tokio::sync::watch;
 
 use crate::exit::{CliError, CliResult, Code};
 use crate::handover;
+use crate::output::err;
 
 /// Upstream connect timeout; a local upstream that does not accept within this is down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -51,6 +55,7 @@ pub fn up(settings: Settings) -> CliResult {
 /// Every socket `up` needs, bound before anything starts so that a taken port fails fast.
 struct Listeners {
     api: TcpListener,
+    metrics: Option<TcpListener>,
     services: Vec<(TcpListener, Option<TcpListener>)>,
     /// A duplicate of each, kept for a planned restart to hand over by number.
     keep: Vec<(String, OwnedFd)>,
@@ -102,6 +107,12 @@ async fn bind_all(
         &mut keep,
     )
     .await?;
+    let metrics = match settings.daemon.metrics {
+        Some(a) => {
+            Some(listener(a, "daemon.metrics", "daemon.metrics", inherited, &mut keep).await?)
+        }
+        None => None,
+    };
     let mut services = Vec::new();
     for s in &settings.services {
         let name = s.name.as_str();
@@ -130,6 +141,7 @@ async fn bind_all(
     }
     Ok(Listeners {
         api,
+        metrics,
         services,
         keep,
     })
@@ -170,6 +182,21 @@ async fn run(settings: Settings) -> CliResult {
     drop(inherited);
 
     let metrics = Metrics::new();
+    // The charts' last 15 minutes from before this start, before anything samples anew.
+    let started = crate::series::now();
+    match crate::series::restore(&store, &metrics, started) {
+        Ok(n) => tracing::debug!(points = n, "restored the dashboard's chart points"),
+        Err(e) => tracing::warn!(error = %e, "could not restore the dashboard's chart points"),
+    }
+    let series_saver = match Store::open(&settings.daemon.state_dir) {
+        Ok(s) => crate::series::Saver::start(s, metrics.clone(), started)
+            .map_err(|e| tracing::warn!(error = %e, "cannot start saving chart points"))
+            .ok(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the state for chart points; charts will start empty after a restart");
+            None
+        }
+    };
     let (health_tx, health_rx) = tokio::sync::mpsc::unbounded_channel();
     let proxy = Proxy::new(metrics.clone(), health_tx);
     let (stop_proxies, proxies_stopping) = watch::channel(false);
@@ -231,21 +258,35 @@ async fn run(settings: Settings) -> CliResult {
     let api = tokio::spawn(cutover_api::serve(
         listeners.api,
         api_state,
-        wait_true(api_stopping),
+        wait_true(api_stopping.clone()),
     ));
+    let scrape = listeners.metrics.map(|l| {
+        let addr = l.local_addr().ok();
+        let task = tokio::spawn(cutover_api::serve_metrics(
+            l,
+            metrics.clone(),
+            wait_true(api_stopping),
+        ));
+        (addr, task)
+    });
     let state_dir = settings.daemon.state_dir.clone();
     let _ = cutover_store::write_private(
         &handover::pid_path(&state_dir),
         format!("{}\n", std::process::id()).as_bytes(),
     );
-    eprintln!(
-        "cutover is {}: dashboard and API on http://{api_addr}/ (token in {}); {} service(s): {}",
+    err(format_args!(
+        "cutover is {}: dashboard and API on http://{api_addr}/ (token in {}){}; {} service(s): {}",
         if restarted {
             "up again (restarted in place)"
         } else {
             "up"
         },
         settings.daemon.state_dir.join("token").display(),
+        scrape
+            .as_ref()
+            .and_then(|(a, _)| *a)
+            .map(|a| format!(", metrics without a token on http://{a}/metrics"))
+            .unwrap_or_default(),
         settings.services.len(),
         settings
             .services
@@ -253,7 +294,7 @@ async fn run(settings: Settings) -> CliResult {
             .map(|s| format!("{} on {}", s.name, s.listen))
             .collect::<Vec<_>>()
             .join(", ")
-    );
+    ));
     // The CLI follows a restart by this file: written once everything serves.
     let boot = format!(
         "{}\n",
@@ -267,13 +308,11 @@ async fn run(settings: Settings) -> CliResult {
     let ending = wait_for_ending(&settings).await;
     match ending {
         Ending::Stop => {
-            eprintln!(
-                "cutover: shutting down: finishing requests in flight, then stopping instances"
-            )
+            err("cutover: shutting down: finishing requests in flight, then stopping instances")
         }
         Ending::Restart => {
-            eprintln!(
-                "cutover: restarting in place: finishing requests in flight, keeping connections and instances"
+            err(
+                "cutover: restarting in place: finishing requests in flight, keeping connections and instances",
             );
             proxy.hand_over();
         }
@@ -290,6 +329,13 @@ async fn run(settings: Settings) -> CliResult {
         tracing::warn!("requests still in flight after {drain:?}; going on anyway");
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
+    if let Some((_, task)) = scrape {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    if let Some(s) = series_saver {
+        // The chart points up to now are saved for the next start (or program).
+        let _ = tokio::task::spawn_blocking(move || s.stop()).await;
+    }
     if let Ending::Restart = ending {
         let _ = restart_tx.send(Restart {
             listeners: listeners.keep,
@@ -318,7 +364,7 @@ async fn run(settings: Settings) -> CliResult {
             ));
         }
     }
-    eprintln!("cutover: stopped");
+    err("cutover: stopped");
     Ok(())
 }
 

@@ -26,6 +26,7 @@ use serde_json::json;
 use crate::cli::DemoAppArgs;
 use crate::client::Client;
 use crate::exit::{CliError, CliResult, Code};
+use crate::output::{err, out};
 
 pub fn demo_app(a: &DemoAppArgs) -> CliResult {
     let mut opts = cutover_demo_app::DemoOptions {
@@ -211,14 +212,16 @@ pub fn run(keep: bool) -> CliResult {
     let api = SocketAddr::from(([127, 0, 0, 1], api_port));
     let web = SocketAddr::from(([127, 0, 0, 1], web_port));
     let result = rt.block_on(tour(dir.path(), api, web, keep));
-    if let Err(e) = &result {
-        eprintln!(
+    if let Err(e) = &result
+        && e.code != Code::Closed
+    {
+        err(format_args!(
             "cutover demo: {e}\n  the daemon's log: {}",
             dir.path().join("daemon.log").display()
-        );
+        ));
         // Keep the directory for a look at the log.
         let kept = dir.keep();
-        eprintln!("  (kept {})", kept.display());
+        err(format_args!("  (kept {})", kept.display()));
         guard.stop();
         return result;
     }
@@ -228,7 +231,7 @@ pub fn run(keep: bool) -> CliResult {
 
 fn say(mp: &MultiProgress, line: impl AsRef<str>) {
     if mp.is_hidden() {
-        eprintln!("{}", line.as_ref());
+        err(line.as_ref());
     } else {
         let _ = mp.println(line.as_ref());
     }
@@ -298,44 +301,49 @@ async fn tour(dir: &Path, api: SocketAddr, web: SocketAddr, keep: bool) -> CliRe
         Ok(mut guard) => std::mem::take(&mut guard.per_version),
         Err(_) => return Err(CliError::new(Code::Failure, "load counters poisoned")),
     };
-    println!(
+    out(format_args!(
         "\n{:<8} {:>9} {:>8} {:>9}",
         "version", "requests", "errors", "p99"
-    );
+    ))?;
     let mut outside_canary_errors = 0;
     for (v, vt) in &t {
         let p99 = vt
             .p99()
             .map(|d| format!("{:.1}ms", d.as_secs_f64() * 1000.0))
             .unwrap_or_else(|| "-".into());
-        println!("{v:<8} {:>9} {:>8} {p99:>9}", vt.requests, vt.errors);
+        out(format_args!(
+            "{v:<8} {:>9} {:>8} {p99:>9}",
+            vt.requests, vt.errors
+        ))?;
         if v != "v3" {
             outside_canary_errors += vt.errors;
         }
     }
-    println!(
+    out(format_args!(
         "\n{:<4} {:<10} {:<12} {:>16}  reason",
         "id", "rollout", "outcome", "time to decide"
-    );
+    ))?;
     for r in [&v2, &v3] {
-        println!(
+        out(format_args!(
             "#{:<3} {:<10} {:<12} {:>15.1}s  {}",
             r.id,
             format!("{} → {}", r.from, r.to),
             r.outcome,
             decision_seconds(r),
             r.reason.as_deref().unwrap_or("")
-        );
+        ))?;
     }
-    println!(
+    out(format_args!(
         "\nfailed requests outside the bad canary's share: {outside_canary_errors}; tour took {:.0}s",
         started.elapsed().as_secs_f64()
-    );
+    ))?;
     let ok = v2.outcome == "promoted" && v3.outcome == "rolled-back" && outside_canary_errors == 0;
     // The verdict comes first: with --keep the tour then waits for Ctrl-C, and a reader should
     // not have to stop it to learn whether it passed.
     let result = if ok {
-        println!("demo passed: v2 promoted, v3 rolled back by analysis");
+        out(format_args!(
+            "demo passed: v2 promoted, v3 rolled back by analysis"
+        ))?;
         Ok(())
     } else {
         Err(CliError::new(
@@ -347,13 +355,13 @@ async fn tour(dir: &Path, api: SocketAddr, web: SocketAddr, keep: bool) -> CliRe
         ))
     };
     if let (true, Err(e)) = (keep, &result) {
-        eprintln!("cutover demo: {e}");
+        err(format_args!("cutover demo: {e}"));
     }
     if keep {
-        println!(
+        out(format_args!(
             "\ndashboard: http://{api}/  (log in with token {token})\nproxy:     http://{web}/\nconfig:    {}\npress Ctrl-C to stop",
             dir.join("cutover.toml").display()
-        );
+        ))?;
         let _ = tokio::signal::ctrl_c().await;
     }
     result

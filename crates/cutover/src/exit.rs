@@ -4,6 +4,9 @@ use std::fmt;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Code {
+    /// Stdout's reader has gone (`| head`): stop quietly and successfully, like `yes | head`
+    /// without the SIGPIPE status.
+    Closed = 0,
     /// The operation ran but its outcome is a failure.
     Failure = 1,
     /// Usage or configuration error.

@@ -3,6 +3,10 @@
 //! Wiring only: every decision lives in a library crate (controller, judge, proxy). This crate
 //! owns the command line, exit codes, terminal output and the demo tour.
 
+// Terminal output goes through `output`, which survives a closed stdout (`| head`) where
+// `println!` panics; clippy keeps it that way for every command added later.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 mod cli;
 mod client;
 mod commands;
@@ -11,11 +15,13 @@ mod demo;
 mod exit;
 mod handover;
 mod notify;
+mod output;
 mod render;
+mod series;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use serde_json::json;
 
 use crate::cli::{Cli, Command};
@@ -39,11 +45,15 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in a journal or a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of stdout has gone (`| head`): it has what it wanted.
+        Err(e) if e.code == Code::Closed => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cutover: {e}");
+            output::err(format_args!("cutover: {e}"));
             ExitCode::from(e.code as u8)
         }
     }
@@ -75,12 +85,20 @@ fn run(cli: Cli) -> CliResult {
         Command::Up => daemon::up(load(&cli)?),
         Command::DemoApp(a) => demo::demo_app(a),
         Command::Demo { keep } => demo::run(*keep),
+        Command::Completions { shell } => {
+            // Into a buffer first: the generator panics if its writer fails (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "cutover", &mut script);
+            output::out_raw(&String::from_utf8_lossy(&script))
+        }
         Command::Deploy {
             service,
             version,
             env,
+            env_file,
             strategy,
             wait,
+            timeout,
             read,
         } => {
             let client = Client::new(&load(&cli)?)?;
@@ -90,8 +108,10 @@ fn run(cli: Cli) -> CliResult {
                     service,
                     version,
                     env,
+                    env_file: env_file.as_deref(),
                     strategy: strategy.as_deref(),
                     wait: *wait,
+                    timeout: *timeout,
                     json: read.json,
                 },
             ))

@@ -80,17 +80,23 @@ pub fn history(rollouts: &[Rollout]) -> String {
         return "no rollouts yet\n".into();
     }
     let mut out = format!(
-        "{:>4}  {:<10} {:<16} {:<10} {:<12} {:<20} {:>8}  reason\n",
-        "id", "service", "from → to", "strategy", "outcome", "started", "took"
+        "{:>4}  {:<10} {:<16} {:<10} {:<12} {:<20} {:>8}  {:<20} reason\n",
+        "id", "service", "from → to", "strategy", "outcome", "started", "took", "by"
     );
     for r in rollouts {
         let took = r
             .duration_seconds
             .map(|s| format!("{s:.1}s"))
             .unwrap_or_else(|| "-".into());
+        // Who ended it, when a person's action did (abort, rollback).
+        let ended_by = r
+            .ended_by
+            .as_deref()
+            .map(|who| format!(" (by {who})"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:>4}  {:<10} {:<16} {:<10} {:<12} {:<20} {:>8}  {}",
+            "{:>4}  {:<10} {:<16} {:<10} {:<12} {:<20} {:>8}  {:<20} {}{ended_by}",
             r.id,
             r.service,
             format!("{} → {}", r.from, r.to),
@@ -101,6 +107,7 @@ pub fn history(rollouts: &[Rollout]) -> String {
                 .unwrap_or(&r.started_at)
                 .replace('T', " "),
             took,
+            r.started_by.as_deref().unwrap_or("-"),
             r.reason.as_deref().unwrap_or("")
         );
     }
@@ -117,6 +124,43 @@ mod tests {
         assert_eq!(bar(50, 4), "██░░");
         assert_eq!(bar(100, 4), "████");
         assert_eq!(bar(200, 4), "████");
+    }
+
+    #[test]
+    fn history_says_who() {
+        let r = Rollout {
+            id: 7,
+            service: "web".into(),
+            from: "v1".into(),
+            to: "v2".into(),
+            strategy: "canary".into(),
+            outcome: "aborted".into(),
+            reason: Some("aborted by user".into()),
+            started_at: "2026-11-22T15:04:05.123Z".into(),
+            finished_at: Some("2026-11-22T15:05:05.123Z".into()),
+            duration_seconds: Some(60.0),
+            env: Default::default(),
+            started_by: Some("ana@build-1".into()),
+            ended_by: Some("dashboard".into()),
+            events: Vec::new(),
+        };
+        let text = history(std::slice::from_ref(&r));
+        let row = text.lines().nth(1).unwrap_or_default();
+        assert!(row.contains("ana@build-1"), "{text}");
+        assert!(row.ends_with("aborted by user (by dashboard)"), "{text}");
+        let old = Rollout {
+            started_by: None,
+            ended_by: None,
+            ..r
+        };
+        let text = history(&[old]);
+        assert!(
+            text.lines()
+                .nth(1)
+                .unwrap_or_default()
+                .ends_with("  aborted by user"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -143,6 +143,30 @@ async fn dashboard_login_and_abort_in_chromium() {
         |t| t.contains("progressing"),
     )
     .await;
+    // The overview shows each service's phase and weights, not only its name.
+    wait_text(
+        &c,
+        "section[data-service=web] .phase",
+        "the phase on the overview",
+        |t| t == "progressing",
+    )
+    .await;
+    for (version, weight) in [("v1", "80%"), ("v2", "20%")] {
+        wait_text(
+            &c,
+            &format!("section[data-service=web] i.weight[data-version={version}]"),
+            "a weight on the overview",
+            |t| t == weight,
+        )
+        .await;
+    }
+    wait_text(
+        &c,
+        "section[data-service=web] p",
+        "the step on the overview",
+        |t| t.contains("rollout #1 to v2") && t.contains("step 1/2"),
+    )
+    .await;
 
     c.goto(&format!("{base}/services/web")).await.unwrap();
     wait_text(&c, "#phase", "the rollout in progress", |t| {
@@ -156,6 +180,41 @@ async fn dashboard_login_and_abort_in_chromium() {
     assert_eq!(weight, "20%");
     let charts = c.find_all(Locator::Css("svg[role=img]")).await.unwrap();
     assert_eq!(charts.len(), 3, "request rate, error rate and p99 charts");
+    // Each chart has a labelled time axis: "now" at the right, and earlier ticks before it
+    // (the panel re-renders every 2 s, so the history grows until there are some).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let labels = loop {
+        let mut labels = Vec::new();
+        for t in c
+            .find_all(Locator::Css("svg[role=img] text.tick"))
+            .await
+            .unwrap()
+        {
+            if let (Ok(text), Ok(Some(at))) = (t.text().await, t.attr("data-at").await) {
+                labels.push((text, at));
+            }
+        }
+        if labels.iter().filter(|(l, _)| l.starts_with('-')).count() >= 3 {
+            break labels;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no time axis on the charts: {labels:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        labels.iter().filter(|(l, _)| l == "now").count(),
+        3,
+        "one \"now\" per chart: {labels:?}"
+    );
+    for (label, at) in &labels {
+        assert!(
+            label == "now" || label.trim_start_matches('-').ends_with(['s', 'm']),
+            "{label:?}"
+        );
+        assert!(at.parse::<jiff::Timestamp>().is_ok(), "{at:?}");
+    }
 
     c.find(Locator::Css("button[data-action=abort]"))
         .await
@@ -165,8 +224,9 @@ async fn dashboard_login_and_abort_in_chromium() {
         .unwrap();
     c.accept_alert().await.unwrap();
     wait_text(&c, "#phase", "the rollout to end", |t| t == "stable").await;
+    // The button's action is recorded as the dashboard's.
     wait_text(&c, "#events", "the aborted event", |t| {
-        t.contains("aborted by user")
+        t.contains("aborted by user (by dashboard)")
     })
     .await;
 
@@ -185,4 +245,11 @@ async fn dashboard_login_and_abort_in_chromium() {
     .await
     .unwrap();
     assert_eq!(h["rollouts"][0]["outcome"], "aborted");
+    assert_eq!(h["rollouts"][0]["ended_by"], "dashboard");
+    assert!(
+        h["rollouts"][0]["started_by"]
+            .as_str()
+            .is_some_and(|s| s.contains('@')),
+        "the CLI's user@host: {h}"
+    );
 }

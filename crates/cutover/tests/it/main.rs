@@ -6,6 +6,7 @@
 
 mod cli;
 mod dashboard;
+mod daytwo;
 mod evidence;
 mod harness;
 mod rollouts;
