@@ -260,6 +260,7 @@ pub fn driver(parts: DriverParts) -> (Driver, Controller) {
         internal: irx,
         adopt: parts.adopt,
         acting: None,
+        restored: false,
     };
     (d, Controller { tx, notices })
 }
@@ -278,6 +279,7 @@ pub struct Driver {
     adopt: Vec<HandedOver>,
     /// Who asked for the request being handled; the next commit credits its events to them.
     acting: Option<String>,
+    restored: bool,
 }
 
 fn now() -> Timestamp {
@@ -296,7 +298,9 @@ impl Driver {
         mut self,
         shutdown: impl std::future::Future<Output = Shutdown>,
     ) -> Vec<HandedOver> {
-        self.restore().await;
+        if !self.restored {
+            self.restore().await;
+        }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sample = tokio::time::interval(Duration::from_secs(1));
@@ -341,7 +345,14 @@ impl Driver {
 
     // ---- start-up -----------------------------------------------------------------------
 
+    /// Restores state and publishes every service's route table before [`Driver::run`]: a
+    /// daemon that accepts only after this never answers 503 for instances it already has.
+    pub async fn restore_first(&mut self) {
+        self.restore().await;
+    }
+
     async fn restore(&mut self) {
+        self.restored = true;
         // Instances a previous program of this daemon handed over keep running and are
         // adopted. Any other a previous daemon started and did not stop (it was killed) are
         // gone or orphans: kill what is left, then start what the state requires.

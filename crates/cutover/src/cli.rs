@@ -37,7 +37,14 @@ pub enum Command {
     /// Check the config and print what would run; no side effects.
     Validate(ReadOpts),
     /// Run the daemon in the foreground: proxies, controller, API, dashboard.
-    Up,
+    Up {
+        /// Restart the running daemon in place on the binary now at its path (an upgrade),
+        /// losing no request, and wait until it serves again.
+        #[arg(long)]
+        upgrade: bool,
+    },
+    /// Apply the edited config to the running daemon (also SIGHUP), losing no request.
+    Reload,
     /// Start a rollout of SERVICE to VERSION.
     Deploy {
         service: String,

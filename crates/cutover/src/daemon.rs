@@ -1,9 +1,11 @@
-//! `cutover up`: binds every listener, starts the proxies and the API on the main runtime and
-//! the controller on a thread of its own, then waits for SIGTERM/Ctrl-C.
+//! `cutover up`: binds every listener, starts the proxies and the API on a runtime of their
+//! own and the controller on the main thread, then waits for SIGTERM/Ctrl-C (stop) or
+//! SIGHUP/SIGUSR2 (restart in place, see `handover`).
 //!
 //! The controller gets its own thread and runtime for two reasons: its SQLite writes must never
 //! stall a proxy worker, and instances are spawned from that one long-lived thread, which is
-//! what PR_SET_PDEATHSIG ties their lives to. Shutdown runs in the order that loses no request:
+//! what PR_SET_PDEATHSIG ties their lives to. That thread is the main thread, the one that
+//! survives an `exec`. Shutdown runs in the order that loses no request:
 //! proxies stop accepting and finish what is in flight, then instances are stopped.
 //!
 //! Beside them: the optional token-free `/metrics` listener (`[daemon] metrics`) and the thread
@@ -49,7 +51,37 @@ pub fn up(settings: Settings) -> CliResult {
         }
         b
     };
-    crate::runtime(builder)?.block_on(run(settings))
+    let rt = crate::runtime(builder)?;
+    // The controller runs on this, the process's main thread, and the proxies and the API on
+    // a thread of their own. Instances are spawned from the controller's thread, and the
+    // parent-death signal that kills them with a crashed daemon follows the *thread* that
+    // spawned them; a restart in place must `exec` from that same thread, and after an
+    // `exec` the thread that called it is the main thread. So only the main thread keeps
+    // both promises across any number of restarts.
+    let (jobs, job) = std::sync::mpsc::channel::<MainJob>();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let plane = std::thread::Builder::new()
+        .name("cutover-proxy".into())
+        .spawn(move || rt.block_on(run(settings, MainThread { jobs, done })))
+        .map_err(|e| CliError::new(Code::Failure, format!("cannot start the proxy thread: {e}")))?;
+    if let Ok(job) = job.recv() {
+        let _ = done_tx.send(job());
+    }
+    plane.join().unwrap_or_else(|_| {
+        Err(CliError::new(
+            Code::Failure,
+            "the proxy thread ended abnormally",
+        ))
+    })
+}
+
+/// The controller's work, run on the main thread: `Some(why)` when a restart in place failed.
+type MainJob = Box<dyn FnOnce() -> Option<String> + Send>;
+
+/// How `run` reaches the main thread: it sends the controller there, and learns how it ended.
+struct MainThread {
+    jobs: std::sync::mpsc::Sender<MainJob>,
+    done: std::sync::mpsc::Receiver<Option<String>>,
 }
 
 /// Every socket `up` needs, bound before anything starts so that a taken port fails fast.
@@ -160,7 +192,7 @@ struct Restart {
     parked: Vec<cutover_proxy::ParkedConn>,
 }
 
-async fn run(settings: Settings) -> CliResult {
+async fn run(settings: Settings, main: MainThread) -> CliResult {
     let mut taken = handover::take().map_err(|e| CliError::new(Code::Failure, e))?;
     let store = Store::open(&settings.daemon.state_dir).map_err(|e| {
         CliError::new(
@@ -199,6 +231,18 @@ async fn run(settings: Settings) -> CliResult {
     };
     let (health_tx, health_rx) = tokio::sync::mpsc::unbounded_channel();
     let proxy = Proxy::new(metrics.clone(), health_tx);
+    let restarted = taken.is_some();
+    let adopt = taken
+        .as_mut()
+        .map(|t| std::mem::take(&mut t.instances))
+        .unwrap_or_default();
+    // The controller restores and publishes every route table before the proxies accept
+    // anything, so after a restart in place the first request already finds its instances.
+    let (restart_tx, restart_rx) = std::sync::mpsc::channel::<Restart>();
+    let MainThread { jobs, done } = main;
+    let (controller, stop_driver) = start_controller(
+        &settings, store, &proxy, &metrics, health_rx, adopt, restart_rx, &jobs,
+    )?;
     let (stop_proxies, proxies_stopping) = watch::channel(false);
     let mut proxy_tasks = Vec::new();
     for (s, (listener, preview)) in settings.services.iter().zip(listeners.services) {
@@ -209,7 +253,7 @@ async fn run(settings: Settings) -> CliResult {
             connect_timeout: CONNECT_TIMEOUT,
             client: ClientTimeouts::default(),
         };
-        // Until the controller publishes, the proxy answers 503: no instance is healthy yet.
+        // Replaced by the table the controller already published.
         let initial = RouteTable::single(s.name.clone(), s.version.clone(), Vec::new());
         let p = proxy.clone();
         let name = s.name.clone();
@@ -227,13 +271,6 @@ async fn run(settings: Settings) -> CliResult {
             }
         }));
     }
-    let restarted = taken.is_some();
-    let adopt = taken.map(|t| t.instances).unwrap_or_default();
-
-    let (restart_tx, restart_rx) = std::sync::mpsc::channel::<Restart>();
-    let (controller, driver_thread, stop_driver) = start_controller(
-        &settings, store, &proxy, &metrics, health_rx, adopt, restart_rx,
-    )?;
 
     if let Some(url) = &settings.notify.webhook {
         match url.parse::<hyper::Uri>() {
@@ -346,9 +383,9 @@ async fn run(settings: Settings) -> CliResult {
         Ending::Stop => Shutdown::Stop,
         Ending::Restart => Shutdown::HandOver,
     }));
-    // The driver stops every instance before its thread ends (or, for a restart, the thread
-    // replaces this program); joining it off the runtime keeps this thread free meanwhile.
-    let joined = tokio::task::spawn_blocking(move || driver_thread.join()).await;
+    // The driver stops every instance before it ends (or, for a restart, the main thread
+    // replaces this program); waiting for it off the runtime keeps this thread free meanwhile.
+    let joined = tokio::task::spawn_blocking(move || done.recv()).await;
     match joined {
         Ok(Ok(None)) => {}
         Ok(Ok(Some(why))) => {
@@ -449,9 +486,10 @@ async fn shutdown_signal() {
     }
 }
 
-/// Starts the controller on its own thread and runtime; returns its handle once it is running.
-/// The thread's result is `Some(why)` when a restart in place failed.
-#[allow(clippy::type_complexity)]
+/// Starts the controller on the main thread with a runtime of its own; returns its handle
+/// once it has restored its state. Its result, on `MainThread::done`, is `Some(why)` when a
+/// restart in place failed.
+#[allow(clippy::too_many_arguments)]
 fn start_controller(
     settings: &Settings,
     store: Store,
@@ -460,11 +498,8 @@ fn start_controller(
     health: tokio::sync::mpsc::UnboundedReceiver<cutover_core::HealthChange>,
     adopt: Vec<HandedOver>,
     restart: std::sync::mpsc::Receiver<Restart>,
-) -> CliResult<(
-    Controller,
-    std::thread::JoinHandle<Option<String>>,
-    watch::Sender<Option<Shutdown>>,
-)> {
+    main: &std::sync::mpsc::Sender<MainJob>,
+) -> CliResult<(Controller, watch::Sender<Option<Shutdown>>)> {
     let services: Vec<ServiceSettings> = settings.services.clone();
     let logs = settings.daemon.state_dir.join("logs");
     let state_dir = settings.daemon.state_dir.clone();
@@ -478,60 +513,53 @@ fn start_controller(
     let metrics = metrics.clone();
     let (stop_tx, mut stop_rx) = watch::channel(None);
     let (handle_tx, handle_rx) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new()
-        .name("cutover-controller".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ =
-                        handle_tx.send(Err(format!("cannot start the controller runtime: {e}")));
-                    return None;
+    main.send(Box::new(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = handle_tx.send(Err(format!("cannot start the controller runtime: {e}")));
+                return None;
+            }
+        };
+        let handed = rt.block_on(async move {
+            let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
+            let process = Arc::new(Runtime::Process(ProcessRuntime::new(
+                logs, self_exe, exits_tx,
+            )));
+            let setups = services
+                .iter()
+                .map(|s| service_setup(s, &process))
+                .collect();
+            let (mut driver, controller) = cutover_controller::driver(DriverParts {
+                services: setups,
+                store,
+                dataplane,
+                metrics,
+                health,
+                exits: exits_rx,
+                adopt,
+            });
+            driver.restore_first().await;
+            let _ = handle_tx.send(Ok(controller));
+            let shutdown = async move {
+                match stop_rx.wait_for(Option::is_some).await {
+                    Ok(s) => s.unwrap_or(Shutdown::Stop),
+                    Err(_) => Shutdown::Stop,
                 }
             };
-            let handed = rt.block_on(async move {
-                let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
-                let process = Arc::new(Runtime::Process(ProcessRuntime::new(
-                    logs, self_exe, exits_tx,
-                )));
-                let setups = services
-                    .iter()
-                    .map(|s| service_setup(s, &process))
-                    .collect();
-                let (driver, controller) = cutover_controller::driver(DriverParts {
-                    services: setups,
-                    store,
-                    dataplane,
-                    metrics,
-                    health,
-                    exits: exits_rx,
-                    adopt,
-                });
-                let _ = handle_tx.send(Ok(controller));
-                let shutdown = async move {
-                    match stop_rx.wait_for(Option::is_some).await {
-                        Ok(s) => s.unwrap_or(Shutdown::Stop),
-                        Err(_) => Shutdown::Stop,
-                    }
-                };
-                driver.run(shutdown).await
-            });
-            // The main thread asks for a restart before it stops the driver, so the request
-            // is here by now if there is one.
-            let r = restart.try_recv().ok()?;
-            // This thread spawned the instances, so it is the one that must exec (see the
-            // `handover` module's doc).
-            Some(handover::exec(&state_dir, &r.listeners, r.parked, handed))
-        })
-        .map_err(|e| {
-            CliError::new(
-                Code::Failure,
-                format!("cannot start the controller thread: {e}"),
-            )
-        })?;
+            driver.run(shutdown).await
+        });
+        // The main thread asks for a restart before it stops the driver, so the request
+        // is here by now if there is one.
+        let r = restart.try_recv().ok()?;
+        // This thread spawned the instances, so it is the one that must exec (see the
+        // `handover` module's doc).
+        Some(handover::exec(&state_dir, &r.listeners, r.parked, handed))
+    }))
+    .map_err(|_| CliError::new(Code::Failure, "the main thread is gone"))?;
     let controller = handle_rx
         .recv()
         .map_err(|_| {
@@ -541,7 +569,7 @@ fn start_controller(
             )
         })?
         .map_err(|e| CliError::new(Code::Failure, e))?;
-    Ok((controller, thread, stop_tx))
+    Ok((controller, stop_tx))
 }
 
 fn service_setup(s: &ServiceSettings, process: &Arc<Runtime>) -> ServiceSetup {

@@ -219,3 +219,73 @@ pub fn pid_path(state_dir: &Path) -> PathBuf {
 pub fn error_path(state_dir: &Path) -> PathBuf {
     state_dir.join("restart-error")
 }
+
+/// What the CLI asks of a running daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ask {
+    /// `cutover reload` (SIGHUP): the edited config.
+    Reload,
+    /// `cutover up --upgrade` (SIGUSR2): the binary now at the daemon's path.
+    Upgrade,
+}
+
+/// Signals the running daemon of `settings` to restart in place and waits until it serves
+/// again. The config was loaded (and so validated) by the caller: a bad one never reaches the
+/// daemon, and the CLI has already exited 2 naming file:line:col.
+pub fn ask(settings: &cutover_config::Settings, what: Ask) -> crate::exit::CliResult {
+    use crate::exit::{CliError, Code};
+    let dir = &settings.daemon.state_dir;
+    let unreachable = |why: String| {
+        CliError::new(
+            Code::Unreachable,
+            format!("{why}; is `cutover up` running with this config?"),
+        )
+    };
+    let pid = std::fs::read_to_string(pid_path(dir))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| unreachable(format!("no daemon pid in {}", pid_path(dir).display())))?;
+    let boot = std::fs::read_to_string(boot_path(dir)).unwrap_or_default();
+    let _ = std::fs::remove_file(error_path(dir));
+    let signal = match what {
+        Ask::Reload => rustix::process::Signal::HUP,
+        Ask::Upgrade => rustix::process::Signal::USR2,
+    };
+    rustix::process::kill_process(pid, signal)
+        .map_err(|e| unreachable(format!("cannot signal the daemon (pid {pid:?}): {e}")))?;
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok(why) = std::fs::read_to_string(error_path(dir)) {
+            return Err(CliError::new(
+                Code::Failure,
+                format!(
+                    "the daemon refused to restart and runs on as before: {}",
+                    why.trim()
+                ),
+            ));
+        }
+        let now = std::fs::read_to_string(boot_path(dir)).unwrap_or_default();
+        if !now.is_empty() && now != boot {
+            crate::output::err(format_args!(
+                "cutover: {} in {:.1}s: the daemon serves again, no connection dropped",
+                match what {
+                    Ask::Reload => "reloaded",
+                    Ask::Upgrade => "upgraded",
+                },
+                started.elapsed().as_secs_f64()
+            ));
+            return Ok(());
+        }
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            return Err(CliError::new(
+                Code::Failure,
+                format!(
+                    "the daemon did not come back within 60 s; see its log (pid {})",
+                    pid.as_raw_nonzero()
+                ),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

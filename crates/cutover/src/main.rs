@@ -37,7 +37,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Up => "info",
+        Command::Up { upgrade: false } => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CUTOVER_LOG")
@@ -82,7 +82,9 @@ fn run(cli: Cli) -> CliResult {
     match &cli.command {
         Command::Init { force } => commands::init(&cli.config, *force),
         Command::Validate(r) => commands::validate(&load(&cli)?, r.json),
-        Command::Up => daemon::up(load(&cli)?),
+        Command::Up { upgrade: false } => daemon::up(load(&cli)?),
+        Command::Up { upgrade: true } => handover::ask(&load(&cli)?, handover::Ask::Upgrade),
+        Command::Reload => handover::ask(&load(&cli)?, handover::Ask::Reload),
         Command::DemoApp(a) => demo::demo_app(a),
         Command::Demo { keep } => demo::run(*keep),
         Command::Completions { shell } => {

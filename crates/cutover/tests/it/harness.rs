@@ -333,6 +333,22 @@ impl Load {
         }
     }
 
+    /// Answers counted so far.
+    pub fn answered(&self) -> u64 {
+        let t = self.tally.lock().unwrap();
+        t.per_version.values().map(|(n, _)| n).sum::<u64>() + t.failed
+    }
+
+    /// Waits until `n` more answers have come back (the load is flowing).
+    pub fn wait_answers(&self, n: u64) {
+        let target = self.answered() + n;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.answered() < target {
+            assert!(Instant::now() < deadline, "the load stalled");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     pub fn stop(self) -> Tally {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         for t in self.threads {

@@ -9,4 +9,5 @@ mod dashboard;
 mod daytwo;
 mod evidence;
 mod harness;
+mod restart;
 mod rollouts;
