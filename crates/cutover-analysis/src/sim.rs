@@ -1,11 +1,15 @@
 //! A deterministic, seeded simulation of the judge in the controller's loop, to measure
-//! decision quality: how fast a bad canary is rolled back, and how often a healthy one is.
+//! decision quality: how fast a bad canary is rolled back, how often a healthy one is, and how
+//! soon a canary step may advance.
 //!
 //! It mirrors the controller exactly where it matters: every `interval` the window since the
-//! last *passing* verdict is judged (an inconclusive or failed window keeps growing),
-//! `failure_limit` failed evaluations roll back. Traffic: `rps` requests per second, a share
-//! `canary` of them to the candidate; errors are Bernoulli, latencies log-normal, rounded to 3
-//! significant digits as the HDR histograms of the real metrics do.
+//! last *passing* verdict is judged (an inconclusive or failed window keeps growing, a Pass
+//! starts a new one), and `failure_limit` failed evaluations over the whole step roll back (a
+//! Pass does not forgive earlier failures). A step may only advance after a Pass, so the time
+//! of the first Pass is when the controller could move on (once the step's pause is over).
+//! Traffic: `rps` requests per second, a share `canary` of them to the candidate; errors are
+//! Bernoulli, latencies log-normal, rounded to 3 significant digits as the HDR histograms of
+//! the real metrics do.
 
 use cutover_core::{AnalysisSpec, LatencyDist, WindowStats};
 use rand::rngs::StdRng;
@@ -74,14 +78,27 @@ fn second(rng: &mut StdRng, n: u32, b: Behaviour, w: &mut WindowStats) {
     w.latency.merge(&LatencyDist::from_samples(samples));
 }
 
-/// When the candidate was rolled back (seconds after it started taking traffic), if it was.
-pub fn run(s: &Scenario, seed: u64) -> Option<f64> {
+/// The pause of CONTRACT's default canary steps: a step that has no Pass by then holds.
+pub const STEP_PAUSE: f64 = 20.0;
+
+/// What happened to one candidate, in seconds after it started taking traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Outcome {
+    /// When it was rolled back, if it was.
+    pub rolled_back: Option<f64>,
+    /// When the judge first passed it (the earliest moment its step could advance), if ever.
+    pub first_pass: Option<f64>,
+}
+
+/// One seeded run of `s`, judged as the controller does.
+pub fn run(s: &Scenario, seed: u64) -> Outcome {
     let mut rng = StdRng::seed_from_u64(seed);
     let cand_n = (f64::from(s.rps) * s.canary).round() as u32;
     let stable_n = s.rps - cand_n;
     let interval = s.spec.interval.as_secs().max(1) as u32;
     let (mut cw, mut sw) = (WindowStats::default(), WindowStats::default());
     let mut failures = 0;
+    let mut out = Outcome::default();
     for t in 1..=s.seconds {
         second(&mut rng, cand_n, s.candidate, &mut cw);
         second(&mut rng, stable_n, s.stable, &mut sw);
@@ -91,19 +108,45 @@ pub fn run(s: &Scenario, seed: u64) -> Option<f64> {
         let stable = s.spec.compare_to_stable.then_some(&sw);
         match judge(&s.spec, &cw, stable).verdict {
             Verdict::Pass => {
+                out.first_pass.get_or_insert(f64::from(t));
                 cw = WindowStats::default();
                 sw = WindowStats::default();
             }
             Verdict::Fail => {
                 failures += 1;
-                if failures >= s.spec.failure_limit {
-                    return Some(f64::from(t));
+                if failures >= s.spec.failure_limit.max(1) {
+                    out.rolled_back = Some(f64::from(t));
+                    return out;
                 }
             }
             Verdict::Inconclusive => {}
         }
     }
-    None
+    out
+}
+
+/// Median, 95th percentile and max of a set of times, `None` when it is empty.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Times {
+    pub median: Option<f64>,
+    pub p95: Option<f64>,
+    pub max: Option<f64>,
+}
+
+impl Times {
+    fn of(mut times: Vec<f64>) -> Times {
+        times.sort_by(|a, b| a.total_cmp(b));
+        let q = |p: f64| {
+            (!times.is_empty()).then(|| {
+                times[((times.len() as f64 * p).ceil() as usize).clamp(1, times.len()) - 1]
+            })
+        };
+        Times {
+            median: q(0.5),
+            p95: q(0.95),
+            max: times.last().copied(),
+        }
+    }
 }
 
 /// The outcome of many seeded trials of one scenario.
@@ -115,22 +158,27 @@ pub struct Report {
     pub median: Option<f64>,
     pub p95: Option<f64>,
     pub max: Option<f64>,
+    /// Trials that got a Pass at all, and within [`STEP_PAUSE`].
+    pub passed: u32,
+    pub passed_in_pause: u32,
+    /// Seconds to the first Pass over the trials that got one.
+    pub first_pass: Times,
 }
 
 pub fn trials(s: &Scenario, trials: u32, first_seed: u64) -> Report {
-    let mut times: Vec<f64> = (0..trials)
-        .filter_map(|i| run(s, first_seed + u64::from(i)))
+    let runs: Vec<Outcome> = (0..trials)
+        .map(|i| run(s, first_seed + u64::from(i)))
         .collect();
-    times.sort_by(|a, b| a.total_cmp(b));
-    let q = |p: f64| {
-        (!times.is_empty())
-            .then(|| times[((times.len() as f64 * p).ceil() as usize).clamp(1, times.len()) - 1])
-    };
+    let rollbacks = Times::of(runs.iter().filter_map(|o| o.rolled_back).collect());
+    let passes: Vec<f64> = runs.iter().filter_map(|o| o.first_pass).collect();
     Report {
         trials,
-        rolled_back: times.len() as u32,
-        median: q(0.5),
-        p95: q(0.95),
-        max: times.last().copied(),
+        rolled_back: runs.iter().filter(|o| o.rolled_back.is_some()).count() as u32,
+        median: rollbacks.median,
+        p95: rollbacks.p95,
+        max: rollbacks.max,
+        passed: passes.len() as u32,
+        passed_in_pause: passes.iter().filter(|&&t| t <= STEP_PAUSE).count() as u32,
+        first_pass: Times::of(passes),
     }
 }
