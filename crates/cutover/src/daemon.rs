@@ -3,8 +3,11 @@
 //!
 //! The controller gets its own thread and runtime for two reasons: its SQLite writes must never
 //! stall a proxy worker, and instances are spawned from that one long-lived thread, which is
-//! what PR_SET_PDEATHSIG ties their lives to. Shutdown runs in the order that loses no request:
-//! proxies stop accepting and finish what is in flight, then instances are stopped.
+//! what PR_SET_PDEATHSIG ties their lives to. Before it starts any instance, that thread
+//! sweeps what a killed daemon of the same state dir left (processes its instances forked), and
+//! starts the keeper, which sweeps again the moment this daemon dies, however it dies.
+//! Shutdown runs in the order that loses no request: proxies stop accepting and finish what is
+//! in flight, then instances are stopped.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,7 +20,7 @@ use cutover_controller::{Controller, DriverParts, ServiceSetup};
 use cutover_core::{DataPlane, RouteTable, Version};
 use cutover_metrics::Metrics;
 use cutover_proxy::{ClientTimeouts, Proxy, ServiceProxySpec};
-use cutover_runtime::{ProcessRuntime, Runtime, StaticRuntime};
+use cutover_runtime::{LogLimits, ProcessOptions, ProcessRuntime, Runtime, StaticRuntime};
 use cutover_store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -218,7 +221,14 @@ fn start_controller(
     health: tokio::sync::mpsc::UnboundedReceiver<cutover_core::HealthChange>,
 ) -> CliResult<(Controller, std::thread::JoinHandle<()>, watch::Sender<bool>)> {
     let services: Vec<ServiceSettings> = settings.services.clone();
-    let logs = settings.daemon.state_dir.join("logs");
+    let state_dir = settings.daemon.state_dir.clone();
+    // Instances run where the config file is, like its relative paths resolve.
+    let workdir = settings
+        .file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(std::path::absolute)
+        .and_then(Result::ok);
     let self_exe = std::env::current_exe().map_err(|e| {
         CliError::new(
             Code::Failure,
@@ -245,9 +255,34 @@ fn start_controller(
             };
             rt.block_on(async move {
                 let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
-                let process = Arc::new(Runtime::Process(ProcessRuntime::new(
-                    logs, self_exe, exits_tx,
-                )));
+                let process = ProcessRuntime::with_options(
+                    ProcessOptions {
+                        state_dir,
+                        workdir,
+                        self_exe,
+                        logs: LogLimits::default(),
+                        cgroups: true,
+                    },
+                    exits_tx,
+                );
+                // Before anything starts: what a killed daemon of this state dir left (workers
+                // of a forking server may still hold its instances' ports) is killed first.
+                match process.sweep_leftovers(Duration::from_secs(10)) {
+                    Ok(swept) if swept.processes > 0 => tracing::warn!(
+                        killed = swept.processes,
+                        cgroups = swept.cgroups,
+                        "killed instance processes left over by a previous daemon"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                }
+                if let Err(e) = process.spawn_keeper() {
+                    tracing::warn!(error = %e, "no keeper: if this daemon is killed, workers its instances forked live until the next start");
+                }
+                let process = Arc::new(Runtime::Process(process));
                 let setups = services
                     .iter()
                     .map(|s| service_setup(s, &process))
@@ -296,13 +331,14 @@ fn service_setup(s: &ServiceSettings, process: &Arc<Runtime>) -> ServiceSetup {
     };
     let mut spec = s.rollout.clone();
     if let Some(k) = &known {
-        // A static service cannot have more instances of a version than it has addresses.
-        let fewest = k.iter().filter_map(|v| match &s.runtime {
+        // One instance per address of the version that lists the most, so that every listed
+        // address gets traffic; a version with fewer addresses repeats them (`StaticRuntime`).
+        let most = k.iter().filter_map(|v| match &s.runtime {
             RuntimeSettings::Static { upstreams } => upstreams.get(v).map(Vec::len),
             RuntimeSettings::Process { .. } => None,
         });
-        spec.instances = fewest
-            .min()
+        spec.instances = most
+            .max()
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or(1)
             .max(1);

@@ -9,6 +9,7 @@ mod commands;
 mod daemon;
 mod demo;
 mod exit;
+mod logs;
 mod notify;
 mod render;
 
@@ -73,6 +74,18 @@ fn run(cli: Cli) -> CliResult {
         Command::Validate(r) => commands::validate(&load(&cli)?, r.json),
         Command::Up => daemon::up(load(&cli)?),
         Command::DemoApp(a) => demo::demo_app(a),
+        Command::Logs(a) => logs::run(&load(&cli)?, a),
+        Command::Keeper { state_dir } => {
+            let swept = cutover_runtime::keeper_main(state_dir)
+                .map_err(|e| CliError::new(Code::Failure, format!("keeper: {e}")))?;
+            if swept.processes > 0 {
+                eprintln!(
+                    "cutover: the daemon is gone; its keeper killed {} leftover instance process(es)",
+                    swept.processes
+                );
+            }
+            Ok(())
+        }
         Command::Demo { keep } => demo::run(*keep),
         Command::Deploy {
             service,

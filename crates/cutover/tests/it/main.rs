@@ -7,4 +7,5 @@
 mod cli;
 mod dashboard;
 mod harness;
+mod processes;
 mod rollouts;
