@@ -480,10 +480,10 @@ impl StateLock {
     }
 }
 
-/// Kills whatever instances of `state_dir` are still running, assuming no daemon of it is
-/// alive: the caller holds the state lock. Blocking; returns what it found.
+/// Kills whatever instances of `state_dir` (canonical) are still running, assuming no daemon
+/// of it is alive: the caller holds the state lock. Blocking; returns what it found. Creates
+/// nothing: the keeper may sweep a state dir that is being deleted (the demo's).
 pub(crate) fn sweep_locked(state_dir: &Path) -> Swept {
-    let state_dir = canonical_state_dir(state_dir);
     let mut swept = Swept::default();
 
     // 1. cgroups: the recorded one (a daemon that ran in another cgroup) and ours.
@@ -494,7 +494,7 @@ pub(crate) fn sweep_locked(state_dir: &Path) -> Swept {
             cgroups.push(PathBuf::from(std::ffi::OsStr::from_bytes(text)));
         }
     }
-    if let Some(ours) = cgroup_for(&state_dir)
+    if let Some(ours) = cgroup_for(state_dir)
         && !cgroups.contains(&ours)
     {
         cgroups.push(ours);
@@ -523,8 +523,8 @@ pub(crate) fn sweep_locked(state_dir: &Path) -> Swept {
     }
 
     // 2. Marked processes, and the recorded groups of ours.
-    let state = marker(&state_dir);
-    let recorded: Vec<Registered> = registered(&state_dir);
+    let state = marker(state_dir);
+    let recorded: Vec<Registered> = registered(state_dir);
     let mut killed: Vec<u32> = Vec::new();
     let procs = processes();
     for p in &procs {
