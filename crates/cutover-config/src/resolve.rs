@@ -116,17 +116,37 @@ pub fn valid_version(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
+/// A program written as a relative path (`./shop`, `bin/shop`) is the one beside the config
+/// file, like `state_dir`, wherever cutover is run from; the path is made absolute so that
+/// `validate` shows what will run. A bare name (`python3`, or `cutover` for cutover itself) is
+/// looked up in PATH when the instance starts, as a shell would.
+fn resolve_program(program: &str, base: &Path) -> String {
+    let p = Path::new(program);
+    if p.is_absolute() || p.components().count() < 2 {
+        return program.to_owned();
+    }
+    let joined = base.join(p);
+    std::path::absolute(&joined)
+        .unwrap_or(joined)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The directory relative paths in the config resolve against: the config file's.
+fn config_dir(file: &Path) -> PathBuf {
+    file.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_owned()
+}
+
 pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigError> {
     let mut cx = Ctx {
         text,
         file,
         diags: Vec::new(),
     };
-    let base = file
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_owned();
+    let base = config_dir(file);
 
     let mut daemon = DaemonSettings {
         api: SocketAddr::from(([127, 0, 0, 1], 7070)),
@@ -331,8 +351,13 @@ fn service(
                             "has no {port} placeholder; pass the port cutover chooses (e.g. \"--port\", \"{port}\"), or set reads_port_env = true if the program reads PORT",
                         );
                     }
+                    let mut command: Vec<String> =
+                        c.get_ref().iter().map(|a| a.get_ref().clone()).collect();
+                    if let Some(program) = command.first_mut() {
+                        *program = resolve_program(program, &config_dir(cx.file));
+                    }
                     Some(RuntimeSettings::Process {
-                        command: c.get_ref().iter().map(|a| a.get_ref().clone()).collect(),
+                        command,
                         env: s
                             .env
                             .as_ref()

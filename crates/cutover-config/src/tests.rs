@@ -294,10 +294,58 @@ fn port_placeholder_may_be_absent_when_the_program_reads_port() {
         Path::new("cutover.toml"),
     )
     .expect("valid");
+    let here = std::env::current_dir().expect("cwd");
+    let app = here.join("app").to_string_lossy().into_owned();
     assert!(matches!(
         &s.service("web").expect("web").runtime,
-        RuntimeSettings::Process { command, .. } if command == &["./app"]
+        RuntimeSettings::Process { command, .. } if command == &[app]
     ));
+}
+
+#[test]
+fn relative_programs_resolve_against_the_config_files_directory() {
+    let program = |cmd: &str, file: &str| {
+        let text = format!(
+            "[services.web]\nlisten = \"127.0.0.1:8080\"\ncommand = [{cmd}, \"{{port}}\"]\n"
+        );
+        match parse(&text, Path::new(file)).expect("valid").services[0]
+            .runtime
+            .clone()
+        {
+            RuntimeSettings::Process { command, .. } => command,
+            RuntimeSettings::Static { .. } => panic!("a process service"),
+        }
+    };
+    assert_eq!(
+        program("\"./shop\"", "/srv/app/cutover.toml"),
+        ["/srv/app/shop", "{port}"]
+    );
+    assert_eq!(
+        program("\"bin/{version}/shop\"", "/srv/app/cutover.toml")[0],
+        "/srv/app/bin/{version}/shop"
+    );
+    assert_eq!(
+        program("\"../shop\"", "/srv/app/cutover.toml")[0],
+        "/srv/app/../shop"
+    );
+    let here = std::env::current_dir().expect("cwd");
+    assert_eq!(
+        program("\"./shop\"", "../app/cutover.toml")[0],
+        here.join("../app/shop").to_string_lossy()
+    );
+    // Bare names are looked up in PATH; absolute paths stay as written.
+    assert_eq!(
+        program("\"python3\"", "/srv/app/cutover.toml")[0],
+        "python3"
+    );
+    assert_eq!(
+        program("\"cutover\"", "/srv/app/cutover.toml")[0],
+        "cutover"
+    );
+    assert_eq!(
+        program("\"/usr/bin/shop\"", "/srv/app/cutover.toml")[0],
+        "/usr/bin/shop"
+    );
 }
 
 #[test]

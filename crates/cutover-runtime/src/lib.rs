@@ -1,16 +1,19 @@
 //! cutover-runtime: starts and stops the instances of a version.
 //!
 //! Two runtimes: `process` runs a command per instance on a free port, supervises it (restart
-//! with backoff if it dies unasked), captures its output to rotated log files, and makes sure it
-//! cannot outlive the daemon; `static` maps versions to addresses something else runs. This crate
-//! carries out what the controller decided; it never decides when to start or stop.
+//! with backoff if it dies unasked), captures its output to rotated log files, and contains its
+//! whole process tree so that nothing of it outlives a stop or the daemon; `static` maps
+//! versions to addresses something else runs. This crate carries out what the controller
+//! decided; it never decides when to start or stop.
 
-// Signals to process groups and the parent-death signal need libc calls; every unsafe block
-// says why it is sound.
+// Signals to process groups, the parent-death signal, joining a cgroup before exec, the
+// keeper's pipe and the state dir's lock need libc calls; every unsafe block says why it is
+// sound.
 #![allow(unsafe_code)]
 
+mod contain;
 pub mod inherit;
-mod logs;
+pub mod logs;
 mod process;
 
 use std::collections::BTreeMap;
@@ -19,7 +22,13 @@ use std::time::Duration;
 
 use cutover_core::{InstanceId, ServiceName, Version};
 
-pub use process::{ProcessRuntime, kill_orphans};
+pub use contain::{
+    CGROUPS_ENV, Registered, STATE_DIR_ENV, Swept, registered, safe_component, sweep_leftovers,
+};
+pub use logs::LogLimits;
+pub use process::{
+    Inherited, KEEPER_COMMAND, ProcessOptions, ProcessRuntime, keeper_main, kill_orphans,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -33,8 +42,13 @@ pub enum RuntimeError {
     },
     #[error("no free port: {0}")]
     Port(std::io::Error),
-    #[error("static service has no upstream #{index} for version {version}")]
+    #[error("static service has no upstreams for version {version}")]
     NoUpstream { version: Version, index: usize },
+    #[error(
+        "another cutover daemon uses the state dir {}; stop it first, or give this config another daemon.state_dir",
+        .0.display()
+    )]
+    StateDirBusy(std::path::PathBuf),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -63,7 +77,8 @@ pub struct Started {
     pub pgid: Option<u32>,
 }
 
-/// An instance exited without being asked to.
+/// An instance exited without being asked to. Sent once its whole process tree is gone and
+/// its output is in its log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InstanceExit {
     pub service: ServiceName,
@@ -73,9 +88,21 @@ pub struct InstanceExit {
     pub signal: Option<i32>,
     /// When it will be started again.
     pub restart_in: Option<Duration>,
+    /// Unasked exits of this instance so far, this one included (1 for the first crash).
+    pub exits: u32,
+    /// How long this run lasted.
+    pub ran_for: Duration,
+    /// Its last lines of stderr (at most `logs::TAIL_LINES`, each cut at
+    /// `logs::TAIL_LINE_BYTES`), oldest first.
+    pub stderr_tail: Vec<String>,
 }
 
 /// Maps versions to fixed addresses; starting and stopping do nothing but name them.
+///
+/// The nth instance of a version is its nth address, wrapping around: the driver runs the same
+/// number of instances of every version (the largest number of addresses any version lists),
+/// so a version with fewer addresses than that serves from each of them, some more than once,
+/// and every listed address gets traffic.
 pub struct StaticRuntime {
     upstreams: BTreeMap<Version, Vec<SocketAddr>>,
 }
@@ -99,7 +126,7 @@ impl Runtime {
                 let addr = s
                     .upstreams
                     .get(&spec.version)
-                    .and_then(|a| a.get(spec.index))
+                    .and_then(|a| a.get(spec.index % a.len().max(1)))
                     .copied()
                     .ok_or_else(|| RuntimeError::NoUpstream {
                         version: spec.version.clone(),
@@ -115,7 +142,8 @@ impl Runtime {
         }
     }
 
-    /// SIGTERM to the instance's process group, SIGKILL after `stop_timeout`. Idempotent.
+    /// SIGTERM to the instance's process group, SIGKILL to its whole tree after
+    /// `stop_timeout`; returns once nothing of the tree runs. Idempotent.
     pub async fn stop(
         &self,
         instance: &InstanceId,
@@ -150,10 +178,12 @@ mod tests {
     #[tokio::test]
     async fn static_runtime_names_configured_addresses() {
         let a: SocketAddr = "127.0.0.1:18081".parse().unwrap();
-        let rt = Runtime::Static(StaticRuntime::new(BTreeMap::from([(
-            Version::new("v1"),
-            vec![a],
-        )])));
+        let b: SocketAddr = "127.0.0.1:18082".parse().unwrap();
+        let c: SocketAddr = "127.0.0.1:18083".parse().unwrap();
+        let rt = Runtime::Static(StaticRuntime::new(BTreeMap::from([
+            (Version::new("v1"), vec![a, b]),
+            (Version::new("v3"), vec![c]),
+        ])));
         let spec = |v: &str, index| StartSpec {
             service: "api".into(),
             version: v.into(),
@@ -163,11 +193,19 @@ mod tests {
             env: BTreeMap::new(),
             port: None,
         };
-        assert_eq!(rt.start(spec("v1", 0)).await.unwrap().addr, a);
-        assert!(matches!(
-            rt.start(spec("v1", 1)).await,
-            Err(RuntimeError::NoUpstream { .. })
-        ));
+        let addr = |v, i| {
+            let rt = &rt;
+            async move { rt.start(spec(v, i)).await.unwrap().addr }
+        };
+        assert_eq!(addr("v1", 0).await, a);
+        assert_eq!(addr("v1", 1).await, b, "every listed address is used");
+        assert_eq!(addr("v1", 2).await, a);
+        assert_eq!(addr("v3", 0).await, c);
+        assert_eq!(
+            addr("v3", 1).await,
+            c,
+            "fewer addresses than instances: they repeat"
+        );
         assert!(matches!(
             rt.start(spec("v2", 0)).await,
             Err(RuntimeError::NoUpstream { .. })

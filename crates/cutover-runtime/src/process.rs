@@ -1,15 +1,19 @@
-//! The process runtime: one OS process (group) per instance.
+//! The process runtime: one OS process tree per instance.
 //!
-//! Every instance runs in its own process group, so a stop reaches the whole tree a shell
-//! command may have started. Each child asks the kernel to SIGKILL it when its parent thread
-//! dies (`PR_SET_PDEATHSIG`), so not even a `kill -9` of the daemon leaves an instance behind.
-//! That signal follows the *thread* that forked, so the daemon must spawn from one long-lived
-//! thread: it runs the controller (and so this runtime) on a dedicated thread.
+//! Each instance's tree is contained (see `contain`): in a cgroup v2 leaf where the machine
+//! allows it, else in its own process group with a marker in its environment. A stop sends
+//! SIGTERM, waits `stop_timeout`, then kills the whole tree, and returns only once nothing of
+//! it runs, so a drained instance leaves no workers behind. The first process also asks the
+//! kernel to SIGKILL it when its parent thread dies (`PR_SET_PDEATHSIG`); that signal follows
+//! the *thread* that forked, so the daemon spawns from one long-lived thread (the controller's).
+//! What that signal cannot reach (workers a forking server started) the keeper kills: a small
+//! process that waits for the daemon's end on a pipe and then sweeps (`spawn_keeper`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt as _, ExitStatusExt};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,14 +22,38 @@ use std::time::{Duration, Instant};
 use cutover_core::InstanceId;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
-use crate::logs::LogFile;
+use crate::contain::{self, Leaf, Swept};
+#[cfg(test)]
+use crate::logs::rotated_path;
+use crate::logs::{LogFile, LogLimits, StderrTail, log_path};
 use crate::{InstanceExit, RuntimeError, StartSpec, Started};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// An instance that stayed up this long is healthy again: its next crash restarts quickly.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// How long a killed tree may take to be gone before the runtime stops waiting.
+const GONE_WITHIN: Duration = Duration::from_secs(5);
+/// The hidden subcommand of the cutover binary that runs the keeper.
+pub const KEEPER_COMMAND: &str = "__keeper";
+
+/// How the process runtime runs instances.
+#[derive(Clone, Debug)]
+pub struct ProcessOptions {
+    /// The daemon's state dir: logs go to `logs/` in it, the registry to `run/`, and every
+    /// instance carries it as its containment marker.
+    pub state_dir: PathBuf,
+    /// The instances' working directory (the config file's directory); the daemon's own when
+    /// `None`.
+    pub workdir: Option<PathBuf>,
+    /// The program `cutover` in a command stands for, and the keeper's executable.
+    pub self_exe: PathBuf,
+    pub logs: LogLimits,
+    /// Put instances in cgroups where the machine allows it (`false`: process groups only).
+    pub cgroups: bool,
+}
 
 #[derive(Clone)]
 pub struct ProcessRuntime {
@@ -33,15 +61,40 @@ pub struct ProcessRuntime {
 }
 
 struct Inner {
+    /// Canonical: instances carry exactly these bytes as their marker.
+    state_dir: PathBuf,
     logs_dir: PathBuf,
+    workdir: Option<PathBuf>,
     self_exe: PathBuf,
+    log_limits: LogLimits,
     exits: mpsc::UnboundedSender<InstanceExit>,
     procs: Mutex<HashMap<InstanceId, Handle>>,
+    /// This daemon's cgroup, or why instances use process groups; probed at the first start
+    /// (after the start-up sweep, which removes the previous daemon's cgroup).
+    cgroup: Mutex<Option<Result<PathBuf, String>>>,
+    cgroups: bool,
+    /// The write end of the keeper's pipe: it closes when this process dies, however it dies.
+    keeper: Mutex<Option<OwnedFd>>,
+    /// What a previous program of this daemon handed over for instances not yet adopted.
+    pending: Mutex<HashMap<InstanceId, Inherited>>,
+}
+
+/// What an instance needs from the program it outlived when the daemon restarts in place:
+/// the read ends of its output pipes (so its writes neither fail nor block) and its cgroup.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+    pub leaf: Option<PathBuf>,
 }
 
 struct Handle {
     /// The current process group (a restart makes a new one).
     pgid: Arc<AtomicU32>,
+    /// The instance's cgroup, when it has one.
+    leaf: Option<PathBuf>,
+    /// Duplicates of the current run's stdout and stderr read ends, for a hand-over.
+    pipes: Arc<Mutex<[Option<OwnedFd>; 2]>>,
     stop: watch::Sender<bool>,
     exited: watch::Receiver<bool>,
 }
@@ -54,6 +107,17 @@ struct Launch {
     env: BTreeMap<String, String>,
 }
 
+/// One run of an instance's command.
+struct Run {
+    child: Running,
+    pid: u32,
+    started: Instant,
+    tail: Arc<StderrTail>,
+    pumps: Vec<JoinHandle<()>>,
+    /// Duplicates of the output pipes' read ends, kept for a hand-over.
+    dups: [Option<OwnedFd>; 2],
+}
+
 fn free_port() -> Result<u16, RuntimeError> {
     // Bound and released at once: the instance binds it a moment later. Another process could
     // take it in between; the instance would then fail its health checks and be restarted.
@@ -63,31 +127,145 @@ fn free_port() -> Result<u16, RuntimeError> {
         .map_err(RuntimeError::Port)
 }
 
-fn signal_group(pgid: u32, sig: i32) {
-    if let Ok(pgid) = libc::pid_t::try_from(pgid)
-        && pgid > 1
-    {
-        // SAFETY: kill(2) takes plain integers; a negative pid addresses the process group.
-        // It cannot affect memory safety, only deliver a signal.
-        unsafe {
-            libc::kill(-pgid, sig);
-        }
-    }
-}
-
 impl ProcessRuntime {
+    /// A runtime whose state dir is the parent of `logs_dir`, with default log limits and the
+    /// daemon's working directory for instances.
     pub fn new(
         logs_dir: PathBuf,
         self_exe: PathBuf,
         exits: mpsc::UnboundedSender<InstanceExit>,
     ) -> Self {
+        let state_dir = logs_dir
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_else(|| logs_dir.clone());
+        ProcessRuntime::with_options(
+            ProcessOptions {
+                state_dir,
+                workdir: None,
+                self_exe,
+                logs: LogLimits::default(),
+                cgroups: true,
+            },
+            exits,
+        )
+    }
+
+    pub fn with_options(opts: ProcessOptions, exits: mpsc::UnboundedSender<InstanceExit>) -> Self {
+        let state_dir = contain::canonical_state_dir(&opts.state_dir);
         ProcessRuntime {
             inner: Arc::new(Inner {
-                logs_dir,
-                self_exe,
+                logs_dir: state_dir.join("logs"),
+                state_dir,
+                workdir: opts.workdir,
+                self_exe: opts.self_exe,
+                log_limits: opts.logs,
                 exits,
                 procs: Mutex::new(HashMap::new()),
+                cgroup: Mutex::new(if opts.cgroups {
+                    None
+                } else {
+                    Some(Err("turned off".into()))
+                }),
+                cgroups: opts.cgroups,
+                keeper: Mutex::new(None),
+                pending: Mutex::new(HashMap::new()),
             }),
+        }
+    }
+
+    /// Kills everything a previous daemon of this state dir left running (its cgroup, the
+    /// processes carrying its marker, its recorded groups) and waits until it is gone. Call
+    /// once at start-up, before the first `start`. Waits up to `within` for a previous
+    /// daemon's keeper to finish; fails if the state dir stays locked, which means another
+    /// daemon uses it.
+    pub fn sweep_leftovers(&self, within: Duration) -> Result<Swept, RuntimeError> {
+        let swept = contain::sweep_leftovers(&self.inner.state_dir, within).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                RuntimeError::StateDirBusy(self.inner.state_dir.clone())
+            } else {
+                RuntimeError::Io(e)
+            }
+        })?;
+        if let Ok(mut cg) = self.inner.cgroup.lock()
+            && self.inner.cgroups
+        {
+            // The sweep removed this daemon's cgroup; the next start makes it again.
+            *cg = None;
+        }
+        Ok(swept)
+    }
+
+    /// Starts the keeper: `<self_exe> __keeper <state_dir>`, in a process group of its own,
+    /// holding the read end of a pipe whose write end only this process has. When this
+    /// process dies, even by SIGKILL, the pipe closes and the keeper sweeps (see
+    /// [`keeper_main`]). Returns the keeper's pid.
+    pub fn spawn_keeper(&self) -> Result<u32, RuntimeError> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2(2) writes two descriptors into the array, which has room for two.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(RuntimeError::Io(std::io::Error::last_os_error()));
+        }
+        // SAFETY: pipe2 succeeded, so both are open descriptors that nothing else owns.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let child = std::process::Command::new(&self.inner.self_exe)
+            .arg(KEEPER_COMMAND)
+            .arg(&self.inner.state_dir)
+            .stdin(Stdio::from(read))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            // Its own group: a Ctrl-C meant for the daemon's terminal group must not reach it.
+            .process_group(0)
+            .spawn()
+            .map_err(|source| RuntimeError::Spawn {
+                program: self.inner.self_exe.display().to_string(),
+                source,
+            })?;
+        if let Ok(mut k) = self.inner.keeper.lock() {
+            *k = Some(write);
+        }
+        Ok(child.id())
+    }
+
+    /// How instances are contained: `cgroup <path>` or `process groups (<why>)`.
+    pub fn containment(&self) -> String {
+        match self.cgroup() {
+            Some(dir) => format!("cgroup {}", dir.display()),
+            None => {
+                let why = self
+                    .inner
+                    .cgroup
+                    .lock()
+                    .ok()
+                    .and_then(|c| c.clone())
+                    .and_then(Result::err)
+                    .unwrap_or_default();
+                format!("process groups ({why})")
+            }
+        }
+    }
+
+    /// This daemon's cgroup, probed (and created) on first use.
+    fn cgroup(&self) -> Option<PathBuf> {
+        let mut cg = self.inner.cgroup.lock().ok()?;
+        let probed = cg.get_or_insert_with(|| {
+            let r = contain::prepare_cgroup(&self.inner.state_dir);
+            match &r {
+                Ok(dir) => tracing::info!(cgroup = %dir.display(), "instances run in cgroups"),
+                Err(why) => tracing::info!(
+                    reason = %why,
+                    "instances run in process groups, not cgroups"
+                ),
+            }
+            r
+        });
+        probed.as_ref().ok().cloned()
+    }
+
+    fn give_up_cgroups(&self, why: String) {
+        tracing::warn!(reason = %why, "cannot put instances in cgroups; using process groups");
+        if let Ok(mut cg) = self.inner.cgroup.lock() {
+            *cg = Some(Err(why));
         }
     }
 
@@ -103,13 +281,23 @@ impl ProcessRuntime {
         let program = if first == "cutover" {
             self.inner.self_exe.clone()
         } else {
-            PathBuf::from(fill(first))
+            let p = PathBuf::from(fill(first));
+            match &self.inner.workdir {
+                // `./app` or `bin/app` means the one beside the config, wherever the daemon was
+                // started from; a bare name is looked up in PATH.
+                Some(dir) if p.is_relative() && p.components().count() > 1 => dir.join(p),
+                _ => p,
+            }
         };
         let mut env = spec.env.clone();
         env.insert("PORT".into(), port.to_string());
         env.insert("CUTOVER_VERSION".into(), spec.version.to_string());
         env.insert("CUTOVER_SERVICE".into(), spec.service.to_string());
         env.insert("CUTOVER_INSTANCE".into(), spec.instance.to_string());
+        env.insert(
+            contain::STATE_DIR_ENV.into(),
+            self.inner.state_dir.display().to_string(),
+        );
         Ok(Launch {
             program,
             args: rest.iter().map(|a| fill(a)).collect(),
@@ -117,7 +305,8 @@ impl ProcessRuntime {
         })
     }
 
-    fn spawn(&self, instance: &InstanceId, l: &Launch) -> Result<Child, RuntimeError> {
+    /// Forks and execs the command, in `leaf` when given.
+    fn fork(&self, l: &Launch, leaf: Option<&Leaf>) -> std::io::Result<Child> {
         let parent = std::process::id();
         let mut cmd = Command::new(&l.program);
         cmd.args(&l.args)
@@ -127,10 +316,29 @@ impl ProcessRuntime {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(false);
+        if let Some(dir) = &self.inner.workdir {
+            cmd.current_dir(dir);
+        }
+        let procs = leaf.map(|l| l.procs.clone());
         // SAFETY: the closure runs in the forked child before exec and only calls
-        // async-signal-safe functions (prctl, getppid, _exit), allocating nothing.
+        // async-signal-safe functions (open, write, close, prctl, getppid, _exit) on memory
+        // prepared before the fork, allocating nothing.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(procs) = &procs {
+                    // Join the instance's cgroup ("0" is the writing process) before exec,
+                    // so that everything it will ever fork is inside.
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    let err = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    if written != 1 {
+                        return Err(err);
+                    }
+                }
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -141,64 +349,152 @@ impl ProcessRuntime {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|source| RuntimeError::Spawn {
+        cmd.spawn()
+    }
+
+    /// Starts one run of the instance; falls back to process groups for good if joining a
+    /// cgroup is what failed.
+    fn spawn(
+        &self,
+        spec: &StartSpec,
+        l: &Launch,
+        leaf: &mut Option<Leaf>,
+        log: &Arc<LogFile>,
+    ) -> Result<Run, RuntimeError> {
+        let spawn_err = |source| RuntimeError::Spawn {
             program: l.program.display().to_string(),
             source,
-        })?;
-        let log = Arc::new(LogFile::new(
-            self.inner.logs_dir.join(format!("{instance}.log")),
-        ));
-        if let Some(out) = child.stdout.take() {
-            let log = log.clone();
-            tokio::spawn(async move { log.pump(out).await });
+        };
+        let mut child = match self.fork(l, leaf.as_ref()) {
+            Ok(c) => c,
+            Err(in_cgroup) if leaf.is_some() => {
+                // Was it the cgroup or the program? Try without the cgroup.
+                let c = self.fork(l, None).map_err(spawn_err)?;
+                self.give_up_cgroups(format!("joining a cgroup failed: {in_cgroup}"));
+                if let Some(l) = leaf.take() {
+                    contain::remove_cgroup(&l.dir);
+                }
+                c
+            }
+            Err(e) => return Err(spawn_err(e)),
+        };
+        let pid = child.id().unwrap_or(0);
+        if let Err(e) = contain::register(
+            &self.inner.state_dir,
+            spec.instance.as_str(),
+            spec.service.as_str(),
+            spec.version.as_str(),
+            pid,
+        ) {
+            tracing::warn!(instance = %spec.instance, error = %e, "could not record the instance");
         }
-        if let Some(err) = child.stderr.take() {
-            tokio::spawn(async move { log.pump(err).await });
-        }
-        Ok(child)
+        let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().ok();
+        let out = child.stdout.take();
+        let err = child.stderr.take();
+        let dups = [
+            out.as_ref().and_then(|o| dup(o.as_fd())),
+            err.as_ref().and_then(|e| dup(e.as_fd())),
+        ];
+        let mut run = Run::pumping(Running::Child(child), pid, log, out, err);
+        run.dups = dups;
+        Ok(run)
     }
 
     pub async fn start(&self, spec: StartSpec) -> Result<Started, RuntimeError> {
-        let _ = std::fs::create_dir_all(&self.inner.logs_dir);
         let port = match spec.port {
             Some(p) => p,
             None => free_port()?,
         };
         let launch = self.launch(&spec, port)?;
-        let child = self.spawn(&spec.instance, &launch)?;
-        let pid = child.id().unwrap_or(0);
-        let pgid = Arc::new(AtomicU32::new(pid));
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let (exited_tx, exited_rx) = watch::channel(false);
-        if let Ok(mut procs) = self.inner.procs.lock() {
-            procs.insert(
-                spec.instance.clone(),
-                Handle {
-                    pgid: pgid.clone(),
-                    stop: stop_tx,
-                    exited: exited_rx,
-                },
-            );
-        }
-        tokio::spawn(self.clone().supervise(
-            spec.clone(),
-            launch,
-            Running::Child(child),
-            pgid,
-            stop_rx,
-            exited_tx,
+        let mut leaf = match self.cgroup() {
+            Some(parent) => match Leaf::create(&parent, spec.instance.as_str()) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    self.give_up_cgroups(format!("cannot create a cgroup: {e}"));
+                    None
+                }
+            },
+            None => None,
+        };
+        let log = Arc::new(LogFile::new(
+            log_path(
+                &self.inner.logs_dir,
+                spec.service.as_str(),
+                spec.version.as_str(),
+                spec.instance.as_str(),
+            ),
+            self.inner.log_limits,
         ));
+        let run = match self.spawn(&spec, &launch, &mut leaf, &log) {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(l) = &leaf {
+                    contain::remove_cgroup(&l.dir);
+                }
+                return Err(e);
+            }
+        };
+        let pid = run.pid;
+        let instance = spec.instance.clone();
+        self.supervise_run(spec, launch, leaf, log, Arc::new(AtomicU32::new(pid)), run);
         Ok(Started {
-            instance: spec.instance,
+            instance,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             pid: Some(pid),
             pgid: Some(pid),
         })
     }
 
+    /// For a restart of the daemon in place: the keeper's pipe and each instance's output
+    /// pipes and cgroup, to be kept open across `exec` and given to the next program's
+    /// runtime ([`ProcessRuntime::expect`], [`ProcessRuntime::keep_keeper`]).
+    pub fn hand_over(&self) -> (Option<OwnedFd>, Vec<(InstanceId, Inherited)>) {
+        let keeper = self.inner.keeper.lock().ok().and_then(|mut k| k.take());
+        let instances = self
+            .inner
+            .procs
+            .lock()
+            .map(|procs| {
+                procs
+                    .iter()
+                    .map(|(id, h)| {
+                        let [stdout, stderr] = h
+                            .pipes
+                            .lock()
+                            .map(|mut p| std::mem::take(&mut *p))
+                            .unwrap_or_default();
+                        let inherited = Inherited {
+                            stdout,
+                            stderr,
+                            leaf: h.leaf.clone(),
+                        };
+                        (id.clone(), inherited)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        (keeper, instances)
+    }
+
+    /// The keeper's pipe as the previous program of this daemon left it: this program holds
+    /// it from now on, so the keeper keeps waiting (no second keeper, no sweep).
+    pub fn keep_keeper(&self, fd: OwnedFd) {
+        if let Ok(mut k) = self.inner.keeper.lock() {
+            *k = Some(fd);
+        }
+    }
+
+    /// What the previous program handed over for `instance`, for [`ProcessRuntime::adopt`].
+    pub fn expect(&self, instance: InstanceId, inherited: Inherited) {
+        if let Ok(mut p) = self.inner.pending.lock() {
+            p.insert(instance, inherited);
+        }
+    }
+
     /// Supervises an instance a previous program of this daemon started: the process is
     /// still this daemon's child (the program was replaced in place), so it is waited for by
-    /// pid, and restarted from `spec` like any other if it exits.
+    /// pid, its output is read from the pipes handed over, and it is restarted from `spec`
+    /// like any other if it exits.
     pub fn adopt(&self, spec: StartSpec, started: Started) -> Result<(), RuntimeError> {
         let pid = started.pid.ok_or_else(|| {
             RuntimeError::Io(std::io::Error::other("a handed-over instance has no pid"))
@@ -208,120 +504,233 @@ impl ProcessRuntime {
                 "process {pid} is not running as this daemon's child"
             ))));
         }
+        let inherited = self
+            .inner
+            .pending
+            .lock()
+            .ok()
+            .and_then(|mut p| p.remove(&spec.instance))
+            .unwrap_or_default();
         let launch = self.launch(&spec, started.addr.port())?;
+        let leaf = match &inherited.leaf {
+            Some(dir) => Some(Leaf::existing(dir)?),
+            None => None,
+        };
+        let log = Arc::new(LogFile::new(
+            log_path(
+                &self.inner.logs_dir,
+                spec.service.as_str(),
+                spec.version.as_str(),
+                spec.instance.as_str(),
+            ),
+            self.inner.log_limits,
+        ));
+        let pipe = |fd: Option<OwnedFd>| {
+            fd.and_then(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok())
+        };
+        let dup = |fd: &Option<OwnedFd>| fd.as_ref().and_then(|f| f.try_clone().ok());
+        let dups = [dup(&inherited.stdout), dup(&inherited.stderr)];
+        let mut run = Run::pumping(
+            Running::Adopted(pid),
+            pid,
+            &log,
+            pipe(inherited.stdout),
+            pipe(inherited.stderr),
+        );
+        run.dups = dups;
         let pgid = Arc::new(AtomicU32::new(started.pgid.unwrap_or(pid)));
+        self.supervise_run(spec, launch, leaf, log, pgid, run);
+        Ok(())
+    }
+
+    /// Registers the instance and starts its supervisor on `run`.
+    fn supervise_run(
+        &self,
+        spec: StartSpec,
+        launch: Launch,
+        leaf: Option<Leaf>,
+        log: Arc<LogFile>,
+        pgid: Arc<AtomicU32>,
+        mut run: Run,
+    ) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (exited_tx, exited_rx) = watch::channel(false);
+        let pipes = Arc::new(Mutex::new(std::mem::take(&mut run.dups)));
         if let Ok(mut procs) = self.inner.procs.lock() {
             procs.insert(
                 spec.instance.clone(),
                 Handle {
                     pgid: pgid.clone(),
+                    leaf: leaf.as_ref().map(|l| l.dir.clone()),
+                    pipes: pipes.clone(),
                     stop: stop_tx,
                     exited: exited_rx,
                 },
             );
         }
         tokio::spawn(self.clone().supervise(
-            spec,
-            launch,
-            Running::Adopted(pid),
-            pgid,
-            stop_rx,
-            exited_tx,
+            Supervised {
+                spec,
+                launch,
+                leaf,
+                log,
+                pgid,
+                pipes,
+                stop: stop_rx,
+                exited: exited_tx,
+            },
+            run,
         ));
-        Ok(())
     }
 
-    /// Waits for the instance to exit; restarts it with backoff unless it was asked to stop.
-    async fn supervise(
-        self,
-        spec: StartSpec,
-        launch: Launch,
-        mut child: Running,
-        pgid: Arc<AtomicU32>,
-        mut stop: watch::Receiver<bool>,
-        exited: watch::Sender<bool>,
-    ) {
+    /// Kills the instance's whole tree and waits (up to `GONE_WITHIN`) until nothing of it
+    /// runs.
+    async fn kill_tree(&self, instance: &InstanceId, leaf: Option<&Path>, pgid: u32) {
+        let deadline = tokio::time::Instant::now() + GONE_WITHIN;
+        match leaf {
+            Some(dir) => {
+                contain::kill_cgroup(dir);
+                contain::signal_group(pgid, libc::SIGKILL);
+                while contain::cgroup_populated(dir) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            None => {
+                // Repeat until a scan finds nothing: a process may fork while the group dies.
+                while !contain::kill_marked_tree(&self.inner.state_dir, instance.as_str(), pgid)
+                    .is_empty()
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+
+    /// Waits for the instance to exit; kills what is left of its tree; restarts it with
+    /// backoff unless it was asked to stop.
+    async fn supervise(self, mut s: Supervised, mut run: Run) {
         let mut backoff = FIRST_BACKOFF;
-        let mut started = Instant::now();
+        let mut exits: u32 = 0;
         loop {
-            let status = child.wait().await;
-            // Whatever the leader did, nothing of its group may linger.
-            signal_group(pgid.load(Ordering::SeqCst), libc::SIGKILL);
-            if *stop.borrow() {
+            let status = run.child.wait().await;
+            let ran_for = run.started.elapsed();
+            // Whatever the first process did, nothing of its tree may linger.
+            let leaf = s.leaf.as_ref().map(|l| l.dir.clone());
+            self.kill_tree(
+                &s.spec.instance,
+                leaf.as_deref(),
+                s.pgid.load(Ordering::SeqCst),
+            )
+            .await;
+            // With the tree gone its pipes are closed: let the pumps write the last lines.
+            for p in run.pumps.drain(..) {
+                let _ = tokio::time::timeout(Duration::from_secs(1), p).await;
+            }
+            if *s.stop.borrow() {
                 break;
             }
-            if started.elapsed() >= STABLE_AFTER {
+            if ran_for >= STABLE_AFTER {
                 backoff = FIRST_BACKOFF;
             }
+            exits = exits.saturating_add(1);
             let (code, signal) = match &status {
-                Ok(s) => (s.code(), s.signal()),
+                Ok(st) => (st.code(), st.signal()),
                 Err(_) => (None, None),
             };
             let _ = self.inner.exits.send(InstanceExit {
-                service: spec.service.clone(),
-                version: spec.version.clone(),
-                instance: spec.instance.clone(),
+                service: s.spec.service.clone(),
+                version: s.spec.version.clone(),
+                instance: s.spec.instance.clone(),
                 code,
                 signal,
                 restart_in: Some(backoff),
+                exits,
+                ran_for,
+                stderr_tail: run.tail.lines(),
             });
             // Restart after the backoff, unless a stop comes first.
             loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.wait_for(|s| *s) => {
-                        let _ = exited.send(true);
-                        self.forget(&spec.instance);
-                        return;
-                    }
+                let stopped = tokio::select! {
+                    _ = tokio::time::sleep(backoff) => false,
+                    _ = s.stop.wait_for(|v| *v) => true,
+                };
+                if stopped {
+                    self.finish(&s);
+                    return;
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
-                match self.spawn(&spec.instance, &launch) {
-                    Ok(c) => {
-                        pgid.store(c.id().unwrap_or(0), Ordering::SeqCst);
-                        child = Running::Child(c);
-                        started = Instant::now();
+                match self.spawn(&s.spec, &s.launch, &mut s.leaf, &s.log) {
+                    Ok(mut r) => {
+                        s.pgid.store(r.pid, Ordering::SeqCst);
+                        if let Ok(mut p) = s.pipes.lock() {
+                            *p = std::mem::take(&mut r.dups);
+                        }
+                        run = r;
                         break;
                     }
                     Err(e) => {
-                        tracing::warn!(instance = %spec.instance, error = %e, "restart failed");
+                        tracing::warn!(instance = %s.spec.instance, error = %e, "restart failed");
                     }
                 }
             }
         }
-        let _ = exited.send(true);
-        self.forget(&spec.instance);
+        self.finish(&s);
     }
 
-    fn forget(&self, instance: &InstanceId) {
-        if let Ok(mut procs) = self.inner.procs.lock() {
-            procs.remove(instance);
+    /// The instance is gone for good: its cgroup, registry entry and handle go too.
+    fn finish(&self, s: &Supervised) {
+        if let Some(l) = &s.leaf {
+            contain::remove_cgroup(&l.dir);
         }
+        contain::unregister(&self.inner.state_dir, s.spec.instance.as_str());
+        if let Ok(mut procs) = self.inner.procs.lock() {
+            procs.remove(&s.spec.instance);
+        }
+        let _ = s.exited.send(true);
     }
 
+    /// SIGTERM to the instance's process group (and, in a cgroup, to every process in it),
+    /// then after `stop_timeout` SIGKILL to the whole tree. Returns once nothing of the tree
+    /// runs (or after 5 s more). Idempotent.
     pub async fn stop(
         &self,
         instance: &InstanceId,
         stop_timeout: Duration,
     ) -> Result<(), RuntimeError> {
         let found = self.inner.procs.lock().ok().and_then(|procs| {
-            procs
-                .get(instance)
-                .map(|h| (h.pgid.clone(), h.stop.clone(), h.exited.clone()))
+            procs.get(instance).map(|h| {
+                (
+                    h.pgid.clone(),
+                    h.leaf.clone(),
+                    h.stop.clone(),
+                    h.exited.clone(),
+                )
+            })
         });
-        let Some((pgid, stop, mut exited)) = found else {
+        let Some((pgid, leaf, stop, mut exited)) = found else {
             return Ok(());
         };
         let _ = stop.send(true);
-        signal_group(pgid.load(Ordering::SeqCst), libc::SIGTERM);
+        contain::signal_group(pgid.load(Ordering::SeqCst), libc::SIGTERM);
+        if let Some(dir) = &leaf {
+            // Children that left the group (setsid) are still in the cgroup.
+            for pid in contain::cgroup_pids(dir) {
+                contain::signal_pid(pid, libc::SIGTERM);
+            }
+        }
         let graceful = tokio::time::timeout(stop_timeout, exited.wait_for(|e| *e))
             .await
             .is_ok();
         if !graceful {
-            signal_group(pgid.load(Ordering::SeqCst), libc::SIGKILL);
-            let _ = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|e| *e)).await;
+            // The supervisor kills the rest of the tree once the first process is gone.
+            match &leaf {
+                Some(dir) => contain::kill_cgroup(dir),
+                None => {
+                    contain::signal_group(pgid.load(Ordering::SeqCst), libc::SIGKILL);
+                }
+            }
+            let _ = tokio::time::timeout(GONE_WITHIN * 2, exited.wait_for(|e| *e)).await;
         }
         Ok(())
     }
@@ -342,8 +751,52 @@ impl ProcessRuntime {
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The daemon's cgroup goes with the runtime; `rmdir` refuses a cgroup that still has
+        // processes, so this never hides a running instance.
+        if let Ok(Some(Ok(dir))) = self.cgroup.get_mut().map(|c| c.as_ref().cloned()) {
+            contain::remove_cgroup(&dir);
+        }
+    }
+}
+
+impl Run {
+    /// A run whose output is pumped into `log` (stderr's last lines kept for exit events).
+    fn pumping<O, E>(
+        child: Running,
+        pid: u32,
+        log: &Arc<LogFile>,
+        out: Option<O>,
+        err: Option<E>,
+    ) -> Run
+    where
+        O: tokio::io::AsyncRead + Unpin + Send + 'static,
+        E: tokio::io::AsyncRead + Unpin + Send + 'static,
+    {
+        let tail = Arc::new(StderrTail::default());
+        let mut pumps = Vec::with_capacity(2);
+        if let Some(out) = out {
+            let log = log.clone();
+            pumps.push(tokio::spawn(async move { log.pump(out, None).await }));
+        }
+        if let Some(err) = err {
+            let (log, tail) = (log.clone(), tail.clone());
+            pumps.push(tokio::spawn(async move { log.pump(err, Some(tail)).await }));
+        }
+        Run {
+            child,
+            pid,
+            started: Instant::now(),
+            tail,
+            pumps,
+            dups: [None, None],
+        }
+    }
+}
+
 /// An instance's process: one this program spawned, or one it adopted from the program it
-/// replaced (a child all the same, but without a tokio handle).
+/// replaced in place (a child all the same, but without a tokio handle).
 enum Running {
     Child(Child),
     Adopted(u32),
@@ -386,47 +839,68 @@ fn is_our_child(pid: u32) -> bool {
     ppid == Some(std::process::id())
 }
 
+/// What the supervisor of one instance keeps across restarts.
+struct Supervised {
+    spec: StartSpec,
+    launch: Launch,
+    leaf: Option<Leaf>,
+    log: Arc<LogFile>,
+    pgid: Arc<AtomicU32>,
+    pipes: Arc<Mutex<[Option<OwnedFd>; 2]>>,
+    stop: watch::Receiver<bool>,
+    exited: watch::Sender<bool>,
+}
+
+/// The keeper's whole life (`cutover __keeper STATE_DIR`): waits until its stdin (the pipe
+/// from the daemon) reaches end of file, which happens when the daemon dies however it dies,
+/// then kills every instance process of `state_dir` that is left. Holds the state dir's lock
+/// from start to end, so that a new daemon's own sweep waits for this one, and a second daemon
+/// on the same state dir is refused.
+pub fn keeper_main(state_dir: &Path) -> std::io::Result<Swept> {
+    // SAFETY: signal(2) with SIG_IGN installs no handler code; it only changes a disposition.
+    unsafe {
+        // A terminal's Ctrl-C or hang-up is for the daemon; the keeper must outlive it.
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+    let state_dir = contain::canonical_state_dir(state_dir);
+    let _lock = contain::StateLock::acquire_blocking(&state_dir)?;
+    let mut buf = [0u8; 64];
+    loop {
+        use std::io::Read;
+        match std::io::stdin().read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    Ok(contain::sweep_locked(&state_dir))
+}
+
 /// Kills what is left of instances a previous daemon started: every process in one of the
 /// recorded process groups that carries `CUTOVER_INSTANCE` in its environment (so a recycled
 /// group id of an unrelated program is left alone). Returns how many processes were killed.
+/// Superseded by [`ProcessRuntime::sweep_leftovers`], which also finds children that left
+/// their group and cgroups; kept for callers that only have the recorded groups.
 pub fn kill_orphans(recorded: &[(u32, u32)]) -> usize {
     let groups: std::collections::HashSet<u32> = recorded.iter().map(|(_, g)| *g).collect();
     if groups.is_empty() {
         return 0;
     }
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
     let mut killed = 0;
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the command name (which may contain spaces) start at the last ") ".
-        let Some((_, rest)) = stat.rsplit_once(") ") else {
-            continue;
-        };
-        let pgrp = rest
-            .split_whitespace()
-            .nth(2)
-            .and_then(|s| s.parse::<u32>().ok());
-        if !pgrp.is_some_and(|g| groups.contains(&g)) {
+    for p in contain::processes() {
+        if !groups.contains(&p.pgid) {
             continue;
         }
-        let ours = std::fs::read(format!("/proc/{pid}/environ"))
+        let ours = std::fs::read(format!("/proc/{}/environ", p.pid))
             .map(|env| {
                 env.split(|b| *b == 0)
                     .any(|kv| kv.starts_with(b"CUTOVER_INSTANCE="))
             })
             .unwrap_or(false);
-        if ours && let Ok(p) = libc::pid_t::try_from(pid) {
-            // SAFETY: kill(2) with plain integers; only delivers a signal.
-            if unsafe { libc::kill(p, libc::SIGKILL) } == 0 {
-                killed += 1;
-            }
+        if ours && contain::signal_pid(p.pid, libc::SIGKILL) {
+            killed += 1;
         }
     }
     killed
@@ -450,34 +924,42 @@ mod tests {
         }
     }
 
-    fn runtime(dir: &std::path::Path) -> (ProcessRuntime, mpsc::UnboundedReceiver<InstanceExit>) {
+    fn options(dir: &Path, cgroups: bool) -> ProcessOptions {
+        ProcessOptions {
+            state_dir: dir.to_owned(),
+            workdir: None,
+            self_exe: PathBuf::from("/bin/true"),
+            logs: LogLimits::default(),
+            cgroups,
+        }
+    }
+
+    fn runtime(dir: &Path) -> (ProcessRuntime, mpsc::UnboundedReceiver<InstanceExit>) {
+        runtime_with(options(dir, true))
+    }
+
+    fn runtime_with(
+        opts: ProcessOptions,
+    ) -> (ProcessRuntime, mpsc::UnboundedReceiver<InstanceExit>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (
-            ProcessRuntime::new(dir.join("logs"), PathBuf::from("/bin/true"), tx),
-            rx,
-        )
+        (ProcessRuntime::with_options(opts, tx), rx)
+    }
+
+    fn log_of(dir: &Path, instance: &str) -> PathBuf {
+        log_path(&dir.join("logs"), "web", "v1", instance)
     }
 
     fn alive(pid: u32) -> bool {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                s.rsplit_once(") ")
-                    .is_some_and(|(_, r)| !r.starts_with('Z'))
-            })
-            .unwrap_or(false)
+        contain::alive(pid)
     }
 
-    async fn wait_file(path: &std::path::Path, want: &str) -> String {
+    async fn wait_file(path: &Path, want: &str) -> String {
         wait_file_until(path, want, |t| t.contains(want)).await
     }
 
     /// Polls `path` until `done` holds for its text. The log is written by a pump task, so a
     /// process can be seen to exit before its last lines reach the file.
-    async fn wait_file_until(
-        path: &std::path::Path,
-        what: &str,
-        done: impl Fn(&str) -> bool,
-    ) -> String {
+    async fn wait_file_until(path: &Path, what: &str, done: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let text = tokio::fs::read_to_string(path).await.unwrap_or_default();
@@ -493,28 +975,78 @@ mod tests {
         }
     }
 
+    async fn wait_dead(pids: &[u32], what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Some(p) = pids.iter().find(|p| alive(**p)) {
+            assert!(Instant::now() < deadline, "{what}: {p} survived");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The numbers after `key ` in a log, in order.
+    fn pids_after(log: &str, key: &str) -> Vec<u32> {
+        log.lines()
+            .filter_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+            .collect()
+    }
+
+    /// A tree as a forking server makes it: a child in the group, and a daemonized one that
+    /// left the group with setsid. Prints both pids, then waits.
+    const TREE: &str =
+        "sleep 300 & echo \"child $!\"; setsid sleep 300 & echo \"escaped $!\"; echo ready; wait";
+
     #[tokio::test]
     async fn substitutes_placeholders_and_env_and_logs_output() {
         let dir = tempfile::tempdir().unwrap();
         let (rt, _rx) = runtime(dir.path());
         let mut s = spec(
             "web-v1-1",
-            "echo \"$GREETING port=$PORT arg=$0 v=$CUTOVER_VERSION i=$CUTOVER_INSTANCE s=$CUTOVER_SERVICE\"; sleep 30",
+            "echo \"$GREETING port=$PORT arg=$0 v=$CUTOVER_VERSION i=$CUTOVER_INSTANCE s=$CUTOVER_SERVICE\"; echo \"state=$CUTOVER_STATE_DIR\"; sleep 30",
         );
         s.command.push("{port}-{version}".into());
         let started = rt.start(s).await.unwrap();
         let port = started.addr.port();
-        let log = wait_file(&dir.path().join("logs/web-v1-1.log"), "hello").await;
+        let log = wait_file(&log_of(dir.path(), "web-v1-1"), "state=").await;
         assert!(
             log.contains(&format!(
                 "hello port={port} arg={port}-v1 v=v1 i=web-v1-1 s=web"
             )),
             "{log}"
         );
+        let canonical = std::fs::canonicalize(dir.path()).unwrap();
+        assert!(
+            log.contains(&format!("state={}", canonical.display())),
+            "{log}"
+        );
+        assert_eq!(contain::registered(dir.path()).len(), 1);
         rt.stop(&"web-v1-1".into(), Duration::from_secs(5))
             .await
             .unwrap();
         assert!(!alive(started.pid.unwrap()));
+        assert!(
+            contain::registered(dir.path()).is_empty(),
+            "a stopped instance leaves the registry"
+        );
+    }
+
+    #[tokio::test]
+    async fn relative_programs_and_the_working_directory_are_the_config_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = tempfile::tempdir().unwrap();
+        std::fs::create_dir(app.path().join("bin")).unwrap();
+        let script = app.path().join("bin/app");
+        std::fs::write(&script, "#!/bin/sh\necho \"cwd=$(pwd)\"\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let mut opts = options(dir.path(), true);
+        opts.workdir = Some(app.path().to_owned());
+        let (rt, _rx) = runtime_with(opts);
+        let mut s = spec("rel", "");
+        s.command = vec!["bin/app".into()];
+        rt.start(s).await.unwrap();
+        let log = wait_file(&log_of(dir.path(), "rel"), "cwd=").await;
+        assert_eq!(log.trim(), format!("cwd={}", app.path().display()));
+        rt.stop_all(Duration::from_secs(2)).await;
     }
 
     #[tokio::test]
@@ -528,7 +1060,7 @@ mod tests {
             ))
             .await
             .unwrap();
-        wait_file(&dir.path().join("logs/stubborn.log"), "ready").await;
+        wait_file(&log_of(dir.path(), "stubborn"), "ready").await;
         let t0 = Instant::now();
         rt.stop(&"stubborn".into(), Duration::from_millis(300))
             .await
@@ -549,64 +1081,240 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_crash_is_reported_and_restarted_on_the_same_port() {
+    async fn a_crash_is_reported_with_its_stderr_and_restarted_on_the_same_port() {
         let dir = tempfile::tempdir().unwrap();
         let (rt, mut rx) = runtime(dir.path());
         let started = rt
-            .start(spec("crashy", "echo \"start $PORT\"; exit 3"))
+            .start(spec(
+                "crashy",
+                "echo \"start $PORT\"; for i in $(seq 1 12); do echo \"oops $i\" >&2; done; printf 'no newline' >&2; exit 3",
+            ))
             .await
             .unwrap();
         let first = rx.recv().await.unwrap();
         assert_eq!(
-            (first.code, first.restart_in),
-            (Some(3), Some(FIRST_BACKOFF))
+            (first.code, first.restart_in, first.exits),
+            (Some(3), Some(FIRST_BACKOFF), 1)
         );
+        assert!(first.ran_for < Duration::from_secs(10));
+        let mut want: Vec<String> = (4..=12).map(|i| format!("oops {i}")).collect();
+        want.push("no newline".into());
+        assert_eq!(first.stderr_tail, want, "the last ten lines of stderr");
         let second = rx.recv().await.unwrap();
         assert_eq!(
-            second.restart_in,
-            Some(FIRST_BACKOFF * 2),
-            "backoff doubles"
+            (second.restart_in, second.exits),
+            (Some(FIRST_BACKOFF * 2), 2),
+            "backoff doubles; exits count up"
         );
+        assert_eq!(second.stderr_tail, want, "each run's own tail");
         // Both runs printed the port they were given: the same one.
         let port = started.addr.port().to_string();
-        let on_port = |log: &str| log.lines().filter(|l| l.ends_with(&port)).count();
+        let starts = |log: &str| {
+            log.lines()
+                .filter(|l| l.starts_with("start"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
         let log = wait_file_until(
-            &dir.path().join("logs/crashy.log"),
+            &log_of(dir.path(), "crashy"),
             "two starts on the same port",
-            |t| on_port(t) >= 2,
+            |t| starts(t).len() >= 2,
         )
         .await;
         assert!(
-            log.lines().all(|l| l == format!("start {port}")),
+            starts(&log).iter().all(|l| *l == format!("start {port}")),
             "every start on the same port: {log}"
         );
+        assert!(log.contains("oops 1\n"), "stderr is in the log too: {log}");
         rt.stop(&"crashy".into(), Duration::from_secs(1))
             .await
             .unwrap();
     }
 
-    #[tokio::test]
-    async fn stop_all_leaves_no_process_of_the_group() {
+    async fn stop_kills_the_whole_tree(cgroups: bool) {
         let dir = tempfile::tempdir().unwrap();
-        let (rt, _rx) = runtime(dir.path());
-        // The shell starts a grandchild; stopping the group must take it too.
-        let started = rt
-            .start(spec("tree", "sleep 30 & echo \"child $!\"; wait"))
+        let (rt, _rx) = runtime_with(options(dir.path(), cgroups));
+        let started = rt.start(spec("tree", TREE)).await.unwrap();
+        assert_eq!(
+            rt.containment().starts_with("cgroup "),
+            cgroups && contain::prepare_cgroup(&rt.inner.state_dir).is_ok(),
+            "{}",
+            rt.containment()
+        );
+        let log = wait_file(&log_of(dir.path(), "tree"), "ready").await;
+        let tree = [pids_after(&log, "child "), pids_after(&log, "escaped ")].concat();
+        assert_eq!(tree.len(), 2, "{log}");
+        assert!(tree.iter().all(|p| alive(*p)));
+        rt.stop_all(Duration::from_secs(2)).await;
+        // `stop` returns once the tree is gone: no waiting here.
+        assert!(!alive(started.pid.unwrap()));
+        for p in &tree {
+            assert!(
+                !alive(*p),
+                "{p} outlived its instance ({})",
+                rt.containment()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn stop_kills_the_whole_tree_in_a_cgroup_where_possible() {
+        stop_kills_the_whole_tree(true).await;
+    }
+
+    #[tokio::test]
+    async fn stop_kills_the_whole_tree_with_process_groups() {
+        stop_kills_the_whole_tree(false).await;
+    }
+
+    #[tokio::test]
+    async fn a_crashed_leader_takes_its_tree_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rt, mut rx) = runtime(dir.path());
+        rt.start(spec("leader", &format!("{TREE} & sleep 0.2; exit 7")))
             .await
             .unwrap();
-        let log = wait_file(&dir.path().join("logs/tree.log"), "child").await;
-        let grandchild: u32 = log.trim().rsplit(' ').next().unwrap().parse().unwrap();
-        assert!(alive(grandchild));
-        rt.stop_all(Duration::from_secs(2)).await;
-        assert!(!alive(started.pid.unwrap()));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while alive(grandchild) {
-            assert!(
-                Instant::now() < deadline,
-                "grandchild {grandchild} survived"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let log = wait_file(&log_of(dir.path(), "leader"), "ready").await;
+        let tree = [pids_after(&log, "child "), pids_after(&log, "escaped ")].concat();
+        let exit = rx.recv().await.unwrap();
+        assert_eq!(exit.code, Some(7));
+        // The exit is reported once the tree is gone.
+        for p in &tree {
+            assert!(!alive(*p), "{p} outlived its crashed leader");
         }
+        rt.stop_all(Duration::from_secs(1)).await;
+    }
+
+    /// Starts `TREE` on a thread of its own whose end stands in for a SIGKILLed daemon: the
+    /// parent-death signal kills the first process; what it forked stays.
+    fn abandon_a_tree(state_dir: &Path, cgroups: bool) -> Vec<u32> {
+        let state_dir = state_dir.to_owned();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (prt, _rx) = runtime_with(options(&state_dir, cgroups));
+                let started = prt.start(spec("web-v1-1", TREE)).await.unwrap();
+                let log = wait_file(&log_of(&state_dir, "web-v1-1"), "ready").await;
+                let mut tree = [pids_after(&log, "child "), pids_after(&log, "escaped ")].concat();
+                tree.push(started.pid.unwrap());
+                tree
+            })
+        })
+        .join()
+        .unwrap()
+    }
+
+    async fn a_sweep_kills_what_a_dead_daemon_left(cgroups: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = abandon_a_tree(dir.path(), cgroups);
+        let leader = tree[2];
+        wait_dead(&[leader], "the parent-death signal").await;
+        let left = &tree[..2];
+        assert!(
+            left.iter().all(|p| alive(*p)),
+            "the forked processes outlive the thread: that is what the sweep is for"
+        );
+        let (rt, _rx) = runtime_with(options(dir.path(), cgroups));
+        let swept = rt.sweep_leftovers(Duration::from_secs(5)).unwrap();
+        for p in left {
+            assert!(!alive(*p), "{p} survived the sweep ({swept:?})");
+        }
+        assert!(swept.processes >= 2, "{swept:?}");
+        assert_eq!(swept.survivors, 0);
+        assert!(contain::registered(dir.path()).is_empty());
+        // Nothing left: a second sweep finds nothing, and instances start again.
+        assert_eq!(
+            rt.sweep_leftovers(Duration::from_secs(5))
+                .unwrap()
+                .processes,
+            0
+        );
+        rt.start(spec("web-v1-1", "echo again; sleep 30"))
+            .await
+            .unwrap();
+        wait_file(&log_of(dir.path(), "web-v1-1"), "again").await;
+        rt.stop_all(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn a_sweep_kills_what_a_dead_daemon_left_in_its_cgroup() {
+        a_sweep_kills_what_a_dead_daemon_left(true).await;
+    }
+
+    #[tokio::test]
+    async fn a_sweep_kills_what_a_dead_daemon_left_by_its_marker() {
+        a_sweep_kills_what_a_dead_daemon_left(false).await;
+    }
+
+    #[tokio::test]
+    async fn a_sweep_waits_for_the_lock_and_refuses_a_live_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = contain::canonical_state_dir(dir.path());
+        let held = contain::StateLock::acquire(&state, Duration::ZERO).unwrap();
+        let (rt, _rx) = runtime(dir.path());
+        assert!(matches!(
+            rt.sweep_leftovers(Duration::from_millis(100)),
+            Err(RuntimeError::StateDirBusy(_))
+        ));
+        drop(held);
+        rt.sweep_leftovers(Duration::from_millis(100)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_chatty_instance_rotates_in_whole_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = options(dir.path(), true);
+        opts.logs = LogLimits {
+            max_bytes: 4096,
+            files: 3,
+        };
+        let (rt, mut rx) = runtime_with(opts);
+        rt.start(spec(
+            "chatty",
+            "i=0; while [ $i -lt 3000 ]; do echo \"line $i\"; i=$((i+1)); done; echo done >&2; exit 0",
+        ))
+        .await
+        .unwrap();
+        rx.recv().await.unwrap();
+        rt.stop_all(Duration::from_secs(1)).await;
+        let path = log_of(dir.path(), "chatty");
+        let mut lines = Vec::new();
+        for p in [rotated_path(&path, 2), rotated_path(&path, 1), path.clone()] {
+            let text = std::fs::read_to_string(&p).unwrap();
+            assert!(
+                text.len() <= 4096,
+                "{} has {} bytes",
+                p.display(),
+                text.len()
+            );
+            assert!(text.ends_with('\n'));
+            lines.extend(text.lines().map(str::to_owned));
+        }
+        assert!(!rotated_path(&path, 3).exists(), "three files at most");
+        // The newest lines, whole and in order, up to the end.
+        let numbers: Vec<u32> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("line ")?.parse().ok())
+            .collect();
+        assert_eq!(numbers.last(), Some(&2999));
+        assert!(
+            numbers.windows(2).all(|w| w[1] == w[0] + 1),
+            "no line lost or cut"
+        );
+        // stderr's one line may have been rotated away already: the pumps run side by side.
+        assert!(
+            lines.len() == numbers.len() || lines.len() == numbers.len() + 1,
+            "every line is whole: {:?}",
+            lines.iter().find(|l| {
+                let numbered = l
+                    .strip_prefix("line ")
+                    .is_some_and(|n| n.parse::<u32>().is_ok());
+                *l != "done" && !numbered
+            })
+        );
     }
 
     #[test]

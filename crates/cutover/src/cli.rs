@@ -120,6 +120,28 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Print the output of a service's instances, from the files in the state dir.
+    Logs(LogsArgs),
+    /// Started by `up`: waits for the daemon to die, then kills what its instances left.
+    #[command(name = "__keeper", hide = true)]
+    Keeper { state_dir: PathBuf },
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    pub service: String,
+    /// Only the instances of this version.
+    #[arg(long)]
+    pub version: Option<String>,
+    /// Only this instance (as `status` names it).
+    #[arg(long)]
+    pub instance: Option<String>,
+    /// Keep printing lines as they are written, across rotations and new instances.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// How many of the last lines of each instance to print first.
+    #[arg(short = 'n', long, default_value_t = 100)]
+    pub lines: usize,
 }
 
 /// A duration like `90s`, `5m` or `1h30m`.

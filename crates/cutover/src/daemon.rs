@@ -5,8 +5,11 @@
 //! The controller gets its own thread and runtime for two reasons: its SQLite writes must never
 //! stall a proxy worker, and instances are spawned from that one long-lived thread, which is
 //! what PR_SET_PDEATHSIG ties their lives to. That thread is the main thread, the one that
-//! survives an `exec`. Shutdown runs in the order that loses no request:
-//! proxies stop accepting and finish what is in flight, then instances are stopped.
+//! survives an `exec`. Before it starts any instance, that thread sweeps what a killed daemon
+//! of the same state dir left (processes its instances forked), and starts the keeper, which
+//! sweeps again the moment this daemon dies, however it dies (a restart in place keeps both
+//! the instances and the keeper). Shutdown runs in the order that loses no request: proxies
+//! stop accepting and finish what is in flight, then instances are stopped.
 //!
 //! Beside them: the optional token-free `/metrics` listener (`[daemon] metrics`) and the thread
 //! that keeps the dashboard's chart series in SQLite across restarts (`series`).
@@ -19,11 +22,11 @@ use std::time::Duration;
 
 use cutover_api::ApiState;
 use cutover_config::{RuntimeSettings, ServiceSettings, Settings};
-use cutover_controller::{Controller, DriverParts, HandedOver, ServiceSetup, Shutdown};
+use cutover_controller::{Controller, DriverParts, ServiceSetup, Shutdown};
 use cutover_core::{DataPlane, RouteTable, Version};
 use cutover_metrics::Metrics;
 use cutover_proxy::{ClientTimeouts, Proxy, ServiceProxySpec};
-use cutover_runtime::{ProcessRuntime, Runtime, StaticRuntime};
+use cutover_runtime::{LogLimits, ProcessOptions, ProcessRuntime, Runtime, StaticRuntime};
 use cutover_store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -496,13 +499,19 @@ fn start_controller(
     proxy: &Proxy,
     metrics: &Metrics,
     health: tokio::sync::mpsc::UnboundedReceiver<cutover_core::HealthChange>,
-    adopt: Vec<HandedOver>,
+    adopt: handover::Adoption,
     restart: std::sync::mpsc::Receiver<Restart>,
     main: &std::sync::mpsc::Sender<MainJob>,
 ) -> CliResult<(Controller, watch::Sender<Option<Shutdown>>)> {
     let services: Vec<ServiceSettings> = settings.services.clone();
-    let logs = settings.daemon.state_dir.join("logs");
     let state_dir = settings.daemon.state_dir.clone();
+    // Instances run where the config file is, like its relative paths resolve.
+    let workdir = settings
+        .file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(std::path::absolute)
+        .and_then(Result::ok);
     let self_exe = std::env::current_exe().map_err(|e| {
         CliError::new(
             Code::Failure,
@@ -524,14 +533,57 @@ fn start_controller(
                 return None;
             }
         };
+        let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
+        let process = ProcessRuntime::with_options(
+            ProcessOptions {
+                state_dir: state_dir.clone(),
+                workdir,
+                self_exe,
+                logs: LogLimits::default(),
+                cgroups: true,
+            },
+            exits_tx,
+        );
+        let handover::Adoption {
+            instances: adopt,
+            keeper,
+            inherited,
+        } = adopt;
+        match keeper {
+            // A restart in place: the instances and the keeper of the previous program live
+            // on, and this program takes them over instead of sweeping them away.
+            Some(k) => {
+                process.keep_keeper(k);
+                for (id, i) in inherited {
+                    process.expect(id, i);
+                }
+            }
+            None => {
+                // Before anything starts: what a killed daemon of this state dir left
+                // (workers of a forking server may still hold its instances' ports) is
+                // killed first.
+                match process.sweep_leftovers(Duration::from_secs(10)) {
+                    Ok(swept) if swept.processes > 0 => tracing::warn!(
+                        killed = swept.processes,
+                        cgroups = swept.cgroups,
+                        "killed instance processes left over by a previous daemon"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e.to_string()));
+                        return None;
+                    }
+                }
+                if let Err(e) = process.spawn_keeper() {
+                    tracing::warn!(error = %e, "no keeper: if this daemon is killed, workers its instances forked live until the next start");
+                }
+            }
+        }
+        let runtime = Arc::new(Runtime::Process(process.clone()));
         let handed = rt.block_on(async move {
-            let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
-            let process = Arc::new(Runtime::Process(ProcessRuntime::new(
-                logs, self_exe, exits_tx,
-            )));
             let setups = services
                 .iter()
-                .map(|s| service_setup(s, &process))
+                .map(|s| service_setup(s, &runtime))
                 .collect();
             let (mut driver, controller) = cutover_controller::driver(DriverParts {
                 services: setups,
@@ -555,9 +607,19 @@ fn start_controller(
         // The main thread asks for a restart before it stops the driver, so the request
         // is here by now if there is one.
         let r = restart.try_recv().ok()?;
+        let (keeper, inherited) = process.hand_over();
         // This thread spawned the instances, so it is the one that must exec (see the
         // `handover` module's doc).
-        Some(handover::exec(&state_dir, &r.listeners, r.parked, handed))
+        Some(handover::exec(
+            &state_dir,
+            &r.listeners,
+            r.parked,
+            handover::Adoption {
+                instances: handed,
+                keeper,
+                inherited,
+            },
+        ))
     }))
     .map_err(|_| CliError::new(Code::Failure, "the main thread is gone"))?;
     let controller = handle_rx
@@ -586,13 +648,14 @@ fn service_setup(s: &ServiceSettings, process: &Arc<Runtime>) -> ServiceSetup {
     };
     let mut spec = s.rollout.clone();
     if let Some(k) = &known {
-        // A static service cannot have more instances of a version than it has addresses.
-        let fewest = k.iter().filter_map(|v| match &s.runtime {
+        // One instance per address of the version that lists the most, so that every listed
+        // address gets traffic; a version with fewer addresses repeats them (`StaticRuntime`).
+        let most = k.iter().filter_map(|v| match &s.runtime {
             RuntimeSettings::Static { upstreams } => upstreams.get(v).map(Vec::len),
             RuntimeSettings::Process { .. } => None,
         });
-        spec.instances = fewest
-            .min()
+        spec.instances = most
+            .max()
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or(1)
             .max(1);

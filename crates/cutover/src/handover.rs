@@ -23,6 +23,9 @@ use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use cutover_controller::HandedOver;
+use cutover_core::InstanceId;
+use cutover_runtime::Inherited;
+use cutover_runtime::inherit::take_inherited;
 use serde::{Deserialize, Serialize};
 
 /// Set in the environment of the new program: the hand-over file to read.
@@ -37,6 +40,8 @@ pub struct Handover {
     pub parked: Vec<ParkedFd>,
     /// Instances that keep running (the store's rows say where and what they are).
     pub instances: Vec<HandedInstance>,
+    /// The write end of the keeper's pipe: while it is open, the keeper waits.
+    pub keeper: Option<RawFd>,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -44,6 +49,19 @@ pub struct HandedInstance {
     pub id: String,
     /// Healthy when handed over: routed at once by the new program.
     pub healthy: bool,
+    /// The read ends of its output pipes: the new program reads on where the old one stopped.
+    pub stdout: Option<RawFd>,
+    pub stderr: Option<RawFd>,
+    pub cgroup: Option<PathBuf>,
+}
+
+/// What the controller of the new program takes over: instances to adopt rather than start,
+/// with their pipes and cgroups, and the keeper's pipe. Empty on an ordinary start.
+#[derive(Default)]
+pub struct Adoption {
+    pub instances: Vec<HandedOver>,
+    pub keeper: Option<OwnedFd>,
+    pub inherited: Vec<(InstanceId, Inherited)>,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -80,7 +98,7 @@ pub fn take() -> Result<Option<Taken>, String> {
         .map_err(|e| format!("the hand-over file {} is not valid: {e}", file.display()))?;
     let mut listeners = BTreeMap::new();
     for (key, fd) in h.listeners {
-        match cutover_runtime::inherit::take_inherited(fd) {
+        match take_inherited(fd) {
             Ok(fd) => {
                 listeners.insert(key, std::net::TcpListener::from(fd));
             }
@@ -89,22 +107,34 @@ pub fn take() -> Result<Option<Taken>, String> {
     }
     let mut parked = Vec::new();
     for p in h.parked {
-        if let Ok(fd) = cutover_runtime::inherit::take_inherited(p.fd) {
+        if let Ok(fd) = take_inherited(p.fd) {
             parked.push((p.service, p.preview, std::net::TcpStream::from(fd)));
         }
     }
-    let instances = h
-        .instances
-        .into_iter()
-        .map(|i| HandedOver {
-            instance: i.id.as_str().into(),
+    let take = |fd: Option<RawFd>| fd.and_then(|fd| take_inherited(fd).ok());
+    let mut adoption = Adoption {
+        keeper: take(h.keeper),
+        ..Adoption::default()
+    };
+    for i in h.instances {
+        let id = InstanceId::new(&i.id);
+        adoption.inherited.push((
+            id.clone(),
+            Inherited {
+                stdout: take(i.stdout),
+                stderr: take(i.stderr),
+                leaf: i.cgroup,
+            },
+        ));
+        adoption.instances.push(HandedOver {
+            instance: id,
             healthy: i.healthy,
-        })
-        .collect();
+        });
+    }
     Ok(Some(Taken {
         listeners,
         parked,
-        instances,
+        instances: adoption,
     }))
 }
 
@@ -112,7 +142,7 @@ pub fn take() -> Result<Option<Taken>, String> {
 pub struct Taken {
     pub listeners: BTreeMap<String, std::net::TcpListener>,
     pub parked: Vec<(String, bool, std::net::TcpStream)>,
-    pub instances: Vec<HandedOver>,
+    pub instances: Adoption,
 }
 
 impl Taken {
@@ -141,19 +171,28 @@ pub fn exec(
     state_dir: &Path,
     listeners: &[(String, OwnedFd)],
     parked: Vec<cutover_proxy::ParkedConn>,
-    instances: Vec<HandedOver>,
+    adoption: Adoption,
 ) -> String {
+    let keep = |fd: std::os::fd::BorrowedFd<'_>| cutover_runtime::inherit::keep_across_exec(fd);
+    let keep_opt = |fd: &Option<OwnedFd>| fd.as_ref().and_then(|f| keep(f.as_fd()).ok());
     let mut h = Handover {
-        instances: instances
-            .into_iter()
-            .map(|i| HandedInstance {
-                id: i.instance.to_string(),
-                healthy: i.healthy,
-            })
-            .collect(),
+        keeper: keep_opt(&adoption.keeper),
         ..Handover::default()
     };
-    let keep = |fd: std::os::fd::BorrowedFd<'_>| cutover_runtime::inherit::keep_across_exec(fd);
+    for i in &adoption.instances {
+        let inherited = adoption
+            .inherited
+            .iter()
+            .find(|(id, _)| *id == i.instance)
+            .map(|(_, x)| x);
+        h.instances.push(HandedInstance {
+            id: i.instance.to_string(),
+            healthy: i.healthy,
+            stdout: inherited.and_then(|x| keep_opt(&x.stdout)),
+            stderr: inherited.and_then(|x| keep_opt(&x.stderr)),
+            cgroup: inherited.and_then(|x| x.leaf.clone()),
+        });
+    }
     for (key, fd) in listeners {
         match keep(fd.as_fd()) {
             Ok(raw) => {
@@ -202,6 +241,7 @@ pub fn exec(
         .env(ENV, &file)
         .exec();
     drop(kept);
+    drop(adoption);
     format!("cannot execute {}: {err}", exe.display())
 }
 

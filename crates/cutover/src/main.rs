@@ -14,6 +14,7 @@ mod daemon;
 mod demo;
 mod exit;
 mod handover;
+mod logs;
 mod notify;
 mod output;
 mod render;
@@ -86,6 +87,18 @@ fn run(cli: Cli) -> CliResult {
         Command::Up { upgrade: true } => handover::ask(&load(&cli)?, handover::Ask::Upgrade),
         Command::Reload => handover::ask(&load(&cli)?, handover::Ask::Reload),
         Command::DemoApp(a) => demo::demo_app(a),
+        Command::Logs(a) => logs::run(&load(&cli)?, a),
+        Command::Keeper { state_dir } => {
+            let swept = cutover_runtime::keeper_main(state_dir)
+                .map_err(|e| CliError::new(Code::Failure, format!("keeper: {e}")))?;
+            if swept.processes > 0 {
+                output::err(format_args!(
+                    "cutover: the daemon is gone; its keeper killed {} leftover instance process(es)",
+                    swept.processes
+                ));
+            }
+            Ok(())
+        }
         Command::Demo { keep } => demo::run(*keep),
         Command::Completions { shell } => {
             // Into a buffer first: the generator panics if its writer fails (a closed pipe).

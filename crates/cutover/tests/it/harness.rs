@@ -67,6 +67,8 @@ pub struct Daemon {
     pub web: SocketAddr,
     /// The blue-green preview listener.
     pub preview: SocketAddr,
+    /// Extra environment for `cutover up`.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -84,6 +86,14 @@ impl Daemon {
     /// Starts a daemon with `FAST` as `edit` changes it (`STEPS` must be replaced;
     /// `AUTO_PROMOTE` is `true` unless replaced).
     pub fn start_edited(edit: impl FnOnce(String) -> String) -> Daemon {
+        let mut d = Daemon::create(edit);
+        d.spawn();
+        d.wait_for("v1 healthy on 2 instances", |s| healthy(s, "v1") >= 2);
+        d
+    }
+
+    /// Writes the config as `start_edited` does, but starts nothing.
+    pub fn create(edit: impl FnOnce(String) -> String) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let (api, web, preview) = (free_port(), free_port(), free_port());
         let text = edit(
@@ -94,28 +104,39 @@ impl Daemon {
         .replace("AUTO_PROMOTE", "true");
         let config = dir.path().join("cutover.toml");
         std::fs::write(&config, text).unwrap();
-        let mut d = Daemon {
+        Daemon {
             dir,
             config,
             api: SocketAddr::from(([127, 0, 0, 1], api)),
             web: SocketAddr::from(([127, 0, 0, 1], web)),
             preview: SocketAddr::from(([127, 0, 0, 1], preview)),
+            env: Vec::new(),
             child: None,
-        };
-        d.spawn();
-        d.wait_for("v1 healthy on 2 instances", |s| healthy(s, "v1") >= 2);
-        d
+        }
     }
 
+    /// `cutover up` in the config's directory, and waits for its API.
     pub fn spawn(&mut self) {
+        let (cwd, config) = (self.dir.path().to_owned(), self.config.clone());
+        self.spawn_from(&cwd, config.to_str().unwrap());
+    }
+
+    /// The daemon's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `cutover -c CONFIG up` run from `cwd`; waits for its API.
+    pub fn spawn_from(&mut self, cwd: &Path, config: &str) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
         let child = Command::new(EXE)
-            .args(["-c", self.config.to_str().unwrap(), "up"])
-            .current_dir(self.dir.path())
+            .args(["-c", config, "up"])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(cwd)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -9,5 +9,6 @@ mod dashboard;
 mod daytwo;
 mod evidence;
 mod harness;
+mod processes;
 mod restart;
 mod rollouts;
