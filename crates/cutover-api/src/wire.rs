@@ -47,6 +47,9 @@ pub struct Instance {
     pub address: String,
     pub health: String,
     pub pid: Option<u32>,
+    /// Why it is not healthy, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -138,6 +141,7 @@ impl From<&InstanceView> for Instance {
             address: i.address.to_string(),
             health: i.health.as_str().to_owned(),
             pid: i.pid,
+            detail: i.detail.clone(),
         }
     }
 }

@@ -734,6 +734,7 @@ fn service(
             defaults.stop_timeout,
         ),
         scale_down_delay,
+        runs_instances: runtime_name != "static",
     };
     let upstream_timeout = cx.duration(
         s.upstream_timeout.as_ref(),

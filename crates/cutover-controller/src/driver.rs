@@ -26,7 +26,7 @@ use cutover_store::{InstanceRow, NewEvent, NewRollout, RolloutRow, ServiceRow, S
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::checkpoint;
-use crate::fsm::{self, Command, Event, HealthCounts, Rollout, Verdict};
+use crate::fsm::{self, Command, Event, EventKind, HealthCounts, Rollout, Verdict};
 use crate::probe;
 use crate::view::{
     Action, ControlError, DeployRequest, EventView, InstanceView, Notice, RolloutView, ServiceView,
@@ -34,6 +34,9 @@ use crate::view::{
 
 /// How often pause holds, deadlines and scale-down delays are checked.
 const TICK: Duration = Duration::from_millis(200);
+/// Exits of a candidate instance that never became healthy after which the rollout ends at
+/// once instead of waiting out `progress_deadline`.
+const CRASH_LOOP_EXITS: u32 = 3;
 /// How many recent events a service view carries.
 const RECENT_EVENTS: usize = 20;
 
@@ -157,6 +160,10 @@ struct Instance {
     health: Health,
     /// Out of the route table; finishing its requests, then stopped.
     draining: bool,
+    /// Why it is not healthy (its last failed probe or exit), for `status`.
+    detail: Option<String>,
+    /// It passed its health checks at least once: a crash loop is told from a slow start.
+    ever_healthy: bool,
 }
 
 /// A rollout in progress, with what the driver keeps around it.
@@ -469,6 +476,8 @@ impl Driver {
                     Health::Starting
                 },
                 draining: false,
+                detail: None,
+                ever_healthy: healthy,
             },
         );
         true
@@ -605,10 +614,17 @@ impl Driver {
                 req.version
             )));
         }
-        if version == svc.stable {
-            return Err(ControlError::Conflict(format!(
-                "{name} already runs {version} as stable"
-            )));
+        // The same version with another environment is a new revision of it, rolled out like
+        // any other version (`v1@r2`); with the same environment there is nothing to do.
+        let mut version = version;
+        if version.as_str() == svc.stable.base() {
+            if req.env == svc.stable_env || svc.setup.known_versions.is_some() {
+                return Err(ControlError::Conflict(format!(
+                    "{name} already runs {} with this environment; change --env to roll out a new revision of it",
+                    svc.stable
+                )));
+            }
+            version = Version::revision_of(svc.stable.base(), svc.stable.revision() + 1);
         }
         if let Some(known) = &svc.setup.known_versions
             && !known.contains(&version)
@@ -746,16 +762,30 @@ impl Driver {
         let Some(inst) = svc.instances.get_mut(&h.instance) else {
             return;
         };
-        if inst.draining || inst.health == h.health {
+        if inst.draining {
+            return;
+        }
+        let rollout_id = svc.active.as_ref().map(|a| a.rollout.id);
+        if inst.health == h.health {
+            // A starting instance whose probes fail for a new reason: no state changed, but
+            // the reason belongs in status, in an event and in the deadline's message (the
+            // proxy reports each reason once, not every probe).
+            if h.health == Health::Starting && inst.detail.as_deref() != Some(&h.reason) {
+                inst.detail = Some(h.reason.clone());
+                let msg = format!("instance {} ({}) {}", h.instance, h.version, h.reason);
+                self.record_loose(&h.service, rollout_id, EventKind::Health, msg);
+                self.feed_health(&h.service, Some(h.reason)).await;
+            }
             return;
         }
         inst.health = h.health;
-        let rollout_id = svc.active.as_ref().map(|a| a.rollout.id);
+        inst.detail = (h.health != Health::Healthy).then(|| h.reason.clone());
+        inst.ever_healthy |= h.health == Health::Healthy;
         let msg = format!(
             "instance {} ({}) is {}: {}",
             h.instance, h.version, h.health, h.reason
         );
-        self.record_loose(&h.service, rollout_id, "health", msg);
+        self.record_loose(&h.service, rollout_id, EventKind::Health, msg);
         self.update_instance_gauges(&h.service);
         self.feed_health(&h.service, Some(h.reason)).await;
     }
@@ -784,11 +814,30 @@ impl Driver {
         if was_healthy {
             inst.health = Health::Unhealthy;
         }
+        let tail = if e.stderr_tail.is_empty() {
+            String::new()
+        } else {
+            format!("; its last output: {}", e.stderr_tail.join(" ⏎ "))
+        };
+        inst.detail = Some(format!("{how}{tail}"));
+        let never_healthy = !inst.ever_healthy;
         let rollout_id = svc.active.as_ref().map(|a| a.rollout.id);
-        let msg = format!("instance {} ({}) {how}{again}", e.instance, e.version);
-        self.record_loose(&e.service, rollout_id, "instance-exit", msg.clone());
+        let is_candidate = svc
+            .active
+            .as_ref()
+            .is_some_and(|a| a.rollout.candidate == e.version && a.rollout.stable != e.version);
+        let msg = format!("instance {} ({}) {how}{again}{tail}", e.instance, e.version);
+        self.record_loose(&e.service, rollout_id, EventKind::InstanceExit, msg.clone());
         self.update_instance_gauges(&e.service);
-        if was_healthy {
+        if is_candidate && never_healthy && e.exits >= CRASH_LOOP_EXITS {
+            // It will not get healthy by waiting out the deadline: end the rollout now, with
+            // what the process said.
+            let reason = format!(
+                "instance {} crash-looped: {how} {} times without ever becoming healthy{tail}",
+                e.instance, e.exits
+            );
+            self.feed(&e.service, Event::StartFailed { reason }).await;
+        } else if was_healthy {
             self.feed_health(&e.service, Some(msg)).await;
         }
     }
@@ -1122,7 +1171,7 @@ impl Driver {
             self.record_loose(
                 name,
                 rollout_id,
-                "start-failed",
+                EventKind::StartFailed,
                 format!("could not start {version}: {reason}"),
             );
             if candidate {
@@ -1188,6 +1237,8 @@ impl Driver {
                     pid: started.pid,
                     health: Health::Starting,
                     draining: false,
+                    detail: None,
+                    ever_healthy: false,
                 },
             );
         }
@@ -1368,7 +1419,7 @@ impl Driver {
         &mut self,
         name: &ServiceName,
         rollout_id: Option<i64>,
-        kind: &str,
+        kind: EventKind,
         message: String,
     ) {
         let phase = self.phase(name);
@@ -1376,7 +1427,7 @@ impl Driver {
             service: name.to_string(),
             rollout_id,
             at: now(),
-            kind: kind.to_owned(),
+            kind: kind.as_str().to_owned(),
             message,
             data: "{}".to_owned(),
         };
@@ -1420,6 +1471,7 @@ impl Driver {
                 address: i.addr,
                 health: i.health,
                 pid: i.pid,
+                detail: i.detail.clone(),
             })
             .collect();
         let recent_events = self

@@ -183,6 +183,12 @@ pub enum EventKind {
     /// A stage waited `analysis_deadline` without a verdict; `on_no_evidence` decided.
     NoEvidence,
     HealthFailed,
+    /// An instance's health changed, or a starting one failed a probe for a new reason.
+    Health,
+    /// An instance exited without being asked to.
+    InstanceExit,
+    /// An instance could not be started.
+    StartFailed,
     Promoting,
     Promoted,
     RolledBack,
@@ -206,6 +212,9 @@ impl EventKind {
             EventKind::Holding => "holding",
             EventKind::NoEvidence => "no-evidence",
             EventKind::HealthFailed => "health-failed",
+            EventKind::Health => "health",
+            EventKind::InstanceExit => "instance-exit",
+            EventKind::StartFailed => "start-failed",
             EventKind::Promoting => "promoting",
             EventKind::Promoted => "promoted",
             EventKind::RolledBack => "rolled-back",
@@ -556,9 +565,15 @@ impl Transition<'_> {
         match self.next.stage.clone() {
             Stage::Starting { deadline } if self.now >= deadline => {
                 let reason = format!(
-                    "candidate {} not healthy within progress_deadline {}; traffic never moved",
+                    "candidate {} not healthy within progress_deadline {}{}; traffic never moved",
                     self.next.candidate,
-                    fmt_duration(self.spec.progress_deadline)
+                    fmt_duration(self.spec.progress_deadline),
+                    self.next
+                        .gate
+                        .note
+                        .as_deref()
+                        .map(|n| format!(" (last: {n})"))
+                        .unwrap_or_default()
                 );
                 self.finish(RolloutOutcome::Failed, EventKind::Failed, reason);
             }
@@ -690,7 +705,7 @@ impl Transition<'_> {
                 fmt_duration(scale_down_at.since(self.now))
             )
         } else {
-            format!("; {old} stopped")
+            format!("; {old} {}", gone(self.spec))
         };
         let why = match self.next.gate.last {
             Some(Verdict::Pass) => "post-promotion analysis passed",
@@ -778,6 +793,10 @@ impl Transition<'_> {
         self.next.healthy = h.candidate_healthy;
         match self.next.stage.clone() {
             Stage::Starting { .. } => {
+                // Why the candidate is not healthy yet, for the deadline's message.
+                if let Some(d) = &h.detail {
+                    self.next.gate.note = Some(d.clone());
+                }
                 let want = self.next.instances_to_start(self.spec);
                 if h.candidate_healthy >= want {
                     self.record(
@@ -1065,8 +1084,10 @@ impl Transition<'_> {
     fn rollback_requested(&mut self) {
         if matches!(self.next.stage, Stage::Promoting { .. }) {
             let reason = format!(
-                "rollback by user: traffic back on {} (kept warm), {} stopped",
-                self.next.stable, self.next.candidate
+                "rollback by user: traffic back on {} (kept warm), {} {}",
+                self.next.stable,
+                self.next.candidate,
+                gone(self.spec)
             );
             self.finish(RolloutOutcome::RolledBack, EventKind::RolledBack, reason);
         } else {
@@ -1155,6 +1176,16 @@ impl Transition<'_> {
         );
         self.next.healthy = 0;
         self.enter(stage);
+    }
+}
+
+/// What happens to a version that leaves: its instances stop, or, when something else runs
+/// them (static), it only gets no more traffic.
+fn gone(spec: &RolloutSpec) -> &'static str {
+    if spec.runs_instances {
+        "stopped"
+    } else {
+        "gets no more traffic"
     }
 }
 

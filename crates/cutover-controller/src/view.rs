@@ -17,6 +17,9 @@ pub struct InstanceView {
     pub address: SocketAddr,
     pub health: Health,
     pub pid: Option<u32>,
+    /// Why it is not healthy: its last failed probe (`GET /healthz answered 404 Not Found`)
+    /// or its last exit with the end of its output.
+    pub detail: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -69,7 +69,51 @@ name_type!(
     /// A version label such as `v2`; for process services it is also `{version}` in the command.
     Version
 );
+/// Separates a version label from its revision (`v1@r2`): `@` is not allowed in a label a
+/// user writes, so a revision never collides with a version.
+const REVISION_MARK: &str = "@r";
+
+impl Version {
+    /// The label a user wrote: what `{version}` and `CUTOVER_VERSION` give an instance.
+    pub fn base(&self) -> &str {
+        self.as_str()
+            .split_once(REVISION_MARK)
+            .map_or(self.as_str(), |(b, _)| b)
+    }
+
+    /// Which revision of its label this is: 1 for the label alone, n for `label@rn`.
+    pub fn revision(&self) -> u32 {
+        self.as_str()
+            .split_once(REVISION_MARK)
+            .and_then(|(_, n)| n.parse().ok())
+            .unwrap_or(1)
+    }
+
+    /// Revision `n` of `base` (a changed environment or config of the same version).
+    pub fn revision_of(base: &str, n: u32) -> Version {
+        if n <= 1 {
+            Version::new(base)
+        } else {
+            Version::new(format!("{base}{REVISION_MARK}{n}"))
+        }
+    }
+}
+
 name_type!(
     /// One running instance, unique within the daemon, e.g. `web-v2-1`.
     InstanceId
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revisions_keep_their_base_label() {
+        let v = Version::new("v1");
+        assert_eq!((v.base(), v.revision()), ("v1", 1));
+        let r = Version::revision_of("v1", 3);
+        assert_eq!((r.as_str(), r.base(), r.revision()), ("v1@r3", "v1", 3));
+        assert_eq!(Version::revision_of("v1", 1), v);
+    }
+}

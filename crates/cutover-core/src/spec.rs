@@ -121,6 +121,9 @@ pub struct RolloutSpec {
     /// traffic, while post-promotion analysis judges the new one; a rollback within it is an
     /// instant switch.
     pub scale_down_delay: Duration,
+    /// cutover runs the instances (false for `runtime = "static"`, whose addresses something
+    /// else runs): messages then say "stopped" rather than "gets no more traffic".
+    pub runs_instances: bool,
 }
 
 impl Default for RolloutSpec {
@@ -154,6 +157,7 @@ impl Default for RolloutSpec {
             drain_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(10),
             scale_down_delay: Duration::from_secs(30),
+            runs_instances: true,
         }
     }
 }

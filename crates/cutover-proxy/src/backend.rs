@@ -43,6 +43,8 @@ pub(crate) struct HealthState {
     pub(crate) health: Health,
     pub(crate) passes: u32,
     pub(crate) failures: u32,
+    /// The last probe failure reported while the instance was still starting.
+    pub(crate) last_failure: Option<String>,
 }
 
 impl BackendState {
@@ -70,6 +72,7 @@ impl BackendState {
                 },
                 passes: 0,
                 failures: 0,
+                last_failure: None,
             }),
             inflight: AtomicU64::new(0),
             connect_failures: AtomicU32::new(0),

@@ -74,18 +74,44 @@ async fn probe(b: &BackendState, path: &str, timeout: Duration) -> Result<(), St
         };
         let status = resp.status();
         // Read the (small) body to its end so the connection can serve traffic afterwards.
-        if resp.into_body().collect().await.is_ok() {
-            b.pool.put(sender);
-        }
-        Ok(status)
+        let body = match resp.into_body().collect().await {
+            Ok(collected) => {
+                b.pool.put(sender);
+                collected.to_bytes()
+            }
+            Err(_) => Bytes::new(),
+        };
+        Ok((status, body))
     };
     match tokio::time::timeout(timeout, exchange).await {
-        Err(_) => Err(format!("no answer within {}ms", timeout.as_millis())),
-        Ok(Err(why)) => Err(why),
-        Ok(Ok(s)) if s.is_success() || s.is_redirection() => Ok(()),
-        Ok(Ok(s)) => Err(format!("answered {s}")),
+        Err(_) => Err(format!(
+            "GET {path}: no answer within {}ms",
+            timeout.as_millis()
+        )),
+        Ok(Err(why)) => Err(format!("GET {path}: {why}")),
+        Ok(Ok((s, _))) if s.is_success() || s.is_redirection() => Ok(()),
+        Ok(Ok((s, body))) => Err(format!("GET {path} answered {s}{}", first_bytes(&body))),
     }
 }
+
+/// The start of a failed probe's body, as a person would want to see it in an event.
+fn first_bytes(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(BODY_SHOWN)]);
+    let text: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let text = text.trim();
+    if text.is_empty() {
+        String::new()
+    } else {
+        let more = if body.len() > BODY_SHOWN { "…" } else { "" };
+        format!(": {text:?}{more}")
+    }
+}
+
+/// How much of a failed probe's body an event shows.
+const BODY_SHOWN: usize = 80;
 
 /// Applies one probe result; returns the new health and why, if it changed.
 pub(crate) fn apply(
@@ -94,6 +120,7 @@ pub(crate) fn apply(
     spec: &HealthSpec,
 ) -> Option<(Health, String)> {
     let mut reason = String::new();
+    let mut unchanged_but_told = false;
     let changed = b.update_health(|h| match &result {
         Ok(()) => {
             h.failures = 0;
@@ -108,13 +135,20 @@ pub(crate) fn apply(
             h.failures = h.failures.saturating_add(1);
             if h.health == Health::Healthy && h.failures >= spec.unhealthy_threshold {
                 h.health = Health::Unhealthy;
-                reason = format!(
-                    "{} consecutive probe(s) of {} failed: {why}",
-                    h.failures, spec.path
-                );
+                reason = format!("{} consecutive probe(s) failed: {why}", h.failures);
+            } else if h.health == Health::Starting && h.last_failure.as_deref() != Some(why) {
+                // An instance that never passed changes no state, but the controller must
+                // hear why (a 404 on a health path that does not exist, a refused connection):
+                // once per new reason, not once per probe.
+                reason = format!("not healthy yet: {why}");
+                h.last_failure = Some(why.clone());
+                unchanged_but_told = true;
             }
         }
     });
+    if unchanged_but_told && changed.is_none() {
+        return Some((Health::Starting, reason));
+    }
     if changed == Some(Health::Healthy) {
         b.connect_failures
             .store(0, std::sync::atomic::Ordering::Relaxed);

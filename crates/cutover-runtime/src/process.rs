@@ -272,7 +272,7 @@ impl ProcessRuntime {
     fn launch(&self, spec: &StartSpec, port: u16) -> Result<Launch, RuntimeError> {
         let fill = |s: &str| {
             s.replace("{port}", &port.to_string())
-                .replace("{version}", spec.version.as_str())
+                .replace("{version}", spec.version.base())
         };
         let (first, rest) = spec
             .command
@@ -291,7 +291,7 @@ impl ProcessRuntime {
         };
         let mut env = spec.env.clone();
         env.insert("PORT".into(), port.to_string());
-        env.insert("CUTOVER_VERSION".into(), spec.version.to_string());
+        env.insert("CUTOVER_VERSION".into(), spec.version.base().to_owned());
         env.insert("CUTOVER_SERVICE".into(), spec.service.to_string());
         env.insert("CUTOVER_INSTANCE".into(), spec.instance.to_string());
         env.insert(

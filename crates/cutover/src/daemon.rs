@@ -647,6 +647,7 @@ fn service_setup(s: &ServiceSettings, process: &Arc<Runtime>) -> ServiceSetup {
         ),
     };
     let mut spec = s.rollout.clone();
+    spec.runs_instances = known.is_none();
     if let Some(k) = &known {
         // One instance per address of the version that lists the most, so that every listed
         // address gets traffic; a version with fewer addresses repeats them (`StaticRuntime`).

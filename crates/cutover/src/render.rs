@@ -49,8 +49,15 @@ pub fn service(s: &Service, events: usize) -> String {
         for i in &s.instances {
             let _ = writeln!(
                 out,
-                "    {:<18} {:<8} {:<22} {}",
-                i.id, i.version, i.address, i.health
+                "    {:<18} {:<8} {:<22} {}{}",
+                i.id,
+                i.version,
+                i.address,
+                i.health,
+                i.detail
+                    .as_deref()
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default()
             );
         }
     }

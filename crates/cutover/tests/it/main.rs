@@ -8,6 +8,7 @@ mod cli;
 mod dashboard;
 mod daytwo;
 mod evidence;
+mod failures;
 mod harness;
 mod processes;
 mod restart;
