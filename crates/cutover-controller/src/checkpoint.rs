@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
-use cutover_core::{RolloutOutcome, ServiceName, StrategyKind, Timestamp, Version, Weight};
+use cutover_core::{
+    AnalysisSpec, BlueGreenSpec, CanaryStep, NoEvidence, RollingSpec, RolloutOutcome, RolloutSpec,
+    ServiceName, StrategyKind, Timestamp, Version, Weight,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::fsm::{Gate, Rollout, Stage, Verdict};
@@ -28,6 +31,146 @@ struct Checkpoint {
     #[serde(default)]
     healthy: u32,
     stage: CpStage,
+    /// The rollout's own policy, as it started: a reload changes the config for the next
+    /// rollout, never for one under way. Absent in older checkpoints (the config's is used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    spec: Option<CpSpec>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CpSpec {
+    strategy: String,
+    instances: u32,
+    steps: Vec<CpStep>,
+    auto_promote: bool,
+    preview_listen: Option<String>,
+    max_surge: u32,
+    max_unavailable: u32,
+    analysis: bool,
+    interval_ms: u64,
+    min_requests: u64,
+    max_error_rate: Option<f64>,
+    max_p99_ms: Option<u64>,
+    failure_limit: u32,
+    compare_to_stable: bool,
+    deadline_ms: u64,
+    on_no_evidence: String,
+    progress_deadline_ms: u64,
+    drain_timeout_ms: u64,
+    stop_timeout_ms: u64,
+    scale_down_delay_ms: u64,
+    runs_instances: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+enum CpStep {
+    Weight {
+        weight: u8,
+        pause_ms: Option<u64>,
+        analysis: bool,
+    },
+    Approve,
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn spec_out(s: &RolloutSpec) -> CpSpec {
+    CpSpec {
+        strategy: s.strategy.as_str().to_owned(),
+        instances: s.instances,
+        steps: s
+            .canary_steps
+            .iter()
+            .map(|st| match st {
+                CanaryStep::SetWeight {
+                    weight,
+                    pause,
+                    analysis,
+                } => CpStep::Weight {
+                    weight: weight.percent(),
+                    pause_ms: pause.map(ms),
+                    analysis: *analysis,
+                },
+                CanaryStep::Approve => CpStep::Approve,
+            })
+            .collect(),
+        auto_promote: s.blue_green.auto_promote,
+        preview_listen: s.blue_green.preview_listen.map(|a| a.to_string()),
+        max_surge: s.rolling.max_surge,
+        max_unavailable: s.rolling.max_unavailable,
+        analysis: s.analysis.enabled,
+        interval_ms: ms(s.analysis.interval),
+        min_requests: s.analysis.min_requests,
+        max_error_rate: s.analysis.max_error_rate,
+        max_p99_ms: s.analysis.max_p99.map(ms),
+        failure_limit: s.analysis.failure_limit,
+        compare_to_stable: s.analysis.compare_to_stable,
+        deadline_ms: ms(s.analysis.deadline),
+        on_no_evidence: s.analysis.on_no_evidence.as_str().to_owned(),
+        progress_deadline_ms: ms(s.progress_deadline),
+        drain_timeout_ms: ms(s.drain_timeout),
+        stop_timeout_ms: ms(s.stop_timeout),
+        scale_down_delay_ms: ms(s.scale_down_delay),
+        runs_instances: s.runs_instances,
+    }
+}
+
+fn spec_in(c: CpSpec) -> Result<RolloutSpec, CheckpointError> {
+    let unknown = |what: &'static str, value: &str| CheckpointError::Unknown {
+        what,
+        value: value.to_owned(),
+    };
+    let d = Duration::from_millis;
+    let mut steps = Vec::with_capacity(c.steps.len());
+    for st in c.steps {
+        steps.push(match st {
+            CpStep::Weight {
+                weight,
+                pause_ms,
+                analysis,
+            } => CanaryStep::SetWeight {
+                weight: Weight::new(u32::from(weight))
+                    .map_err(|_| unknown("weight", &weight.to_string()))?,
+                pause: pause_ms.map(d),
+                analysis,
+            },
+            CpStep::Approve => CanaryStep::Approve,
+        });
+    }
+    Ok(RolloutSpec {
+        strategy: StrategyKind::parse(&c.strategy)
+            .ok_or_else(|| unknown("strategy", &c.strategy))?,
+        instances: c.instances,
+        canary_steps: steps,
+        blue_green: BlueGreenSpec {
+            auto_promote: c.auto_promote,
+            preview_listen: c.preview_listen.and_then(|a| a.parse().ok()),
+        },
+        rolling: RollingSpec {
+            max_surge: c.max_surge,
+            max_unavailable: c.max_unavailable,
+        },
+        analysis: AnalysisSpec {
+            enabled: c.analysis,
+            interval: d(c.interval_ms),
+            min_requests: c.min_requests,
+            max_error_rate: c.max_error_rate,
+            max_p99: c.max_p99_ms.map(d),
+            failure_limit: c.failure_limit,
+            compare_to_stable: c.compare_to_stable,
+            deadline: d(c.deadline_ms),
+            on_no_evidence: NoEvidence::parse(&c.on_no_evidence)
+                .ok_or_else(|| unknown("on_no_evidence", &c.on_no_evidence))?,
+        },
+        progress_deadline: d(c.progress_deadline_ms),
+        drain_timeout: d(c.drain_timeout_ms),
+        stop_timeout: d(c.stop_timeout_ms),
+        scale_down_delay: d(c.scale_down_delay_ms),
+        runs_instances: c.runs_instances,
+    })
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -82,6 +225,16 @@ pub enum CheckpointError {
 }
 
 pub fn encode(r: &Rollout) -> String {
+    encode_text(r, None)
+}
+
+/// The checkpoint of `r` with the policy it runs under, so that a reload or restart resumes it
+/// under the same policy.
+pub fn encode_with_spec(r: &Rollout, spec: &RolloutSpec) -> String {
+    encode_text(r, Some(spec))
+}
+
+fn encode_text(r: &Rollout, spec: Option<&RolloutSpec>) -> String {
     let cp = Checkpoint {
         v: FORMAT,
         stable: r.stable.to_string(),
@@ -97,6 +250,7 @@ pub fn encode(r: &Rollout) -> String {
         },
         healthy: r.healthy,
         stage: stage_out(&r.stage),
+        spec: spec.map(spec_out),
     };
     // Serialising plain strings and numbers cannot fail; an empty checkpoint would only make
     // the rollout roll back after a restart, never corrupt anything.
@@ -113,7 +267,17 @@ fn verdict_name(v: Verdict) -> &'static str {
 
 /// The rollout `id` of `service` from its checkpoint text.
 pub fn decode(id: i64, service: &ServiceName, text: &str) -> Result<Rollout, CheckpointError> {
+    decode_with_spec(id, service, text).map(|(r, _)| r)
+}
+
+/// The rollout and, when the checkpoint has it, the policy it started with.
+pub fn decode_with_spec(
+    id: i64,
+    service: &ServiceName,
+    text: &str,
+) -> Result<(Rollout, Option<RolloutSpec>), CheckpointError> {
     let cp: Checkpoint = serde_json::from_str(text)?;
+    let spec = cp.spec.map(spec_in).transpose()?;
     if cp.v > FORMAT {
         return Err(CheckpointError::Version(cp.v));
     }
@@ -133,7 +297,7 @@ pub fn decode(id: i64, service: &ServiceName, text: &str) -> Result<Rollout, Che
                 })?,
         ),
     };
-    Ok(Rollout {
+    let rollout = Rollout {
         id,
         service: service.clone(),
         stable: Version::new(&cp.stable),
@@ -149,7 +313,8 @@ pub fn decode(id: i64, service: &ServiceName, text: &str) -> Result<Rollout, Che
         },
         healthy: cp.healthy,
         stage: stage_in(cp.stage)?,
-    })
+    };
+    Ok((rollout, spec))
 }
 
 fn stage_out(s: &Stage) -> CpStage {

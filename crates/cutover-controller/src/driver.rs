@@ -499,8 +499,11 @@ impl Driver {
         };
         let mut spec = svc.setup.spec.clone();
         spec.strategy = row.strategy;
-        match checkpoint::decode(row.id, &name, &row.checkpoint) {
-            Ok(rollout) => {
+        match checkpoint::decode_with_spec(row.id, &name, &row.checkpoint) {
+            Ok((rollout, started_with)) => {
+                // A rollout under way keeps the policy it started with, whatever a reload
+                // changed since; the next rollout gets the new one.
+                let spec = started_with.unwrap_or(spec);
                 let baseline = self.snapshots(&name, &rollout.stable, &rollout.candidate);
                 let t = now();
                 let active = Active {
@@ -680,7 +683,7 @@ impl Driver {
             reason: None,
             started_at: t,
             finished_at: None,
-            checkpoint: checkpoint::encode(&rollout),
+            checkpoint: checkpoint::encode_with_spec(&rollout, &spec),
             started_by: new.started_by,
             ended_by: None,
         };
@@ -984,7 +987,7 @@ impl Driver {
         let Some(a) = svc.active.as_mut() else { return };
         // Only this commit is the person's doing; what follows from it later is cutover's.
         let actor = self.acting.take();
-        a.row.checkpoint = checkpoint::encode(&a.rollout);
+        a.row.checkpoint = checkpoint::encode_with_spec(&a.rollout, &a.spec);
         a.row.outcome = a.rollout.outcome();
         a.row.reason = a.rollout.reason().map(str::to_owned);
         if a.rollout.is_done() {

@@ -116,10 +116,10 @@ fn run(spec: &RolloutSpec, events: &[(u64, Event)]) -> Run {
         match step(spec, &rollout, e, Timestamp(t * 1000)) {
             Ok((next, c)) => {
                 // Every state must survive a checkpoint round trip unchanged.
-                let text = checkpoint::encode(&next);
+                let text = checkpoint::encode_with_spec(&next, spec);
                 assert_eq!(
-                    checkpoint::decode(1, &"web".into(), &text).unwrap(),
-                    next,
+                    checkpoint::decode_with_spec(1, &"web".into(), &text).unwrap(),
+                    (next.clone(), Some(spec.clone())),
                     "checkpoint of {next:?}"
                 );
                 rollout = next;

@@ -468,6 +468,9 @@ fn one_request(
     serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| v["version"].as_str().map(str::to_owned))
+        // The proxy's own answers are errors; a success is an app's, even one (not the
+        // demo-app) that does not name its version.
+        .or_else(|| (status < 400).then(|| "(unnamed)".to_owned()))
         .map(|version| (status, version, close))
         .ok_or_else(|| {
             format!(

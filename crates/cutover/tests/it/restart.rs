@@ -117,6 +117,12 @@ fn reload_applies_an_edited_config_and_refuses_a_broken_one() {
     assert!(d.cli(&["deploy", "web", "v2"]).status.success());
     let s = d.wait_for("the new steps", |s| !s["step"].is_null());
     assert_eq!(s["steps"], 3, "{s:#}");
+    // The rollout under way keeps the policy it started with across another reload.
+    std::fs::write(&d.config, &text).unwrap();
+    let out = d.cli(&["reload"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = d.wait_for("the rollout resumed", |s| !s["step"].is_null());
+    assert_eq!(s["steps"], 3, "still three steps: {s:#}");
     assert!(d.cli(&["abort", "web"]).status.success());
 }
 
@@ -134,4 +140,54 @@ fn a_crash_still_takes_every_instance_with_it() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// An app that writes a line for every request (Python's http.server logs each to stderr):
+/// its output pipes are handed over too, so it neither dies of a broken pipe nor blocks on a
+/// full one, and its log goes on after each restart.
+#[test]
+fn a_chatty_app_keeps_running_and_logging_across_restarts() {
+    let d = Daemon::start_edited(|t| {
+        let line = t
+            .lines()
+            .find(|l| l.starts_with("command = "))
+            .unwrap()
+            .to_owned();
+        t.replace("STEPS", STEPS)
+            .replace(
+                &line,
+                r#"command = ["python3", "-m", "http.server", "--bind", "127.0.0.1", "{port}"]"#,
+            )
+            .replace("path = \"/healthz\"", "path = \"/\"")
+    });
+    let before = pids(&d.status());
+    let load = Load::start(d.web, 2, Duration::from_millis(10));
+    let log_lines = || {
+        let dir = d.dir.path().join("state/logs/web/v1");
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .lines()
+                    .count()
+            })
+            .sum::<usize>()
+    };
+    for _ in 0..3 {
+        load.wait_answers(50);
+        let out = d.cli(&["up", "--upgrade"]);
+        assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    }
+    let lines = log_lines();
+    load.wait_answers(50);
+    let tally = load.stop();
+    assert_eq!(tally.errors_except(""), 0, "{tally:?}\n{}", d.log());
+    assert_eq!(pids(&d.status()), before, "the same python processes serve");
+    let after = log_lines();
+    assert!(
+        after > lines,
+        "the app's log goes on after the restarts ({lines} → {after})"
+    );
 }
