@@ -110,6 +110,10 @@ fn first_bytes(body: &[u8]) -> String {
     }
 }
 
+/// Failed probes of a starting instance before their reason is told: an app that is still
+/// opening its port refuses the first probe or two, and that is no news.
+const STARTING_FAILURES_TOLD: u32 = 3;
+
 /// How much of a failed probe's body an event shows.
 const BODY_SHOWN: usize = 80;
 
@@ -136,7 +140,10 @@ pub(crate) fn apply(
             if h.health == Health::Healthy && h.failures >= spec.unhealthy_threshold {
                 h.health = Health::Unhealthy;
                 reason = format!("{} consecutive probe(s) failed: {why}", h.failures);
-            } else if h.health == Health::Starting && h.last_failure.as_deref() != Some(why) {
+            } else if h.health == Health::Starting
+                && h.failures >= STARTING_FAILURES_TOLD
+                && h.last_failure.as_deref() != Some(why)
+            {
                 // An instance that never passed changes no state, but the controller must
                 // hear why (a 404 on a health path that does not exist, a refused connection):
                 // once per new reason, not once per probe.

@@ -286,6 +286,18 @@ pub fn ask(settings: &cutover_config::Settings, what: Ask) -> crate::exit::CliRe
         .and_then(|s| s.trim().parse::<i32>().ok())
         .and_then(rustix::process::Pid::from_raw)
         .ok_or_else(|| unreachable(format!("no daemon pid in {}", pid_path(dir).display())))?;
+    // A stale pid file may name a process that has nothing to do with cutover now: signal
+    // only a `cutover … up` (its command line says so).
+    let cmdline =
+        std::fs::read(format!("/proc/{}/cmdline", pid.as_raw_nonzero())).unwrap_or_default();
+    let is_daemon = cmdline.split(|b| *b == 0).any(|a| a == b"up");
+    if !is_daemon {
+        return Err(unreachable(format!(
+            "no cutover daemon runs as pid {} (from {})",
+            pid.as_raw_nonzero(),
+            pid_path(dir).display()
+        )));
+    }
     let boot = std::fs::read_to_string(boot_path(dir)).unwrap_or_default();
     let _ = std::fs::remove_file(error_path(dir));
     let signal = match what {
