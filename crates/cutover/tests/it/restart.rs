@@ -191,3 +191,12 @@ fn a_chatty_app_keeps_running_and_logging_across_restarts() {
         "the app's log goes on after the restarts ({lines} → {after})"
     );
 }
+
+#[test]
+fn reload_without_a_running_daemon_exits_3() {
+    let mut d = Daemon::start(STEPS);
+    d.stop();
+    let out = d.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is `cutover up` running"), "{}", stderr(&out));
+}
