@@ -360,36 +360,6 @@ impl Driver {
 
     async fn restore(&mut self) {
         self.restored = true;
-        // Instances a previous program of this daemon handed over keep running and are
-        // adopted. Any other a previous daemon started and did not stop (it was killed) are
-        // gone or orphans: kill what is left, then start what the state requires.
-        match self.store.instances(None) {
-            Ok(mut rows) => {
-                let adopt = std::mem::take(&mut self.adopt);
-                let mut orphans = Vec::new();
-                for r in rows.drain(..) {
-                    match adopt.iter().find(|h| h.instance.as_str() == r.id) {
-                        Some(h) if self.adopt_instance(&r, h.healthy).await => {}
-                        _ => orphans.push(r),
-                    }
-                }
-                let rows = orphans;
-                let groups: Vec<(u32, u32)> = rows
-                    .iter()
-                    .filter_map(|r| Some((r.pid?, r.pgid.or(r.pid)?)))
-                    .collect();
-                let killed = cutover_runtime::kill_orphans(&groups);
-                if killed > 0 {
-                    tracing::warn!(killed, "killed instances left over by a previous daemon");
-                }
-                for r in rows {
-                    if let Err(e) = self.store.delete_instance(&r.id) {
-                        tracing::warn!(error = %e, "could not forget an old instance");
-                    }
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "could not read recorded instances"),
-        }
         let names: Vec<ServiceName> = self.services.keys().cloned().collect();
         for name in &names {
             match self.store.service(name.as_str()) {
@@ -412,6 +382,41 @@ impl Driver {
             tracing::error!(error = %e, "could not read rollouts in progress");
             Vec::new()
         });
+        // Instances a previous program of this daemon handed over keep running and are
+        // adopted. Any other a previous daemon started and did not stop (it was killed) are
+        // gone or orphans: kill what is left, then start what the state requires.
+        match self.store.instances(None) {
+            Ok(mut rows) => {
+                let adopt = std::mem::take(&mut self.adopt);
+                let mut orphans = Vec::new();
+                for r in rows.drain(..) {
+                    // A candidate's instances run with its rollout's environment.
+                    let rollout_env = active
+                        .iter()
+                        .find(|a| a.service == r.service && a.to_version == r.version)
+                        .map(|a| a.env.clone());
+                    match adopt.iter().find(|h| h.instance.as_str() == r.id) {
+                        Some(h) if self.adopt_instance(&r, h.healthy, rollout_env).await => {}
+                        _ => orphans.push(r),
+                    }
+                }
+                let rows = orphans;
+                let groups: Vec<(u32, u32)> = rows
+                    .iter()
+                    .filter_map(|r| Some((r.pid?, r.pgid.or(r.pid)?)))
+                    .collect();
+                let killed = cutover_runtime::kill_orphans(&groups);
+                if killed > 0 {
+                    tracing::warn!(killed, "killed instances left over by a previous daemon");
+                }
+                for r in rows {
+                    if let Err(e) = self.store.delete_instance(&r.id) {
+                        tracing::warn!(error = %e, "could not forget an old instance");
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "could not read recorded instances"),
+        }
         for name in &names {
             if let Some(svc) = self.services.get(name) {
                 let (stable, n) = (svc.stable.clone(), svc.setup.spec.instances);
@@ -419,14 +424,42 @@ impl Driver {
                 self.scale(name, &stable, n).await;
             }
         }
+        let t = now();
         for row in active {
             self.resume_rollout(row).await;
+        }
+        // Adopted instances of a version no rollout wants (one retired by a promotion that
+        // was still warm) stay warm for another `scale_down_delay`, then stop.
+        for name in &names {
+            let Some(svc) = self.services.get_mut(name) else {
+                continue;
+            };
+            let wanted = |v: &Version| {
+                *v == svc.stable
+                    || svc
+                        .active
+                        .as_ref()
+                        .is_some_and(|a| a.rollout.candidate == *v)
+            };
+            let stray = svc
+                .instances
+                .values()
+                .find(|i| !wanted(&i.version))
+                .map(|i| i.version.clone());
+            if let Some(v) = stray {
+                svc.warm = Some((v, t.plus(svc.setup.spec.scale_down_delay)));
+            }
         }
     }
 
     /// Takes over an instance a previous program handed over: the runtime supervises it
     /// again, and it keeps its health so the proxy routes to it without waiting for probes.
-    async fn adopt_instance(&mut self, row: &InstanceRow, healthy: bool) -> bool {
+    async fn adopt_instance(
+        &mut self,
+        row: &InstanceRow,
+        healthy: bool,
+        rollout_env: Option<BTreeMap<String, String>>,
+    ) -> bool {
         let name = ServiceName::new(&row.service);
         let (Some(svc), Ok(addr)) = (
             self.services.get_mut(&name),
@@ -442,7 +475,7 @@ impl Driver {
             instance: instance.clone(),
             index: 0,
             command: svc.setup.command.clone(),
-            env: svc.setup.env.clone(),
+            env: instance_env(svc, &version, rollout_env),
             port: Some(addr.port()),
         };
         let started = cutover_runtime::Started {
@@ -1196,18 +1229,12 @@ impl Driver {
         let seq = svc.next_instance;
         svc.next_instance += 1;
         let instance = InstanceId::new(format!("{name}-{version}-{seq}"));
-        let mut env = svc.setup.env.clone();
-        let extra = match &svc.active {
-            Some(a) if &a.rollout.candidate == version => a.row.env.clone(),
-            _ if &svc.stable == version => svc.stable_env.clone(),
-            _ => svc
-                .previous
-                .as_ref()
-                .filter(|(v, _)| v == version)
-                .map(|(_, e)| e.clone())
-                .unwrap_or_default(),
-        };
-        env.extend(extra);
+        let rollout_env = svc
+            .active
+            .as_ref()
+            .filter(|a| &a.rollout.candidate == version)
+            .map(|a| a.row.env.clone());
+        let env = instance_env(svc, version, rollout_env);
         let spec = StartSpec {
             service: name.clone(),
             version: version.clone(),
@@ -1504,6 +1531,28 @@ impl Driver {
             recent_events,
         })
     }
+}
+
+/// The environment of an instance of `version`: the service's, under the `--env` of the
+/// rollout that brought the version (its candidate's, the stable's or the previous one's).
+fn instance_env(
+    svc: &Svc,
+    version: &Version,
+    rollout_env: Option<BTreeMap<String, String>>,
+) -> BTreeMap<String, String> {
+    let mut env = svc.setup.env.clone();
+    let extra = match rollout_env {
+        Some(e) => e,
+        None if &svc.stable == version => svc.stable_env.clone(),
+        None => svc
+            .previous
+            .as_ref()
+            .filter(|(v, _)| v == version)
+            .map(|(_, e)| e.clone())
+            .unwrap_or_default(),
+    };
+    env.extend(extra);
+    env
 }
 
 fn rollout_view(r: RolloutRow) -> RolloutView {

@@ -38,7 +38,7 @@ pub struct AnalysisSpec {
     pub max_error_rate: Option<f64>,
     /// Largest acceptable candidate p99 latency.
     pub max_p99: Option<Duration>,
-    /// Failed evaluations (consecutive) that trigger an automatic rollback.
+    /// Failed evaluations, over the whole rollout, that trigger an automatic rollback.
     pub failure_limit: u32,
     /// Also compare the candidate with the stable version on the same window, statistically.
     pub compare_to_stable: bool,

@@ -418,7 +418,7 @@ impl Metrics {
             &mut out,
             names::WEIGHT,
             "gauge",
-            "Share of unpinned traffic configured for a version, in percent.",
+            "Share of unpinned traffic a version really gets, in percent (none without a routable instance).",
         );
         for (s, ws) in lock(&self.inner.weights).iter() {
             for (v, w) in ws {

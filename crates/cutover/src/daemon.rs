@@ -404,6 +404,9 @@ async fn run(settings: Settings, main: MainThread) -> CliResult {
             ));
         }
     }
+    // Nothing runs any more: the CLI must not find a pid to signal.
+    let _ = std::fs::remove_file(handover::pid_path(&state_dir));
+    let _ = std::fs::remove_file(handover::boot_path(&state_dir));
     err("cutover: stopped");
     Ok(())
 }

@@ -198,5 +198,35 @@ fn reload_without_a_running_daemon_exits_3() {
     d.stop();
     let out = d.cli(&["reload"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    assert!(stderr(&out).contains("is `cutover up` running"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is `cutover up` running"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_version_kept_warm_across_a_restart_still_stops_after_its_delay() {
+    let d = Daemon::start_edited(|t| {
+        t.replace("STEPS", r#"[ { weight = 100 } ]"#)
+            .replace("scale_down_delay = \"1s\"", "scale_down_delay = \"3s\"")
+    });
+    let out = d.cli(&["deploy", "web", "v2", "--wait"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        d.status()["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["version"] == "v1"),
+        "v1 is warm right after the promotion"
+    );
+    assert!(d.cli(&["up", "--upgrade"]).status.success());
+    d.wait_for("v1 stopped after its delay", |s| {
+        s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["version"] == "v2")
+    });
 }
