@@ -416,15 +416,7 @@ impl ProcessRuntime {
             },
             None => None,
         };
-        let log = Arc::new(LogFile::new(
-            log_path(
-                &self.inner.logs_dir,
-                spec.service.as_str(),
-                spec.version.as_str(),
-                spec.instance.as_str(),
-            ),
-            self.inner.log_limits,
-        ));
+        let log = self.log_for(&spec);
         let run = match self.spawn(&spec, &launch, &mut leaf, &log) {
             Ok(r) => r,
             Err(e) => {
@@ -516,15 +508,7 @@ impl ProcessRuntime {
             Some(dir) => Some(Leaf::existing(dir)?),
             None => None,
         };
-        let log = Arc::new(LogFile::new(
-            log_path(
-                &self.inner.logs_dir,
-                spec.service.as_str(),
-                spec.version.as_str(),
-                spec.instance.as_str(),
-            ),
-            self.inner.log_limits,
-        ));
+        let log = self.log_for(&spec);
         let pipe = |fd: Option<OwnedFd>| {
             fd.and_then(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok())
         };
@@ -541,6 +525,19 @@ impl ProcessRuntime {
         let pgid = Arc::new(AtomicU32::new(started.pgid.unwrap_or(pid)));
         self.supervise_run(spec, launch, leaf, log, pgid, run);
         Ok(())
+    }
+
+    /// The log file of `spec`'s instance, with this runtime's rotation limits.
+    fn log_for(&self, spec: &StartSpec) -> Arc<LogFile> {
+        Arc::new(LogFile::new(
+            log_path(
+                &self.inner.logs_dir,
+                spec.service.as_str(),
+                spec.version.as_str(),
+                spec.instance.as_str(),
+            ),
+            self.inner.log_limits,
+        ))
     }
 
     /// Registers the instance and starts its supervisor on `run`.

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{Daemon, Load, healthy, http, pid_alive, stderr};
+use crate::harness::{Daemon, Load, healthy, http, pid_alive, rollout_events, stderr};
 
 const STEPS: &str =
     r#"[ { weight = 20, pause = "1s" }, { weight = 50, pause = "1s" }, { weight = 100 } ]"#;
@@ -21,29 +21,6 @@ fn daemon(analysis: &str) -> Daemon {
 
 fn history(d: &Daemon) -> serde_json::Value {
     serde_json::from_slice(&d.cli(&["history", "--json"]).stdout).unwrap()
-}
-
-fn events(d: &Daemon, id: i64) -> Vec<(String, String)> {
-    let (status, body) = http(
-        d.api,
-        "GET",
-        &format!("/api/v1/rollouts/{id}"),
-        Some(&d.token()),
-        "",
-    );
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["kind"].as_str().unwrap().to_owned(),
-                e["message"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
 }
 
 /// Polls status until the rollout ends, and returns the highest share v3 ever had.
@@ -80,7 +57,7 @@ fn a_canary_with_no_traffic_holds_and_is_never_promoted_on_its_timers() {
             && reason.contains("on_no_evidence = \"rollback\""),
         "{reason}"
     );
-    let kinds: Vec<String> = events(&d, last["id"].as_i64().unwrap())
+    let kinds: Vec<String> = rollout_events(&d, last["id"].as_i64().unwrap())
         .into_iter()
         .map(|(k, _)| k)
         .collect();
@@ -101,7 +78,7 @@ fn a_quiet_canary_pauses_for_a_person_by_default() {
     });
     assert_eq!(s["configured_weights"]["v3"], 20, "{s:#}");
     let id = s["rollout_id"].as_i64().unwrap();
-    let evs = events(&d, id);
+    let evs = rollout_events(&d, id);
     let note = evs
         .iter()
         .find(|(k, _)| k == "no-evidence")

@@ -72,13 +72,7 @@ fn a_crash_looping_candidate_fails_at_once_with_its_exit_code_and_output() {
         r#"command = ["/bin/sh", "-c", "if [ -n \"$CRASH\" ]; then echo 'boom: DATABASE_URL is not set' >&2; exit 3; fi; exec {EXE} demo-app --port {{port}} --version {{version}}"]"#
     );
     let d = Daemon::start_edited(|t| {
-        let line = t
-            .lines()
-            .find(|l| l.starts_with("command = "))
-            .unwrap()
-            .to_owned();
-        t.replace("STEPS", r#"[ { weight = 100 } ]"#)
-            .replace(&line, &command)
+        crate::harness::with_command(&t, &command).replace("STEPS", r#"[ { weight = 100 } ]"#)
     });
     let started = Instant::now();
     let out = d.cli(&["deploy", "web", "v2", "--env", "CRASH=1", "--wait"]);

@@ -493,3 +493,37 @@ pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&p, text).unwrap();
     p
 }
+
+/// The `(kind, message)` of each event of rollout `id`, from the API.
+pub fn rollout_events(d: &Daemon, id: i64) -> Vec<(String, String)> {
+    let (status, body) = http(
+        d.api,
+        "GET",
+        &format!("/api/v1/rollouts/{id}"),
+        Some(&d.token()),
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().to_owned(),
+                e["message"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `config` with its `command = [...]` line replaced by `line`.
+pub fn with_command(config: &str, line: &str) -> String {
+    let old = config
+        .lines()
+        .find(|l| l.starts_with("command = "))
+        .unwrap()
+        .to_owned();
+    config.replace(&old, line)
+}

@@ -148,17 +148,12 @@ fn a_crash_still_takes_every_instance_with_it() {
 #[test]
 fn a_chatty_app_keeps_running_and_logging_across_restarts() {
     let d = Daemon::start_edited(|t| {
-        let line = t
-            .lines()
-            .find(|l| l.starts_with("command = "))
-            .unwrap()
-            .to_owned();
-        t.replace("STEPS", STEPS)
-            .replace(
-                &line,
-                r#"command = ["python3", "-m", "http.server", "--bind", "127.0.0.1", "{port}"]"#,
-            )
-            .replace("path = \"/healthz\"", "path = \"/\"")
+        crate::harness::with_command(
+            &t,
+            r#"command = ["python3", "-m", "http.server", "--bind", "127.0.0.1", "{port}"]"#,
+        )
+        .replace("STEPS", STEPS)
+        .replace("path = \"/healthz\"", "path = \"/\"")
     });
     let before = pids(&d.status());
     let load = Load::start(d.web, 2, Duration::from_millis(10));

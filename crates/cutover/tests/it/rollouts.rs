@@ -233,19 +233,8 @@ fn rolling_update_replaces_instances_under_load_without_failures() {
 }
 
 fn http_events(d: &Daemon, id: i64) -> Vec<String> {
-    let (status, body) = crate::harness::http(
-        d.api,
-        "GET",
-        &format!("/api/v1/rollouts/{id}"),
-        Some(&d.token()),
-        "",
-    );
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["message"].as_str().unwrap().to_owned())
+    crate::harness::rollout_events(d, id)
+        .into_iter()
+        .map(|(_, m)| m)
         .collect()
 }
