@@ -204,8 +204,10 @@ fn reload_without_a_running_daemon_exits_3() {
 fn a_version_kept_warm_across_a_restart_still_stops_after_its_delay() {
     let d = Daemon::start_edited(|t| {
         t.replace("STEPS", r#"[ { weight = 100 } ]"#)
-            .replace("scale_down_delay = \"1s\"", "scale_down_delay = \"3s\"")
+            .replace("scale_down_delay = \"1s\"", "scale_down_delay = \"8s\"")
     });
+    // Traffic gives the post-promotion verdict that promotes early, leaving v1 warm.
+    let load = Load::start(d.web, 4, Duration::from_millis(2));
     let out = d.cli(&["deploy", "web", "v2", "--wait"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
@@ -224,4 +226,6 @@ fn a_version_kept_warm_across_a_restart_still_stops_after_its_delay() {
             .iter()
             .all(|i| i["version"] == "v2")
     });
+    let tally = load.stop();
+    assert_eq!(tally.errors_except(""), 0, "{tally:?}");
 }
