@@ -368,9 +368,15 @@ async fn run(settings: Settings, main: MainThread) -> CliResult {
     if drained.is_err() {
         tracing::warn!("requests still in flight after {drain:?}; going on anyway");
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
+    // API connections that stay open (a dashboard's event stream) must not hold a restart,
+    // during which no new proxy connection is accepted: they get a moment, then are closed.
+    let api_grace = match ending {
+        Ending::Stop => Duration::from_secs(5),
+        Ending::Restart => Duration::from_millis(300),
+    };
+    let _ = tokio::time::timeout(api_grace, api).await;
     if let Some((_, task)) = scrape {
-        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        let _ = tokio::time::timeout(api_grace, task).await;
     }
     if let Some(s) = series_saver {
         // The chart points up to now are saved for the next start (or program).
