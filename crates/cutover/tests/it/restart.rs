@@ -229,3 +229,25 @@ fn a_version_kept_warm_across_a_restart_still_stops_after_its_delay() {
     let tally = load.stop();
     assert_eq!(tally.errors_except(""), 0, "{tally:?}");
 }
+
+#[test]
+fn an_open_event_stream_does_not_hold_a_restart() {
+    use std::io::Write;
+    let d = Daemon::start(STEPS);
+    // A dashboard's live event stream stays open for ever.
+    let mut sse = std::net::TcpStream::connect(d.api).unwrap();
+    write!(
+        sse,
+        "GET /api/v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        d.token()
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    let out = d.cli(&["up", "--upgrade"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "the restart took {:?}",
+        t.elapsed()
+    );
+}
