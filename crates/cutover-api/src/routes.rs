@@ -49,6 +49,7 @@ pub fn router(state: ApiState) -> Router {
                 "no such route; see CONTRACT §5",
             )
         })
+        .layer(middleware::from_fn(auth::security_headers))
         .with_state(state)
 }
 
@@ -101,13 +102,32 @@ async fn service(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResu
 }
 
 /// Parses a JSON body leniently about its absence but strictly about its content: a bad body is
-/// a 400 naming what is wrong, not axum's plain-text rejection.
-fn body<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Result<T, ApiError> {
+/// a 400 naming what is wrong, not axum's plain-text rejection. A body must say it is JSON
+/// (`Content-Type: application/json`): a browser lets any page send `text/plain` or form bodies
+/// anywhere without asking, so reading those as JSON would let other pages act.
+fn body<T: for<'de> Deserialize<'de> + Default>(
+    headers: &HeaderMap,
+    bytes: &[u8],
+) -> Result<T, Response> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError(ControlError::BadRequest(format!("invalid JSON body: {e}"))))
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body must be JSON sent with `Content-Type: application/json`",
+        )
+        .into_response());
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError(ControlError::BadRequest(format!("invalid JSON body: {e}"))).into_response()
+    })
 }
 
 async fn deploy(
@@ -115,12 +135,13 @@ async fn deploy(
     Path(name): Path<String>,
     headers: HeaderMap,
     bytes: axum::body::Bytes,
-) -> Result<(StatusCode, Json<wire::Rollout>), ApiError> {
-    let b: DeployBody = body(&bytes)?;
+) -> Result<(StatusCode, Json<wire::Rollout>), Response> {
+    let b: DeployBody = body(&headers, &bytes)?;
     if b.version.trim().is_empty() {
         return Err(ApiError(ControlError::BadRequest(
             "the body needs a \"version\"".into(),
-        )));
+        ))
+        .into_response());
     }
     let strategy = match b.strategy.as_deref() {
         None => None,
@@ -128,6 +149,7 @@ async fn deploy(
             ApiError(ControlError::BadRequest(format!(
                 "unknown strategy {x:?}; use canary, blue-green or rolling"
             )))
+            .into_response()
         })?),
     };
     let r = s
@@ -139,7 +161,8 @@ async fn deploy(
             strategy,
             actor: auth::actor(&headers),
         })
-        .await?;
+        .await
+        .map_err(|e| ApiError(e).into_response())?;
     Ok((StatusCode::CREATED, Json(wire::Rollout::from(&r))))
 }
 
@@ -148,10 +171,23 @@ async fn act(
     name: &str,
     action: Action,
     headers: &HeaderMap,
-) -> ApiResult<wire::Service> {
-    Ok(Json(wire::Service::from(
-        &s.controller.act(name, action, auth::actor(headers)).await?,
-    )))
+) -> Result<Json<wire::Service>, Response> {
+    match s.controller.act(name, action, auth::actor(headers)).await {
+        Ok(v) => Ok(Json(wire::Service::from(&v))),
+        Err(e) => Err(ApiError(e).into_response()),
+    }
+}
+
+/// The body of an action without options: none, or JSON (whose content is ignored).
+async fn plain_act(
+    s: &ApiState,
+    name: &str,
+    action: Action,
+    headers: &HeaderMap,
+    bytes: &[u8],
+) -> Result<Json<wire::Service>, Response> {
+    body::<serde_json::Value>(headers, bytes)?;
+    act(s, name, action, headers).await
 }
 
 async fn promote(
@@ -159,8 +195,8 @@ async fn promote(
     Path(name): Path<String>,
     headers: HeaderMap,
     bytes: axum::body::Bytes,
-) -> ApiResult<wire::Service> {
-    let b: PromoteBody = body(&bytes)?;
+) -> Result<Json<wire::Service>, Response> {
+    let b: PromoteBody = body(&headers, &bytes)?;
     act(
         &s,
         &name,
@@ -177,32 +213,36 @@ async fn abort(
     State(s): State<ApiState>,
     Path(name): Path<String>,
     headers: HeaderMap,
-) -> ApiResult<wire::Service> {
-    act(&s, &name, Action::Abort, &headers).await
+    bytes: axum::body::Bytes,
+) -> Result<Json<wire::Service>, Response> {
+    plain_act(&s, &name, Action::Abort, &headers, &bytes).await
 }
 
 async fn rollback(
     State(s): State<ApiState>,
     Path(name): Path<String>,
     headers: HeaderMap,
-) -> ApiResult<wire::Service> {
-    act(&s, &name, Action::Rollback, &headers).await
+    bytes: axum::body::Bytes,
+) -> Result<Json<wire::Service>, Response> {
+    plain_act(&s, &name, Action::Rollback, &headers, &bytes).await
 }
 
 async fn pause(
     State(s): State<ApiState>,
     Path(name): Path<String>,
     headers: HeaderMap,
-) -> ApiResult<wire::Service> {
-    act(&s, &name, Action::Pause, &headers).await
+    bytes: axum::body::Bytes,
+) -> Result<Json<wire::Service>, Response> {
+    plain_act(&s, &name, Action::Pause, &headers, &bytes).await
 }
 
 async fn resume(
     State(s): State<ApiState>,
     Path(name): Path<String>,
     headers: HeaderMap,
-) -> ApiResult<wire::Service> {
-    act(&s, &name, Action::Resume, &headers).await
+    bytes: axum::body::Bytes,
+) -> Result<Json<wire::Service>, Response> {
+    plain_act(&s, &name, Action::Resume, &headers, &bytes).await
 }
 
 #[derive(Deserialize)]

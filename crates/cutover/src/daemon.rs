@@ -289,11 +289,7 @@ async fn run(settings: Settings, main: MainThread) -> CliResult {
         }
     }
     let (stop_api, api_stopping) = watch::channel(false);
-    let api_state = ApiState {
-        controller,
-        metrics: metrics.clone(),
-        token: Arc::from(token.as_str()),
-    };
+    let api_state = ApiState::new(controller, metrics.clone(), &token);
     let api_addr = listeners.api.local_addr().unwrap_or(settings.daemon.api);
     let api = tokio::spawn(cutover_api::serve(
         listeners.api,
