@@ -319,6 +319,13 @@ fn panel(svc: &ServiceView, metrics: &Metrics) -> String {
             .unwrap_or_default(),
         weights = weight_bars(svc),
     );
+    if let Some(why) = &svc.degraded {
+        let _ = write!(
+            out,
+            "<p id=degraded role=alert style=color:var(--bad)><b>degraded:</b> {}</p>",
+            escape(why)
+        );
+    }
     if let Some(a) = &svc.last_analysis {
         let _ = write!(
             out,

@@ -81,6 +81,7 @@ impl IntoResponse for ApiError {
             ControlError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ControlError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ControlError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ControlError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "degraded"),
         };
         error(status, code, &self.0.to_string()).into_response()
     }

@@ -12,3 +12,4 @@ mod harness;
 mod processes;
 mod restart;
 mod rollouts;
+mod state;
