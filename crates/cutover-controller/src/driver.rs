@@ -1230,6 +1230,7 @@ impl Driver {
             return;
         }
         let outcome = a.rollout.outcome();
+        let id = a.rollout.id;
         if outcome == RolloutOutcome::Promoted {
             let old = std::mem::replace(&mut svc.stable, a.rollout.candidate.clone());
             let old_env = std::mem::replace(&mut svc.stable_env, a.row.env.clone());
@@ -1241,6 +1242,16 @@ impl Driver {
         self.metrics.inc_rollouts(name, outcome);
         // The service's row was saved with the final transition (`finished_service_row`).
         self.publish(name);
+        // The record of promoted versions beside the database, and a snapshot of it: what a
+        // lost or damaged database is noticed by and restored from. Neither is the state
+        // itself (that is durable already), so a failure here is worth a warning only.
+        if let Err(e) = self.store.save_record() {
+            tracing::warn!(error = %e, "could not update the record of promoted versions");
+        }
+        match self.store.snapshot(Some(id)) {
+            Ok(path) => tracing::debug!(snapshot = %path.display(), "state snapshot taken"),
+            Err(e) => tracing::warn!(error = %e, "could not take a snapshot of the state"),
+        }
     }
 
     // ---- the world: instances and routes -------------------------------------------------------
@@ -1525,6 +1536,8 @@ impl Driver {
         };
         if let Err(e) = self.store.upsert_service(&row) {
             tracing::error!(error = %e, "could not save service state");
+        } else if let Err(e) = self.store.save_record() {
+            tracing::warn!(error = %e, "could not update the record of promoted versions");
         }
     }
 

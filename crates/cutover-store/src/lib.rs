@@ -4,6 +4,12 @@
 //! instances and the dashboard's chart points. It knows nothing of the controller's types: a rollout's `checkpoint` is opaque
 //! text the controller writes and reads. It also owns the API token file. Synchronous by design:
 //! the controller calls it from its own thread, never from a proxy worker.
+//!
+//! [`integrity`] decides whether the state on disk can be trusted at start (`quick_check`, the
+//! record of the last promoted versions); [`snapshots`] keeps backup copies and restores one.
+
+pub mod integrity;
+pub mod snapshots;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -175,6 +181,8 @@ pub struct InstanceRow {
 
 pub struct Store {
     conn: Connection,
+    /// The state dir, for the files beside the database; `None` in memory.
+    dir: Option<std::path::PathBuf>,
     /// Set by tests through [`Store::write_fault`]: transitions fail as on a full disk.
     fault: WriteFault,
 }
@@ -263,15 +271,15 @@ impl Store {
     /// Opens (creating if needed) `state_dir/state.db` and brings its schema up to date.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(state_dir.join("logs"))?;
-        let conn = Connection::open(state_dir.join("state.db"))?;
-        Store::init(conn)
+        let conn = Connection::open(integrity::db_path(state_dir))?;
+        Store::init(conn, Some(state_dir.to_owned()))
     }
 
     pub fn open_in_memory() -> Result<Store, StoreError> {
-        Store::init(Connection::open_in_memory()?)
+        Store::init(Connection::open_in_memory()?, None)
     }
 
-    fn init(conn: Connection) -> Result<Store, StoreError> {
+    fn init(conn: Connection, dir: Option<std::path::PathBuf>) -> Result<Store, StoreError> {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // WAL lets readers run beside the writer; NORMAL sync is durable across a crash of the
         // process (what `kill -9` does), losing at most the last commit on a power cut.
@@ -280,6 +288,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let mut store = Store {
             conn,
+            dir,
             fault: WriteFault::default(),
         };
         store.migrate()?;

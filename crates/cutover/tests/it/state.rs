@@ -120,3 +120,131 @@ fn a_full_disk_holds_the_rollout_until_its_state_is_saved() {
     d.stop();
     drop(disk);
 }
+
+/// `cutover up` that must refuse to start: its output once it exits (within 20 s; a daemon
+/// still running then started on state it should have refused).
+fn up_refused(d: &Daemon, extra: &[&str]) -> std::process::Output {
+    let mut child = Command::new(crate::harness::EXE)
+        .args(["-c", d.config.to_str().unwrap(), "up"])
+        .args(extra)
+        .current_dir(d.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "`cutover up` started on state it should have refused:\n{}",
+                stderr(&out)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Deploys `version` and promotes it to the end.
+fn promote_to(d: &Daemon, version: &str) {
+    assert!(d.cli(&["deploy", "web", version]).status.success());
+    d.wait_for("the candidate at 20%", |s| s["weights"][version] == 20);
+    assert!(d.cli(&["promote", "web"]).status.success());
+    d.wait_for("the promotion", |s| {
+        s["phase"] == "stable" && s["stable"] == version
+    });
+}
+
+#[test]
+fn a_damaged_database_is_refused_and_a_snapshot_restores_it() {
+    let mut d = Daemon::start(SLOW_STEPS);
+    promote_to(&d, "v2");
+    // One snapshot after the finished rollout; restoring is refused while the daemon runs.
+    let list: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["state", "list", "--json"]).stdout).unwrap();
+    assert_eq!(list["snapshots"].as_array().unwrap().len(), 1, "{list:#}");
+    let out = d.cli(&["state", "restore"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("running"), "{}", stderr(&out));
+    // A rollout in progress at 20%, then one bad page: the one that holds `rollouts`.
+    assert!(d.cli(&["deploy", "web", "v3"]).status.success());
+    d.wait_for("v3 at 20%", |s| s["weights"]["v3"] == 20);
+    d.stop();
+    let db = d.dir.path().join("state/state.db");
+    let root: i64 = {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.pragma_update(None, "wal_checkpoint", "TRUNCATE").unwrap();
+        c.query_row(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'rollouts'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let mut bytes = std::fs::read(&db).unwrap();
+    let page = usize::try_from(root - 1).unwrap() * 4096;
+    for b in &mut bytes[page..page + 4096] {
+        *b = 0xa5;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+
+    let out = up_refused(&d, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let why = stderr(&out);
+    for needle in [
+        "state.db",
+        "damaged",
+        "cutover state restore",
+        "--reset-state",
+    ] {
+        assert!(why.contains(needle), "{needle:?} not in: {why}");
+    }
+
+    let out = d.cli(&["state", "restore"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("web v2"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    d.spawn();
+    let s = d.wait_for("v2 healthy again", |s| healthy(s, "v2") >= 2);
+    assert_eq!(s["stable"], "v2", "{s:#}");
+    let h = history(&d);
+    assert_eq!(h["rollouts"][0]["outcome"], "promoted", "{h:#}");
+    assert_eq!(h["rollouts"][0]["to"], "v2", "{h:#}");
+}
+
+#[test]
+fn a_lost_database_is_refused_unless_reset() {
+    let mut d = Daemon::start(SLOW_STEPS);
+    promote_to(&d, "v2");
+    d.stop();
+    let state = d.dir.path().join("state");
+    for ext in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(state.join(format!("state.db{ext}")));
+    }
+    // 0 bytes: what a full disk or a bad copy leaves.
+    std::fs::write(state.join("state.db"), b"").unwrap();
+    let out = up_refused(&d, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let why = stderr(&out);
+    for needle in [
+        "missing or empty",
+        "web v2",
+        "cutover state restore",
+        "--reset-state",
+    ] {
+        assert!(why.contains(needle), "{needle:?} not in: {why}");
+    }
+    // Gone altogether: the same.
+    std::fs::remove_file(state.join("state.db")).unwrap();
+    assert_eq!(up_refused(&d, &[]).status.code(), Some(1));
+    // Asked for: the config's version.
+    d.up_args = vec!["--reset-state".into()];
+    d.spawn();
+    let s = d.wait_for("v1 from the config", |s| healthy(s, "v1") >= 2);
+    assert_eq!(s["stable"], "v1");
+}
