@@ -65,25 +65,43 @@ pub fn error(status: StatusCode, code: &str, message: &str) -> (StatusCode, Json
     )
 }
 
-/// A controller error as the HTTP answer its kind deserves.
-pub struct ApiError(ControlError);
+/// A controller error as the HTTP answer its kind deserves, or a body that is not JSON.
+pub enum ApiError {
+    Control(ControlError),
+    NotJson,
+}
+
+fn bad_request(message: String) -> ApiError {
+    ApiError::Control(ControlError::BadRequest(message))
+}
 
 impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> Self {
-        ApiError(e)
+        ApiError::Control(e)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code) = match &self.0 {
+        let e = match self {
+            ApiError::Control(e) => e,
+            ApiError::NotJson => {
+                return error(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "the body must be JSON sent with `Content-Type: application/json`",
+                )
+                .into_response();
+            }
+        };
+        let (status, code) = match &e {
             ControlError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ControlError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ControlError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ControlError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ControlError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "degraded"),
         };
-        error(status, code, &self.0.to_string()).into_response()
+        error(status, code, &e.to_string()).into_response()
     }
 }
 
@@ -109,7 +127,7 @@ async fn service(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResu
 fn body<T: for<'de> Deserialize<'de> + Default>(
     headers: &HeaderMap,
     bytes: &[u8],
-) -> Result<T, Response> {
+) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -119,16 +137,9 @@ fn body<T: for<'de> Deserialize<'de> + Default>(
         .and_then(|v| v.split(';').next())
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
     if !json {
-        return Err(error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "the body must be JSON sent with `Content-Type: application/json`",
-        )
-        .into_response());
+        return Err(ApiError::NotJson);
     }
-    serde_json::from_slice(bytes).map_err(|e| {
-        ApiError(ControlError::BadRequest(format!("invalid JSON body: {e}"))).into_response()
-    })
+    serde_json::from_slice(bytes).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
 }
 
 async fn deploy(
@@ -136,21 +147,17 @@ async fn deploy(
     Path(name): Path<String>,
     headers: HeaderMap,
     bytes: axum::body::Bytes,
-) -> Result<(StatusCode, Json<wire::Rollout>), Response> {
+) -> Result<(StatusCode, Json<wire::Rollout>), ApiError> {
     let b: DeployBody = body(&headers, &bytes)?;
     if b.version.trim().is_empty() {
-        return Err(ApiError(ControlError::BadRequest(
-            "the body needs a \"version\"".into(),
-        ))
-        .into_response());
+        return Err(bad_request("the body needs a \"version\"".into()));
     }
     let strategy = match b.strategy.as_deref() {
         None => None,
         Some(x) => Some(StrategyKind::parse(x).ok_or_else(|| {
-            ApiError(ControlError::BadRequest(format!(
+            bad_request(format!(
                 "unknown strategy {x:?}; use canary, blue-green or rolling"
-            )))
-            .into_response()
+            ))
         })?),
     };
     let r = s
@@ -162,8 +169,7 @@ async fn deploy(
             strategy,
             actor: auth::actor(&headers),
         })
-        .await
-        .map_err(|e| ApiError(e).into_response())?;
+        .await?;
     Ok((StatusCode::CREATED, Json(wire::Rollout::from(&r))))
 }
 
@@ -172,11 +178,10 @@ async fn act(
     name: &str,
     action: Action,
     headers: &HeaderMap,
-) -> Result<Json<wire::Service>, Response> {
-    match s.controller.act(name, action, auth::actor(headers)).await {
-        Ok(v) => Ok(Json(wire::Service::from(&v))),
-        Err(e) => Err(ApiError(e).into_response()),
-    }
+) -> ApiResult<wire::Service> {
+    Ok(Json(wire::Service::from(
+        &s.controller.act(name, action, auth::actor(headers)).await?,
+    )))
 }
 
 /// The body of an action without options: none, or JSON (whose content is ignored).
@@ -186,7 +191,7 @@ async fn plain_act(
     action: Action,
     headers: &HeaderMap,
     bytes: &[u8],
-) -> Result<Json<wire::Service>, Response> {
+) -> ApiResult<wire::Service> {
     body::<serde_json::Value>(headers, bytes)?;
     act(s, name, action, headers).await
 }
@@ -196,7 +201,7 @@ async fn promote(
     Path(name): Path<String>,
     headers: HeaderMap,
     bytes: axum::body::Bytes,
-) -> Result<Json<wire::Service>, Response> {
+) -> ApiResult<wire::Service> {
     let b: PromoteBody = body(&headers, &bytes)?;
     act(
         &s,
@@ -215,7 +220,7 @@ async fn abort(
     Path(name): Path<String>,
     headers: HeaderMap,
     bytes: axum::body::Bytes,
-) -> Result<Json<wire::Service>, Response> {
+) -> ApiResult<wire::Service> {
     plain_act(&s, &name, Action::Abort, &headers, &bytes).await
 }
 
@@ -224,7 +229,7 @@ async fn rollback(
     Path(name): Path<String>,
     headers: HeaderMap,
     bytes: axum::body::Bytes,
-) -> Result<Json<wire::Service>, Response> {
+) -> ApiResult<wire::Service> {
     plain_act(&s, &name, Action::Rollback, &headers, &bytes).await
 }
 
@@ -233,7 +238,7 @@ async fn pause(
     Path(name): Path<String>,
     headers: HeaderMap,
     bytes: axum::body::Bytes,
-) -> Result<Json<wire::Service>, Response> {
+) -> ApiResult<wire::Service> {
     plain_act(&s, &name, Action::Pause, &headers, &bytes).await
 }
 
@@ -242,7 +247,7 @@ async fn resume(
     Path(name): Path<String>,
     headers: HeaderMap,
     bytes: axum::body::Bytes,
-) -> Result<Json<wire::Service>, Response> {
+) -> ApiResult<wire::Service> {
     plain_act(&s, &name, Action::Resume, &headers, &bytes).await
 }
 
@@ -264,11 +269,9 @@ async fn history(
 }
 
 async fn rollout(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<wire::Rollout> {
-    let id: i64 = id.parse().map_err(|_| {
-        ApiError(ControlError::BadRequest(format!(
-            "rollout id {id:?} is not a number"
-        )))
-    })?;
+    let id: i64 = id
+        .parse()
+        .map_err(|_| bad_request(format!("rollout id {id:?} is not a number")))?;
     Ok(Json(wire::Rollout::from(&s.controller.rollout(id).await?)))
 }
 

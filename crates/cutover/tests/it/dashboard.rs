@@ -315,7 +315,7 @@ async fn log_in(c: &Client, base: &str, token: &str) {
         .click()
         .await
         .unwrap();
-    wait_text(&c, "section[data-service=web] h2", "the overview", |t| {
+    wait_text(c, "section[data-service=web] h2", "the overview", |t| {
         t.contains("web")
     })
     .await;
