@@ -4,8 +4,9 @@
 //! 15-minute series (which the daemon keeps in SQLite across restarts) on a time axis labelled
 //! relative to now, and a small inline script listens to the SSE stream and swaps in a freshly
 //! rendered service panel whenever something is recorded. Buttons post to the same API routes
-//! the CLI uses, authenticated by the HttpOnly SameSite=Strict cookie (so the API records them
-//! as the `dashboard`'s). It holds no state.
+//! the CLI uses, authenticated by the session cookie (so the API records them as the
+//! `dashboard`'s) plus the session's CSRF token, which each page carries in a `<meta>` tag that
+//! only pages of this origin can read (see `auth`). Its only state is the sessions.
 
 use std::fmt::Write;
 
@@ -72,11 +73,29 @@ const PALETTE: &[&str] = &[
 ];
 
 fn page(title: &str, body: &str, script: &str) -> String {
+    page_with(title, body, script, None)
+}
+
+/// A page; `csrf` is the session's token for the scripts that post (none on the login form).
+fn page_with(title: &str, body: &str, script: &str, csrf: Option<&str>) -> String {
+    let meta = csrf
+        .map(|t| format!("<meta name=csrf-token content=\"{}\">", escape(t)))
+        .unwrap_or_default();
     format!(
-        "<!doctype html><html lang=en><head><meta charset=utf-8><meta name=viewport content=\"width=device-width,initial-scale=1\">\
+        "<!doctype html><html lang=en><head><meta charset=utf-8><meta name=viewport content=\"width=device-width,initial-scale=1\">{meta}\
 <title>{}</title><style>{STYLE}</style></head><body><main>{body}</main>{script}</body></html>",
         escape(title)
     )
+}
+
+/// The caller of a dashboard page: `Some(csrf)` for a session (`Some("")` for a bearer
+/// client, which needs none), `None` when not logged in.
+fn viewer(headers: &HeaderMap, s: &ApiState) -> Option<String> {
+    match auth::caller(headers, s) {
+        Ok(auth::Caller::Session { csrf, .. }) => Some(csrf),
+        Ok(auth::Caller::Bearer) => Some(String::new()),
+        Err(_) => None,
+    }
 }
 
 async fn login_form() -> Html<String> {
@@ -113,16 +132,46 @@ async fn login(State(s): State<ApiState>, Form(f): Form<LoginForm>) -> Response 
         )
             .into_response();
     }
-    // The cookie holds the token itself: it is as secret as the token file, HttpOnly keeps it
-    // from scripts and SameSite=Strict keeps other sites from riding it.
+    // The cookie holds a random session id, never the token: a cookie that leaks (a proxy's
+    // log, a shared browser profile) dies at logout or expiry, and the token stays in its file.
+    // HttpOnly keeps it from scripts; SameSite=Strict keeps other sites from sending it.
+    let (id, _) = s.sessions.create();
     let cookie = format!(
-        "{}={token}; HttpOnly; SameSite=Strict; Path=/",
-        auth::COOKIE
+        "{}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        auth::COOKIE,
+        auth::SESSION_TTL.as_secs()
     );
     ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
 }
 
-async fn logout() -> Response {
+#[derive(Deserialize)]
+struct LogoutForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// Ends the session on the server (its cookie is dead even if kept) and clears the cookie. Only
+/// the dashboard's own form can: another page logging a person out is a nuisance worth
+/// refusing.
+async fn logout(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Form(f): Form<LogoutForm>,
+) -> Response {
+    if let Ok(auth::Caller::Session { id, csrf }) = auth::caller(&headers, &s) {
+        if !auth::csrf_ok(&headers, Some(&f.csrf), &csrf) {
+            return (
+                StatusCode::FORBIDDEN,
+                Html(page(
+                    "cutover",
+                    "<p class=card>Log out from the dashboard's own page.</p>",
+                    "",
+                )),
+            )
+                .into_response();
+        }
+        s.sessions.end(&id);
+    }
     let cookie = format!(
         "{}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0",
         auth::COOKIE
@@ -130,23 +179,24 @@ async fn logout() -> Response {
     ([(header::SET_COOKIE, cookie)], Redirect::to("/login")).into_response()
 }
 
-fn header_bar(title: &str) -> String {
+fn header_bar(title: &str, csrf: &str) -> String {
     format!(
         "<header><h1><a href=/ style=color:inherit;text-decoration:none>cutover</a> · {}</h1>\
-<form method=post action=/logout><button type=submit>Log out</button></form></header>",
-        escape(title)
+<form method=post action=/logout><input type=hidden name=csrf value=\"{}\"><button type=submit>Log out</button></form></header>",
+        escape(title),
+        escape(csrf)
     )
 }
 
 async fn index(State(s): State<ApiState>, headers: HeaderMap) -> Response {
-    if !auth::authorised(&headers, &s.token) {
+    let Some(csrf) = viewer(&headers, &s) else {
         return Redirect::to("/login").into_response();
-    }
+    };
     let services = match s.controller.status().await {
         Ok(v) => v,
         Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     };
-    let mut body = header_bar("services");
+    let mut body = header_bar("services", &csrf);
     for svc in &services {
         // Phase and weights at a glance: the page reloads itself on every recorded event.
         let _ = write!(
@@ -173,7 +223,7 @@ async fn index(State(s): State<ApiState>, headers: HeaderMap) -> Response {
     if services.is_empty() {
         body.push_str("<p class=card>No services are configured.</p>");
     }
-    Html(page("cutover", &body, &live_script(None))).into_response()
+    Html(page_with("cutover", &body, &live_script(None), Some(&csrf))).into_response()
 }
 
 async fn service_page(
@@ -181,20 +231,21 @@ async fn service_page(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if !auth::authorised(&headers, &s.token) {
+    let Some(csrf) = viewer(&headers, &s) else {
         return Redirect::to("/login").into_response();
-    }
+    };
     match s.controller.service(&name).await {
         Ok(svc) => {
             let body = format!(
                 "{}<div id=panel>{}</div>",
-                header_bar(svc.name.as_str()),
+                header_bar(svc.name.as_str(), &csrf),
                 panel(&svc, &s.metrics)
             );
-            Html(page(
+            Html(page_with(
                 &format!("cutover · {}", svc.name),
                 &body,
                 &live_script(Some(svc.name.as_str())),
+                Some(&csrf),
             ))
             .into_response()
         }
@@ -216,7 +267,7 @@ async fn service_panel(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if !auth::authorised(&headers, &s.token) {
+    if viewer(&headers, &s).is_none() {
         return StatusCode::UNAUTHORIZED.into_response();
     }
     match s.controller.service(&name).await {
@@ -268,6 +319,13 @@ fn panel(svc: &ServiceView, metrics: &Metrics) -> String {
             .unwrap_or_default(),
         weights = weight_bars(svc),
     );
+    if let Some(why) = &svc.degraded {
+        let _ = write!(
+            out,
+            "<p id=degraded role=alert style=color:var(--bad)><b>degraded:</b> {}</p>",
+            escape(why)
+        );
+    }
     if let Some(a) = &svc.last_analysis {
         let _ = write!(
             out,
@@ -555,7 +613,7 @@ fn fmt_axis(v: f64) -> String {
     }
 }
 
-/// Confirmed actions, and a live refresh of the panel on every recorded event (SSE), plus a
+/// Confirmed actions (sent as JSON with the session's CSRF token), and a live refresh of the panel on every recorded event (SSE), plus a
 /// slow timer so the charts move even when nothing is decided.
 fn live_script(service: Option<&str>) -> String {
     let svc = service
@@ -564,6 +622,7 @@ fn live_script(service: Option<&str>) -> String {
     format!(
         r#"<script>
 const SERVICE = {svc};
+const CSRF = (document.querySelector('meta[name=csrf-token]') || {{}}).content || '';
 async function refresh() {{
   if (!SERVICE) {{ location.reload(); return; }}
   const r = await fetch(`/ui/services/${{encodeURIComponent(SERVICE)}}/panel`, {{credentials: 'same-origin'}});
@@ -577,7 +636,7 @@ document.addEventListener('click', async (ev) => {{
   if (!confirm(`${{action}} ${{service}}?`)) return;
   b.disabled = true;
   const r = await fetch(`/api/v1/services/${{encodeURIComponent(service)}}/${{action}}`, {{
-    method: 'POST', credentials: 'same-origin', headers: {{'Content-Type': 'application/json'}}, body: '{{}}'}});
+    method: 'POST', credentials: 'same-origin', headers: {{'Content-Type': 'application/json', 'X-CSRF-Token': CSRF}}, body: '{{}}'}});
   if (!r.ok) {{ const e = await r.json().catch(() => ({{}})); alert((e.error && e.error.message) || r.statusText); }}
   refresh();
 }});

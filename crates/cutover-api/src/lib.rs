@@ -2,10 +2,12 @@
 //! `/metrics` (also alone and without a token on the optional `[daemon] metrics` listener), and
 //! the dashboard.
 //!
-//! Every route but `GET /healthz` and the login form requires the token, as a bearer header or
-//! as the HttpOnly cookie the login form sets; the comparison is constant-time. Errors are JSON
-//! `{"error":{"code","message"}}`. This crate translates between HTTP and the controller's
-//! handle; it must make no decision of its own and hold no state beyond the token.
+//! Every route but `GET /healthz` and the login form requires the token as a bearer header, or
+//! a dashboard session (a random id in an HttpOnly cookie, set by the login form); a session
+//! changes state only from the dashboard's own origin with its CSRF token (see `auth`). Bodies
+//! are JSON, sent as `application/json`. Errors are JSON `{"error":{"code","message"}}`. This
+//! crate translates between HTTP and the controller's handle; it must make no decision of its
+//! own and holds no state beyond the token and the dashboard's sessions.
 
 mod auth;
 mod dashboard;
@@ -18,6 +20,7 @@ use std::sync::Arc;
 use cutover_controller::Controller;
 use cutover_metrics::Metrics;
 
+pub use auth::Sessions;
 pub use routes::{metrics_router, router};
 
 /// What the API's handlers share.
@@ -26,6 +29,19 @@ pub struct ApiState {
     pub controller: Controller,
     pub metrics: Metrics,
     pub token: Arc<str>,
+    /// The dashboard's logged-in browsers.
+    pub sessions: Sessions,
+}
+
+impl ApiState {
+    pub fn new(controller: Controller, metrics: Metrics, token: &str) -> ApiState {
+        ApiState {
+            controller,
+            metrics,
+            token: Arc::from(token),
+            sessions: Sessions::default(),
+        }
+    }
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.

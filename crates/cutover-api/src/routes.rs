@@ -49,6 +49,7 @@ pub fn router(state: ApiState) -> Router {
                 "no such route; see CONTRACT §5",
             )
         })
+        .layer(middleware::from_fn(auth::security_headers))
         .with_state(state)
 }
 
@@ -64,24 +65,43 @@ pub fn error(status: StatusCode, code: &str, message: &str) -> (StatusCode, Json
     )
 }
 
-/// A controller error as the HTTP answer its kind deserves.
-pub struct ApiError(ControlError);
+/// A controller error as the HTTP answer its kind deserves, or a body that is not JSON.
+pub enum ApiError {
+    Control(ControlError),
+    NotJson,
+}
+
+fn bad_request(message: String) -> ApiError {
+    ApiError::Control(ControlError::BadRequest(message))
+}
 
 impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> Self {
-        ApiError(e)
+        ApiError::Control(e)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code) = match &self.0 {
+        let e = match self {
+            ApiError::Control(e) => e,
+            ApiError::NotJson => {
+                return error(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "the body must be JSON sent with `Content-Type: application/json`",
+                )
+                .into_response();
+            }
+        };
+        let (status, code) = match &e {
             ControlError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ControlError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ControlError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ControlError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ControlError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "degraded"),
         };
-        error(status, code, &self.0.to_string()).into_response()
+        error(status, code, &e.to_string()).into_response()
     }
 }
 
@@ -101,13 +121,25 @@ async fn service(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResu
 }
 
 /// Parses a JSON body leniently about its absence but strictly about its content: a bad body is
-/// a 400 naming what is wrong, not axum's plain-text rejection.
-fn body<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Result<T, ApiError> {
+/// a 400 naming what is wrong, not axum's plain-text rejection. A body must say it is JSON
+/// (`Content-Type: application/json`): a browser lets any page send `text/plain` or form bodies
+/// anywhere without asking, so reading those as JSON would let other pages act.
+fn body<T: for<'de> Deserialize<'de> + Default>(
+    headers: &HeaderMap,
+    bytes: &[u8],
+) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError(ControlError::BadRequest(format!("invalid JSON body: {e}"))))
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(ApiError::NotJson);
+    }
+    serde_json::from_slice(bytes).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
 }
 
 async fn deploy(
@@ -116,18 +148,16 @@ async fn deploy(
     headers: HeaderMap,
     bytes: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<wire::Rollout>), ApiError> {
-    let b: DeployBody = body(&bytes)?;
+    let b: DeployBody = body(&headers, &bytes)?;
     if b.version.trim().is_empty() {
-        return Err(ApiError(ControlError::BadRequest(
-            "the body needs a \"version\"".into(),
-        )));
+        return Err(bad_request("the body needs a \"version\"".into()));
     }
     let strategy = match b.strategy.as_deref() {
         None => None,
         Some(x) => Some(StrategyKind::parse(x).ok_or_else(|| {
-            ApiError(ControlError::BadRequest(format!(
+            bad_request(format!(
                 "unknown strategy {x:?}; use canary, blue-green or rolling"
-            )))
+            ))
         })?),
     };
     let r = s
@@ -154,13 +184,25 @@ async fn act(
     )))
 }
 
+/// The body of an action without options: none, or JSON (whose content is ignored).
+async fn plain_act(
+    s: &ApiState,
+    name: &str,
+    action: Action,
+    headers: &HeaderMap,
+    bytes: &[u8],
+) -> ApiResult<wire::Service> {
+    body::<serde_json::Value>(headers, bytes)?;
+    act(s, name, action, headers).await
+}
+
 async fn promote(
     State(s): State<ApiState>,
     Path(name): Path<String>,
     headers: HeaderMap,
     bytes: axum::body::Bytes,
 ) -> ApiResult<wire::Service> {
-    let b: PromoteBody = body(&bytes)?;
+    let b: PromoteBody = body(&headers, &bytes)?;
     act(
         &s,
         &name,
@@ -177,32 +219,36 @@ async fn abort(
     State(s): State<ApiState>,
     Path(name): Path<String>,
     headers: HeaderMap,
+    bytes: axum::body::Bytes,
 ) -> ApiResult<wire::Service> {
-    act(&s, &name, Action::Abort, &headers).await
+    plain_act(&s, &name, Action::Abort, &headers, &bytes).await
 }
 
 async fn rollback(
     State(s): State<ApiState>,
     Path(name): Path<String>,
     headers: HeaderMap,
+    bytes: axum::body::Bytes,
 ) -> ApiResult<wire::Service> {
-    act(&s, &name, Action::Rollback, &headers).await
+    plain_act(&s, &name, Action::Rollback, &headers, &bytes).await
 }
 
 async fn pause(
     State(s): State<ApiState>,
     Path(name): Path<String>,
     headers: HeaderMap,
+    bytes: axum::body::Bytes,
 ) -> ApiResult<wire::Service> {
-    act(&s, &name, Action::Pause, &headers).await
+    plain_act(&s, &name, Action::Pause, &headers, &bytes).await
 }
 
 async fn resume(
     State(s): State<ApiState>,
     Path(name): Path<String>,
     headers: HeaderMap,
+    bytes: axum::body::Bytes,
 ) -> ApiResult<wire::Service> {
-    act(&s, &name, Action::Resume, &headers).await
+    plain_act(&s, &name, Action::Resume, &headers, &bytes).await
 }
 
 #[derive(Deserialize)]
@@ -223,11 +269,9 @@ async fn history(
 }
 
 async fn rollout(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<wire::Rollout> {
-    let id: i64 = id.parse().map_err(|_| {
-        ApiError(ControlError::BadRequest(format!(
-            "rollout id {id:?} is not a number"
-        )))
-    })?;
+    let id: i64 = id
+        .parse()
+        .map_err(|_| bad_request(format!("rollout id {id:?} is not a number")))?;
     Ok(Json(wire::Rollout::from(&s.controller.rollout(id).await?)))
 }
 

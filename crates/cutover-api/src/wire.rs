@@ -38,6 +38,9 @@ pub struct Service {
     pub last_analysis: Option<String>,
     pub instances: Vec<Instance>,
     pub events: Vec<Event>,
+    /// Why the service is held as it is (a decision could not be saved); null when all is well.
+    #[serde(default)]
+    pub degraded: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -183,6 +186,7 @@ impl From<&ServiceView> for Service {
             last_analysis: s.last_analysis.clone(),
             instances: s.instances.iter().map(Instance::from).collect(),
             events: s.recent_events.iter().map(Event::from).collect(),
+            degraded: s.degraded.clone(),
         }
     }
 }

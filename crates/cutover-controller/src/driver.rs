@@ -7,6 +7,12 @@
 //! the commands: reconciling instance counts through the runtime and publishing route tables
 //! through the data plane. It is the single owner of this state; readers get copies (views).
 //!
+//! Persist-then-act has no exception: a transition that cannot be written (a full disk) is
+//! held, with its commands, and the service is `degraded`: nothing more is decided or done for
+//! it (traffic and instances stay as they are) while the write is retried with backoff, and the
+//! held commands run only once it is durable. Acting on a decision the disk does not know would
+//! let a restart resume an older checkpoint than the world it finds.
+//!
 //! It must not make decisions itself (those are the fsm's and the judge's) and must not be on
 //! the request path: the proxy keeps serving the last table if this task stops.
 
@@ -194,6 +200,40 @@ struct Svc {
     /// The version a promotion retired, kept running out of traffic until the time given,
     /// so that a rollback is an instant switch.
     warm: Option<(Version, Timestamp)>,
+    /// A transition decided but not yet durable: while set, the service is degraded and held.
+    held: Option<Held>,
+}
+
+/// A transition whose write failed, kept to be written again and then carried out.
+struct Held {
+    row: RolloutRow,
+    events: Vec<NewEvent>,
+    service: Option<ServiceRow>,
+    cmds: Vec<Command>,
+    phase: Phase,
+    /// The last write error.
+    error: String,
+    attempts: u32,
+    next_try: tokio::time::Instant,
+    backoff: Duration,
+}
+
+/// The first retry of a held write, and the longest wait between two.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+impl Held {
+    fn reason(&self) -> String {
+        format!(
+            "the {} decision could not be saved ({}); traffic and instances are held as they are until it can be (retrying; {} failed attempt(s))",
+            self.events
+                .last()
+                .map(|e| e.kind.as_str())
+                .unwrap_or("rollout's"),
+            self.error,
+            self.attempts,
+        )
+    }
 }
 
 /// How the driver's run ends.
@@ -249,6 +289,7 @@ pub fn driver(parts: DriverParts) -> (Driver, Controller) {
                 next_instance: 1,
                 prober: None,
                 warm: None,
+                held: None,
                 setup,
             };
             (name, svc)
@@ -578,15 +619,28 @@ impl Driver {
                 let _ = tx.send(self.view(&ServiceName::new(&name)));
             }
             Request::Deploy(req, tx) => {
+                let name = ServiceName::new(&req.service);
+                if let Err(e) = self.held_error(&name) {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
                 self.acting = Some(req.actor.clone());
                 let r = self.deploy(req).await;
                 self.acting = None;
+                // Decided, but held: say so rather than report it done.
+                let r = r.and_then(|v| self.held_error(&name).map(|()| v));
                 let _ = tx.send(r);
             }
             Request::Act(name, action, actor, tx) => {
+                let name = ServiceName::new(&name);
+                if let Err(e) = self.held_error(&name) {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
                 self.acting = Some(actor);
-                let r = self.act(&ServiceName::new(&name), action).await;
+                let r = self.act(&name, action).await;
                 self.acting = None;
+                let r = r.and_then(|v| self.held_error(&name).map(|()| v));
                 let _ = tx.send(r);
             }
             Request::History(service, limit, tx) => {
@@ -899,6 +953,10 @@ impl Driver {
         let t = now();
         let names: Vec<ServiceName> = self.services.keys().cloned().collect();
         for name in names {
+            // A held service does nothing but retry its write: not even a scale-down.
+            if self.retry_held(&name).await {
+                continue;
+            }
             let cold = self
                 .services
                 .get(&name)
@@ -998,6 +1056,12 @@ impl Driver {
 
     /// Steps the service's rollout with `event`, persists the result, then runs its commands.
     async fn feed_checked(&mut self, name: &ServiceName, event: Event) -> Result<(), fsm::Refusal> {
+        // A held service decides nothing more until its last decision is durable.
+        if self.services.get(name).is_some_and(|s| s.held.is_some()) {
+            return Err(fsm::Refusal(format!(
+                "{name} is held until its state can be saved"
+            )));
+        }
         let Some(a) = self.services.get_mut(name).and_then(|s| s.active.as_mut()) else {
             return Ok(());
         };
@@ -1052,31 +1116,132 @@ impl Driver {
         for e in &events {
             tracing::info!(service = %e.service, kind = %e.kind, "{}", e.message);
         }
+        // The service's new stable version goes into the same transaction as the rollout's end.
+        let service = a.rollout.is_done().then(|| finished_service_row(name, svc));
+        let row = svc.active.as_ref().map(|a| a.row.clone());
+        let Some(row) = row else { return };
         // Persist before acting: if the daemon dies between here and the commands, a restart
-        // re-applies the recorded state instead of forgetting a decision.
-        match self.store.record_transition(&a.row, &events) {
-            Ok(ids) => {
-                for (id, e) in ids.into_iter().zip(events) {
-                    let _ = self.notices.send(Notice {
-                        event: EventView {
-                            id,
-                            service: e.service,
-                            rollout_id: e.rollout_id,
-                            at: e.at,
-                            kind: e.kind,
-                            message: e.message,
-                        },
+        // re-applies the recorded state instead of forgetting a decision. If the write fails,
+        // nothing is carried out: the transition is held and written again until it lands.
+        match self
+            .store
+            .record_transition(&row, &events, service.as_ref())
+        {
+            Ok(ids) => self.carry_out(name, ids, events, cmds, phase).await,
+            Err(e) => {
+                tracing::error!(
+                    service = %name,
+                    error = %e,
+                    "could not persist a transition; holding the service as it is (no command runs) and retrying the write"
+                );
+                if let Some(svc) = self.services.get_mut(name) {
+                    svc.held = Some(Held {
+                        row,
+                        events,
+                        service,
+                        cmds,
                         phase,
+                        error: e.to_string(),
+                        attempts: 1,
+                        next_try: tokio::time::Instant::now() + RETRY_FIRST,
+                        backoff: RETRY_FIRST,
                     });
                 }
             }
-            Err(e) => tracing::error!(error = %e, "could not persist a transition; acting anyway"),
+        }
+    }
+
+    /// What follows a durable transition: its live notices, its commands, its end.
+    async fn carry_out(
+        &mut self,
+        name: &ServiceName,
+        ids: Vec<i64>,
+        events: Vec<NewEvent>,
+        cmds: Vec<Command>,
+        phase: Phase,
+    ) {
+        for (id, e) in ids.into_iter().zip(events) {
+            let _ = self.notices.send(Notice {
+                event: EventView {
+                    id,
+                    service: e.service,
+                    rollout_id: e.rollout_id,
+                    at: e.at,
+                    kind: e.kind,
+                    message: e.message,
+                },
+                phase,
+            });
         }
         for c in cmds {
             self.run_command(name, c).await;
         }
         self.finish_if_done(name);
         self.reconcile_probes(name);
+    }
+
+    /// Writes a held transition again once its backoff has passed; when it lands, carries it
+    /// out and lets the service go on. Returns whether the service is still held.
+    async fn retry_held(&mut self, name: &ServiceName) -> bool {
+        let Some(svc) = self.services.get_mut(name) else {
+            return false;
+        };
+        let Some(h) = svc.held.as_mut() else {
+            return false;
+        };
+        if tokio::time::Instant::now() < h.next_try {
+            return true;
+        }
+        match self
+            .store
+            .record_transition(&h.row, &h.events, h.service.as_ref())
+        {
+            Err(e) => {
+                h.attempts += 1;
+                h.error = e.to_string();
+                h.backoff = (h.backoff * 2).min(RETRY_MAX);
+                h.next_try = tokio::time::Instant::now() + h.backoff;
+                // Loud at first, then about once a minute at the longest backoff.
+                if h.attempts <= 3 || h.attempts % 6 == 0 {
+                    tracing::warn!(service = %name, attempts = h.attempts, error = %e, "still cannot persist a transition; the service stays held");
+                }
+                true
+            }
+            Ok(ids) => {
+                let Some(h) = svc.held.take() else {
+                    return false;
+                };
+                tracing::warn!(service = %name, attempts = h.attempts, "the held transition is saved; carrying it out");
+                self.carry_out(name, ids, h.events, h.cmds, h.phase).await;
+                let rollout_id = self
+                    .services
+                    .get(name)
+                    .and_then(|s| s.active.as_ref())
+                    .map(|a| a.rollout.id)
+                    .or(Some(h.row.id));
+                self.record_loose(
+                    name,
+                    rollout_id,
+                    EventKind::Recovered,
+                    format!(
+                        "the state could be saved again after {} failed attempt(s); the held decision was carried out",
+                        h.attempts
+                    ),
+                );
+                false
+            }
+        }
+    }
+
+    /// `Unavailable` while `name` is held, saying why.
+    fn held_error(&self, name: &ServiceName) -> Result<(), ControlError> {
+        match self.services.get(name).and_then(|s| s.held.as_ref()) {
+            Some(h) => Err(ControlError::Unavailable(format!(
+                "{name} is degraded: {}; act again once the state can be written (free disk space in the state directory)",
+                h.reason()
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Runs probe traffic exactly while the rollout wants it (a judged blue-green preview).
@@ -1150,6 +1315,7 @@ impl Driver {
             return;
         }
         let outcome = a.rollout.outcome();
+        let id = a.rollout.id;
         if outcome == RolloutOutcome::Promoted {
             let old = std::mem::replace(&mut svc.stable, a.rollout.candidate.clone());
             let old_env = std::mem::replace(&mut svc.stable_env, a.row.env.clone());
@@ -1159,8 +1325,18 @@ impl Driver {
         svc.candidate_weight = Weight::ZERO;
         svc.preview = false;
         self.metrics.inc_rollouts(name, outcome);
-        self.save_service(name);
+        // The service's row was saved with the final transition (`finished_service_row`).
         self.publish(name);
+        // The record of promoted versions beside the database, and a snapshot of it: what a
+        // lost or damaged database is noticed by and restored from. Neither is the state
+        // itself (that is durable already), so a failure here is worth a warning only.
+        if let Err(e) = self.store.save_record() {
+            tracing::warn!(error = %e, "could not update the record of promoted versions");
+        }
+        match self.store.snapshot(Some(id)) {
+            Ok(path) => tracing::debug!(snapshot = %path.display(), "state snapshot taken"),
+            Err(e) => tracing::warn!(error = %e, "could not take a snapshot of the state"),
+        }
     }
 
     // ---- the world: instances and routes -------------------------------------------------------
@@ -1441,6 +1617,8 @@ impl Driver {
         };
         if let Err(e) = self.store.upsert_service(&row) {
             tracing::error!(error = %e, "could not save service state");
+        } else if let Err(e) = self.store.save_record() {
+            tracing::warn!(error = %e, "could not update the record of promoted versions");
         }
     }
 
@@ -1529,6 +1707,7 @@ impl Driver {
             last_analysis: a.and_then(|a| a.last_analysis.clone()),
             instances,
             recent_events,
+            degraded: svc.held.as_ref().map(Held::reason),
         })
     }
 }
@@ -1553,6 +1732,34 @@ fn instance_env(
     };
     env.extend(extra);
     env
+}
+
+/// The service's row as it will be once its finished rollout is carried out: a promotion makes
+/// the candidate stable and the old stable the previous version (see `finish_if_done`).
+fn finished_service_row(name: &ServiceName, svc: &Svc) -> ServiceRow {
+    let mut row = ServiceRow {
+        name: name.to_string(),
+        stable_version: svc.stable.to_string(),
+        stable_env: svc.stable_env.clone(),
+        previous_version: svc.previous.as_ref().map(|(v, _)| v.to_string()),
+        previous_env: svc
+            .previous
+            .as_ref()
+            .map(|(_, e)| e.clone())
+            .unwrap_or_default(),
+    };
+    if let Some(a) = svc
+        .active
+        .as_ref()
+        .filter(|a| a.rollout.outcome() == RolloutOutcome::Promoted)
+    {
+        row.previous_version = Some(std::mem::replace(
+            &mut row.stable_version,
+            a.rollout.candidate.to_string(),
+        ));
+        row.previous_env = std::mem::replace(&mut row.stable_env, a.row.env.clone());
+    }
+    row
 }
 
 fn rollout_view(r: RolloutRow) -> RolloutView {

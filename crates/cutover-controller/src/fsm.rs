@@ -189,6 +189,8 @@ pub enum EventKind {
     InstanceExit,
     /// An instance could not be started.
     StartFailed,
+    /// A transition that could not be written is durable now, and was carried out.
+    Recovered,
     Promoting,
     Promoted,
     RolledBack,
@@ -215,6 +217,7 @@ impl EventKind {
             EventKind::Health => "health",
             EventKind::InstanceExit => "instance-exit",
             EventKind::StartFailed => "start-failed",
+            EventKind::Recovered => "recovered",
             EventKind::Promoting => "promoting",
             EventKind::Promoted => "promoted",
             EventKind::RolledBack => "rolled-back",

@@ -76,6 +76,9 @@ pub struct ServiceView {
     pub last_analysis: Option<String>,
     pub instances: Vec<InstanceView>,
     pub recent_events: Vec<EventView>,
+    /// Why the service is held as it is: a decision could not be saved, so nothing is carried
+    /// out until it is (the write is retried). `None` when all is well.
+    pub degraded: Option<String>,
 }
 
 /// What a person asked the controller to do to a service's rollout.
@@ -126,6 +129,9 @@ pub enum ControlError {
     BadRequest(String),
     #[error("{0}")]
     Internal(String),
+    /// The service is held until its state can be saved (see `ServiceView::degraded`).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// A live notice for server-sent events and webhooks: something was recorded.

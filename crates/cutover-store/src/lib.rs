@@ -4,6 +4,12 @@
 //! instances and the dashboard's chart points. It knows nothing of the controller's types: a rollout's `checkpoint` is opaque
 //! text the controller writes and reads. It also owns the API token file. Synchronous by design:
 //! the controller calls it from its own thread, never from a proxy worker.
+//!
+//! [`integrity`] decides whether the state on disk can be trusted at start (`quick_check`, the
+//! record of the last promoted versions); [`snapshots`] keeps backup copies and restores one.
+
+pub mod integrity;
+pub mod snapshots;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -175,6 +181,32 @@ pub struct InstanceRow {
 
 pub struct Store {
     conn: Connection,
+    /// The state dir, for the files beside the database; `None` in memory.
+    dir: Option<std::path::PathBuf>,
+    /// Set by tests through [`Store::write_fault`]: transitions fail as on a full disk.
+    fault: WriteFault,
+}
+
+/// A switch that makes [`Store::record_transition`] fail as a full disk would, for tests of
+/// what the controller does when it cannot persist. A clone stays with the test while the
+/// store moves into the controller. Off unless a test turns it on.
+#[derive(Clone, Debug, Default)]
+pub struct WriteFault(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl WriteFault {
+    pub fn set(&self, failing: bool) {
+        self.0.store(failing, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Io(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "database or disk is full (injected by a test)",
+            )));
+        }
+        Ok(())
+    }
 }
 
 fn env_text(env: &BTreeMap<String, String>) -> String {
@@ -239,22 +271,26 @@ impl Store {
     /// Opens (creating if needed) `state_dir/state.db` and brings its schema up to date.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(state_dir.join("logs"))?;
-        let conn = Connection::open(state_dir.join("state.db"))?;
-        Store::init(conn)
+        let conn = Connection::open(integrity::db_path(state_dir))?;
+        Store::init(conn, Some(state_dir.to_owned()))
     }
 
     pub fn open_in_memory() -> Result<Store, StoreError> {
-        Store::init(Connection::open_in_memory()?)
+        Store::init(Connection::open_in_memory()?, None)
     }
 
-    fn init(conn: Connection) -> Result<Store, StoreError> {
+    fn init(conn: Connection, dir: Option<std::path::PathBuf>) -> Result<Store, StoreError> {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // WAL lets readers run beside the writer; NORMAL sync is durable across a crash of the
         // process (what `kill -9` does), losing at most the last commit on a power cut.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        let mut store = Store { conn };
+        let mut store = Store {
+            conn,
+            dir,
+            fault: WriteFault::default(),
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -422,12 +458,7 @@ impl Store {
     }
 
     pub fn upsert_service(&mut self, s: &ServiceRow) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT INTO services (name, stable_version, stable_env, previous_version, previous_env) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT(name) DO UPDATE SET stable_version = ?2, stable_env = ?3, previous_version = ?4, previous_env = ?5",
-            params![s.name, s.stable_version, env_text(&s.stable_env), s.previous_version, env_text(&s.previous_env)],
-        )?;
-        Ok(())
+        Store::upsert_service_in(&self.conn, s)
     }
 
     pub fn upsert_instance(&mut self, i: &InstanceRow) -> Result<(), StoreError> {
@@ -515,18 +546,38 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Saves a rollout's new state and the events that explain it, all or nothing.
+    /// The switch that makes transitions fail, for tests.
+    pub fn write_fault(&self) -> WriteFault {
+        self.fault.clone()
+    }
+
+    fn upsert_service_in(conn: &Connection, s: &ServiceRow) -> Result<(), StoreError> {
+        conn.execute(
+            "INSERT INTO services (name, stable_version, stable_env, previous_version, previous_env) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(name) DO UPDATE SET stable_version = ?2, stable_env = ?3, previous_version = ?4, previous_env = ?5",
+            params![s.name, s.stable_version, env_text(&s.stable_env), s.previous_version, env_text(&s.previous_env)],
+        )?;
+        Ok(())
+    }
+
+    /// Saves a rollout's new state, the events that explain it and, when the rollout ends, the
+    /// service's new stable version, all or nothing: a promotion is never half on disk.
     pub fn record_transition(
         &mut self,
         r: &RolloutRow,
         events: &[NewEvent],
+        service: Option<&ServiceRow>,
     ) -> Result<Vec<i64>, StoreError> {
+        self.fault.check()?;
         let tx = self.conn.transaction()?;
         Store::update_rollout_in(&tx, r)?;
         let ids = events
             .iter()
             .map(|e| Store::append_event_in(&tx, e))
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(s) = service {
+            Store::upsert_service_in(&tx, s)?;
+        }
         tx.commit()?;
         Ok(ids)
     }
@@ -632,7 +683,7 @@ mod tests {
         assert_eq!(row.ended_by, None);
         row.ended_by = Some("dashboard".into());
         let ids = s
-            .record_transition(&row, &[event("web", Some(a), "promoted")])
+            .record_transition(&row, &[event("web", Some(a), "promoted")], None)
             .unwrap();
         assert_eq!(ids.len(), 1);
         assert_eq!(s.rollout(a).unwrap().unwrap(), row);
@@ -671,6 +722,7 @@ mod tests {
                 event("web", Some(a), "aborted"),
                 event("web", Some(999), "bad"),
             ],
+            None,
         );
         assert!(err.is_err());
         assert_eq!(
@@ -678,6 +730,45 @@ mod tests {
             RolloutOutcome::InProgress
         );
         assert!(s.events_for_rollout(a).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_new_stable_version_is_saved_with_the_final_transition() {
+        let mut s = Store::open_in_memory().unwrap();
+        let v1 = ServiceRow {
+            name: "web".into(),
+            stable_version: "v1".into(),
+            stable_env: BTreeMap::new(),
+            previous_version: None,
+            previous_env: BTreeMap::new(),
+        };
+        s.upsert_service(&v1).unwrap();
+        let a = s.insert_rollout(&new_rollout("web")).unwrap();
+        let mut row = s.rollout(a).unwrap().unwrap();
+        row.outcome = RolloutOutcome::Promoted;
+        let v2 = ServiceRow {
+            stable_version: "v2".into(),
+            previous_version: Some("v1".into()),
+            ..v1.clone()
+        };
+        // A failing event undoes the service's new stable version with the rollout's end.
+        let bad = [event("web", Some(999), "bad")];
+        assert!(s.record_transition(&row, &bad, Some(&v2)).is_err());
+        assert_eq!(s.service("web").unwrap(), Some(v1.clone()));
+        // The test switch fails it as a full disk would, and writes nothing.
+        let fault = s.write_fault();
+        fault.set(true);
+        let ok = [event("web", Some(a), "promoted")];
+        let err = s.record_transition(&row, &ok, Some(&v2)).unwrap_err();
+        assert!(err.to_string().contains("full"), "{err}");
+        assert_eq!(s.service("web").unwrap(), Some(v1));
+        fault.set(false);
+        s.record_transition(&row, &ok, Some(&v2)).unwrap();
+        assert_eq!(s.service("web").unwrap(), Some(v2));
+        assert_eq!(
+            s.rollout(a).unwrap().unwrap().outcome,
+            RolloutOutcome::Promoted
+        );
     }
 
     #[test]

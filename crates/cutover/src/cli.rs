@@ -40,9 +40,16 @@ pub enum Command {
     Up {
         /// Restart the running daemon in place on the binary now at its path (an upgrade),
         /// losing no request, and wait until it serves again.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "reset_state")]
         upgrade: bool,
+        /// Start although the state database is missing, empty or damaged (a damaged one is
+        /// kept, renamed): the config's versions are deployed, whatever had been promoted.
+        #[arg(long)]
+        reset_state: bool,
     },
+    /// The daemon's state on disk: its snapshots, and restoring one.
+    #[command(subcommand)]
+    State(StateCommand),
     /// Apply the edited config to the running daemon (also SIGHUP), losing no request.
     Reload,
     /// Start a rollout of SERVICE to VERSION.
@@ -125,6 +132,19 @@ pub enum Command {
     /// Started by `up`: waits for the daemon to die, then kills what its instances left.
     #[command(name = "__keeper", hide = true)]
     Keeper { state_dir: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StateCommand {
+    /// The snapshots of the state (one after every finished rollout, the last 10), newest
+    /// first.
+    List(ReadOpts),
+    /// Replace the state database with a snapshot (the newest sound one unless named); the
+    /// daemon must be stopped. The database it replaces is kept, renamed.
+    Restore {
+        /// A snapshot's name as `cutover state list` shows it, or its path.
+        snapshot: Option<String>,
+    },
 }
 
 #[derive(Args, Debug)]

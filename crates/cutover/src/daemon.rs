@@ -42,7 +42,8 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
 /// The longest a restart in place waits for connections to finish their requests and park.
 const HANDOVER_DRAIN: Duration = Duration::from_secs(10);
 
-pub fn up(settings: Settings) -> CliResult {
+/// `reset_state`: start even on a missing or damaged state database (see `state`).
+pub fn up(settings: Settings, reset_state: bool) -> CliResult {
     let builder = if settings.daemon.worker_threads == 1 {
         // One worker: a current-thread runtime avoids the cross-thread hand-offs that a
         // one-thread multi-thread runtime still pays for.
@@ -65,7 +66,7 @@ pub fn up(settings: Settings) -> CliResult {
     let (done_tx, done) = std::sync::mpsc::channel();
     let plane = std::thread::Builder::new()
         .name("cutover-proxy".into())
-        .spawn(move || rt.block_on(run(settings, MainThread { jobs, done })))
+        .spawn(move || rt.block_on(run(settings, reset_state, MainThread { jobs, done })))
         .map_err(|e| CliError::new(Code::Failure, format!("cannot start the proxy thread: {e}")))?;
     if let Ok(job) = job.recv() {
         let _ = done_tx.send(job());
@@ -195,8 +196,10 @@ struct Restart {
     parked: Vec<cutover_proxy::ParkedConn>,
 }
 
-async fn run(settings: Settings, main: MainThread) -> CliResult {
+async fn run(settings: Settings, reset_state: bool, main: MainThread) -> CliResult {
     let mut taken = handover::take().map_err(|e| CliError::new(Code::Failure, e))?;
+    // Damaged or lost state is refused before anything opens (and so creates) the database.
+    crate::state::check_at_start(&settings.daemon.state_dir, reset_state)?;
     let store = Store::open(&settings.daemon.state_dir).map_err(|e| {
         CliError::new(
             Code::Failure,
@@ -206,6 +209,13 @@ async fn run(settings: Settings, main: MainThread) -> CliResult {
             ),
         )
     })?;
+    // The record of promoted versions exists from the first start on (a state dir from before
+    // it gets one now), so that a database lost later is noticed.
+    if !cutover_store::integrity::record_path(&settings.daemon.state_dir).exists()
+        && let Err(e) = store.save_record()
+    {
+        tracing::warn!(error = %e, "could not write the record of promoted versions");
+    }
     let token = cutover_store::ensure_token(&settings.daemon.state_dir)
         .map_err(|e| CliError::new(Code::Failure, format!("cannot set up the API token: {e}")))?;
     let mut inherited = taken
@@ -289,11 +299,7 @@ async fn run(settings: Settings, main: MainThread) -> CliResult {
         }
     }
     let (stop_api, api_stopping) = watch::channel(false);
-    let api_state = ApiState {
-        controller,
-        metrics: metrics.clone(),
-        token: Arc::from(token.as_str()),
-    };
+    let api_state = ApiState::new(controller, metrics.clone(), &token);
     let api_addr = listeners.api.local_addr().unwrap_or(settings.daemon.api);
     let api = tokio::spawn(cutover_api::serve(
         listeners.api,

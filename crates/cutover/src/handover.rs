@@ -233,8 +233,9 @@ pub fn exec(
             .trim_end_matches(" (deleted)")
             .to_owned(),
     );
-    let mut args = std::env::args_os();
-    args.next();
+    // `--reset-state` accepted the state once, at that start; a restart must not accept a
+    // database that went bad since without being asked again.
+    let args = std::env::args_os().skip(1).filter(|a| a != "--reset-state");
     use std::os::unix::process::CommandExt;
     let err = std::process::Command::new(&exe)
         .args(args)

@@ -19,6 +19,7 @@ mod notify;
 mod output;
 mod render;
 mod series;
+mod state;
 
 use std::process::ExitCode;
 
@@ -38,7 +39,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Up { upgrade: false } => "info",
+        Command::Up { upgrade: false, .. } => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CUTOVER_LOG")
@@ -83,8 +84,15 @@ fn run(cli: Cli) -> CliResult {
     match &cli.command {
         Command::Init { force } => commands::init(&cli.config, *force),
         Command::Validate(r) => commands::validate(&load(&cli)?, r.json),
-        Command::Up { upgrade: false } => daemon::up(load(&cli)?),
-        Command::Up { upgrade: true } => handover::ask(&load(&cli)?, handover::Ask::Upgrade),
+        Command::Up {
+            upgrade: false,
+            reset_state,
+        } => daemon::up(load(&cli)?, *reset_state),
+        Command::Up { upgrade: true, .. } => handover::ask(&load(&cli)?, handover::Ask::Upgrade),
+        Command::State(cli::StateCommand::List(r)) => state::list(&load(&cli)?, r.json),
+        Command::State(cli::StateCommand::Restore { snapshot }) => {
+            state::restore(&load(&cli)?, snapshot.as_deref())
+        }
         Command::Reload => handover::ask(&load(&cli)?, handover::Ask::Reload),
         Command::DemoApp(a) => demo::demo_app(a),
         Command::Logs(a) => logs::run(&load(&cli)?, a),

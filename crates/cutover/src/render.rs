@@ -38,6 +38,9 @@ pub fn service(s: &Service, events: usize) -> String {
             .map(|p| format!("  preview {p}"))
             .unwrap_or_default()
     );
+    if let Some(why) = &s.degraded {
+        let _ = writeln!(out, "  DEGRADED  {why}");
+    }
     let _ = writeln!(out, "  weights");
     let mut weights: Vec<(&String, &u8)> = s.weights.iter().collect();
     weights.sort_by_key(|(v, _)| (**v != s.stable, (*v).clone()));

@@ -69,6 +69,8 @@ pub struct Daemon {
     pub preview: SocketAddr,
     /// Extra environment for `cutover up`.
     pub env: Vec<(String, String)>,
+    /// Extra arguments for `cutover up` (e.g. `--reset-state`).
+    pub up_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -111,6 +113,7 @@ impl Daemon {
             web: SocketAddr::from(([127, 0, 0, 1], web)),
             preview: SocketAddr::from(([127, 0, 0, 1], preview)),
             env: Vec::new(),
+            up_args: Vec::new(),
             child: None,
         }
     }
@@ -135,6 +138,7 @@ impl Daemon {
             .unwrap();
         let child = Command::new(EXE)
             .args(["-c", config, "up"])
+            .args(&self.up_args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .current_dir(cwd)
             .stdin(Stdio::null())

@@ -13,3 +13,4 @@ mod harness;
 mod processes;
 mod restart;
 mod rollouts;
+mod state;
