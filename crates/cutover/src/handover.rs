@@ -321,7 +321,7 @@ pub fn ask(settings: &cutover_config::Settings, what: Ask) -> crate::exit::CliRe
         let now = std::fs::read_to_string(boot_path(dir)).unwrap_or_default();
         if !now.is_empty() && now != boot {
             crate::output::err(format_args!(
-                "cutover: {} in {:.1}s: the daemon serves again, no connection dropped",
+                "cutover: {} in {:.2}s: the daemon serves again (same pid, instances and connections kept)",
                 match what {
                     Ask::Reload => "reloaded",
                     Ask::Upgrade => "upgraded",
