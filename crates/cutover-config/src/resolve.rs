@@ -110,12 +110,6 @@ fn valid_service_name(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
-pub fn valid_version(s: &str) -> bool {
-    !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-}
-
 /// A program written as a relative path (`./shop`, `bin/shop`) is the one beside the config
 /// file, like `state_dir`, wherever cutover is run from; the path is made absolute so that
 /// `validate` shows what will run. A bare name (`python3`, or `cutover` for cutover itself) is
@@ -309,18 +303,13 @@ fn service(
         .map(|r| r.get_ref().as_str())
         .unwrap_or("process");
     let version = match &s.version {
-        Some(v) if valid_version(v.get_ref()) => Some(Version::new(v.get_ref())),
-        Some(v) => {
-            cx.err(
-                v,
-                k("version"),
-                format!(
-                    "{:?} is not a version label (letters, digits, '.', '_', '-')",
-                    v.get_ref()
-                ),
-            );
-            None
-        }
+        Some(v) => match Version::parse(v.get_ref()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                cx.err(v, k("version"), e.to_string());
+                None
+            }
+        },
         None => Some(Version::new("v1")),
     };
 
@@ -402,12 +391,8 @@ fn service(
                     let mut map = BTreeMap::new();
                     for (v, addrs) in u.get_ref() {
                         let key = format!("{}.{}", k("upstreams"), v.get_ref());
-                        if !valid_version(v.get_ref()) {
-                            cx.err(
-                                v,
-                                key.clone(),
-                                "is not a version label (letters, digits, '.', '_', '-')",
-                            );
+                        if let Err(e) = Version::parse(v.get_ref()) {
+                            cx.err(v, key.clone(), e.to_string());
                         }
                         if addrs.get_ref().is_empty() {
                             cx.err(addrs, key.clone(), "has no addresses; list at least one");

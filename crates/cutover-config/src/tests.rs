@@ -172,7 +172,20 @@ fn broken_configs_name_file_line_column_and_key() {
         ),
         (
             web("version = \"v 2\"\n"),
-            "cutover.toml:4:11: services.web.version: \"v 2\" is not a version label (letters, digits, '.', '_', '-')",
+            "cutover.toml:4:11: services.web.version: version \"v 2\" contains ' '; a version is 1-128 letters, digits, '.', '_' or '-', not starting with '-' or '.'",
+        ),
+        // A label becomes `{version}` in an instance's argv: no option look-alikes.
+        (
+            web("version = \"-rf\"\n"),
+            "cutover.toml:4:11: services.web.version: version \"-rf\" starts with '-'; a version is 1-128 letters, digits, '.', '_' or '-', not starting with '-' or '.'",
+        ),
+        (
+            format!("{static_api}version = \"v1\"\nupstreams = {{ v1 = [\"127.0.0.1:1\"], \"--help\" = [\"127.0.0.1:2\"] }}\n"),
+            "cutover.toml:5:37: services.api.upstreams.--help: version \"--help\" starts with '-'; a version is 1-128 letters, digits, '.', '_' or '-', not starting with '-' or '.'",
+        ),
+        (
+            web(&format!("version = \"{}\"\n", "v".repeat(10_000))),
+            "cutover.toml:4:11: services.web.version: version \"vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv…\" is 10000 characters long, more than 128; a version is 1-128 letters, digits, '.', '_' or '-', not starting with '-' or '.'",
         ),
         (
             web("strategy = \"yolo\"\n"),

@@ -593,18 +593,9 @@ impl Driver {
                 a.rollout.phase()
             )));
         }
-        let version = Version::new(req.version.trim());
-        if version.as_str().is_empty()
-            || !version
-                .as_str()
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-        {
-            return Err(ControlError::BadRequest(format!(
-                "version {:?} is not a valid label (letters, digits, '.', '_', '-')",
-                req.version
-            )));
-        }
+        // The one rule for labels (config, CLI and API alike): it reaches instances' argv.
+        let version = Version::parse(req.version.trim())
+            .map_err(|e| ControlError::BadRequest(e.to_string()))?;
         if version == svc.stable {
             return Err(ControlError::Conflict(format!(
                 "{name} already runs {version} as stable"

@@ -9,13 +9,15 @@
 //! on verbatim, followed by [`Chunk`]) or, for an answer, by the upstream closing. Routing,
 //! accounting, error texts and draining are `forward.rs`'s, shared.
 //!
-//! It takes only what it fully understands: HTTP/1.1, an origin-form target, a Host, a body
+//! It takes only what it fully understands: HTTP/1.1, an origin-form target, one Host, a body
 //! delimited by one Content-Length or by chunked, no Upgrade, no Expect other than
 //! `100-continue` (which it answers itself once the request is routed). At the first request
 //! it does not take, the connection goes to hyper's path for good, with the bytes already read
-//! ([`Prefixed`]); hyper also answers every head that does not parse. One request it answers itself: Content-Length together with
-//! Transfer-Encoding (in either order) gets 400, the smuggling attempt RFC 9112 §6.3 allows a
-//! server to reject; hyper would resolve it in favour of chunked instead.
+//! ([`Prefixed`]); hyper also answers every head that does not parse. Two kinds of request it
+//! answers itself with 400: Content-Length together with Transfer-Encoding (in either order),
+//! the smuggling attempt RFC 9112 §6.3 allows a server to reject (hyper would resolve it in
+//! favour of chunked instead), and an HTTP/1.1 request without a Host or with several (RFC
+//! 9112 §3.2; hyper's path refuses them too, in `forward.rs`).
 //!
 //! It must never forward bytes it cannot frame: an upstream answer whose framing breaks ends
 //! the client connection, and an upstream connection is reused only after a response that
@@ -381,7 +383,7 @@ fn parse_request(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
     };
     lines.clear();
     let (mut declared, mut other, mut expect_continue) = (Declared::default(), false, false);
-    let (mut host, mut pin, mut forwarded_for) = (None, None, None);
+    let (mut host, mut hosts, mut pin, mut forwarded_for) = (None, 0usize, None, None);
     let (mut forwarded_proto, mut forwarded_host) = (false, false);
     for h in req.headers.iter() {
         let (name, value) = (h.name, h.value);
@@ -405,6 +407,7 @@ fn parse_request(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
         } else if is(name, "upgrade") {
             other = true;
         } else if is(name, "host") {
+            hosts += 1;
             host.get_or_insert(range_in(buf, value));
         } else if is(name, "x-cutover-version") {
             pin.get_or_insert(range_in(buf, value));
@@ -431,8 +434,14 @@ fn parse_request(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
     if te && lengths > 0 {
         return Parsed::Reject("400 Bad Request: Content-Length together with Transfer-Encoding");
     }
-    let Some(host) = host else {
-        return Parsed::Hyper;
+    // RFC 9112 §3.2: an HTTP/1.1 request with no Host, or with more than one, gets 400 (two
+    // would let the proxy and the instance disagree on which site is asked for).
+    let host = match (host, hosts) {
+        (Some(h), 1) => h,
+        (None, _) => {
+            return Parsed::Reject("400 Bad Request: an HTTP/1.1 request needs a Host header");
+        }
+        (Some(_), _) => return Parsed::Reject("400 Bad Request: more than one Host header"),
     };
     // An invalid or ambiguous length, or a transfer coding other than chunked last, cannot be
     // delimited: hyper answers 400 in its words.
@@ -1246,6 +1255,27 @@ mod tests {
     }
 
     #[test]
+    fn http11_requests_need_exactly_one_host() {
+        for (raw, why) in [
+            ("GET / HTTP/1.1\r\n\r\n", "needs a Host"),
+            ("GET / HTTP/1.1\r\nAccept: */*\r\n\r\n", "needs a Host"),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                "more than one Host",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",
+                "more than one Host",
+            ),
+        ] {
+            match request(raw).0 {
+                Parsed::Reject(m) => assert!(m.contains(why), "{raw:?}: {m}"),
+                other => panic!("{raw:?} not refused: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn http11_requests_with_a_host_and_a_delimited_body_are_taken() {
         let body = |raw: &str| match request(raw).0 {
             Parsed::Take(h) => h.body,
@@ -1272,7 +1302,7 @@ mod tests {
             "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
             "GET / HTTP/1.0\r\nHost: a\r\n\r\n",
-            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.0\r\n\r\n",
             "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
             "PUT / HTTP/1.1\r\nHost: a\r\nExpect: something-else\r\n\r\n",

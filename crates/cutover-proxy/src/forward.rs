@@ -348,7 +348,23 @@ pub(crate) fn route(conn: &Conn, pinned: Option<&str>, started: Instant) -> Resu
     Err(format!("503 Service Unavailable: {}: {why}", state.name))
 }
 
+/// What is wrong with a request's Host headers, if anything (RFC 9112 §3.2): HTTP/1.1 needs
+/// exactly one; HTTP/1.0 may have none, never two. The fast path applies the same rule.
+fn host_problem(req: &Request<Incoming>) -> Option<&'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Some("400 Bad Request: more than one Host header"),
+        (None, _) if req.version() >= http::Version::HTTP_11 => {
+            Some("400 Bad Request: an HTTP/1.1 request needs a Host header")
+        }
+        _ => None,
+    }
+}
+
 async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
+    if let Some(why) = host_problem(&req) {
+        return plain(StatusCode::BAD_REQUEST, why.to_owned(), true);
+    }
     let started = Instant::now();
     let close = conn.take_close();
     let pinned = req

@@ -585,6 +585,60 @@ async fn malformed_requests_get_400_and_never_reach_an_upstream() {
     );
 }
 
+/// RFC 9112 §3.2 on both paths: an HTTP/1.1 request with no Host or with two gets 400 and
+/// never reaches an instance; HTTP/1.0 may omit it. A connection's first absolute-form
+/// request moves it to hyper's path, so the requests after it test that path.
+#[tokio::test]
+async fn requests_without_exactly_one_host_get_400_on_both_paths() {
+    let up = upstream("blue").await;
+    let h = Harness::serving(up.addr).await;
+    let to_hyper = "POST http://x/count HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi";
+    for (name, bad) in [
+        (
+            "no Host",
+            "POST /count HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi",
+        ),
+        (
+            "two Hosts",
+            "POST /count HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 2\r\n\r\nhi",
+        ),
+        (
+            "two Hosts, HTTP/1.0",
+            "POST /count HTTP/1.0\r\nHost: a\r\nHost: b\r\nContent-Length: 2\r\n\r\nhi",
+        ),
+        (
+            "absolute form, no Host",
+            "POST http://x/count HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi",
+        ),
+    ] {
+        let text = raw_exchange(h.addr, bad).await;
+        // hyper answers an HTTP/1.0 request in HTTP/1.0.
+        assert!(
+            text.starts_with("HTTP/1.1 400") || text.starts_with("HTTP/1.0 400"),
+            "{name}, first: {text:?}"
+        );
+        assert!(
+            text.contains("Host"),
+            "{name}: the answer says why: {text:?}"
+        );
+        let text = raw_exchange(h.addr, &format!("{to_hyper}{bad}")).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{name}, after: {text:?}");
+        assert_eq!(
+            text.matches(" 400 Bad Request").count(),
+            1,
+            "{name}: {text:?}"
+        );
+    }
+    assert_eq!(
+        up.bodies_completed.load(Ordering::SeqCst),
+        4,
+        "only the four requests that moved connections to hyper reached the upstream"
+    );
+    // HTTP/1.0 without a Host is still served (the upstream gets the instance's address).
+    let text = raw_exchange(h.addr, "GET / HTTP/1.0\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.0 200"), "{text:?}");
+}
+
 /// A connection that sent an absolute-form request (as to a forward proxy) is served by hyper
 /// from then on; there,
 /// Content-Length with Transfer-Encoding is resolved as RFC 9112 §6.3 says (chunked wins, the

@@ -205,6 +205,10 @@ pub struct DeployArgs<'a> {
 }
 
 pub async fn deploy(client: &Client, a: DeployArgs<'_>) -> CliResult {
+    // The daemon applies the same rule; checking here makes a typo a usage error (exit 2)
+    // before anything is read or sent.
+    cutover_core::Version::parse(a.version.trim())
+        .map_err(|e| CliError::new(Code::Usage, e.to_string()))?;
     // The file first, so that `--env` overrides it (CONTRACT §12).
     let mut env = match a.env_file {
         Some(p) => parse_env_file(p)?,
