@@ -29,6 +29,9 @@ pub struct Settings {
     /// In the order of their names.
     pub services: Vec<ServiceSettings>,
     pub notify: NotifySettings,
+    /// What is valid but probably not meant (an API reachable from other machines, say):
+    /// `validate` prints these and `up` logs them.
+    pub warnings: Vec<Diagnostic>,
 }
 
 impl Settings {
@@ -62,6 +65,10 @@ pub struct ServiceSettings {
     pub health: HealthSpec,
     pub rollout: RolloutSpec,
     pub upstream_timeout: Duration,
+    /// Open client connections the proxy keeps for this service (main and preview listeners
+    /// together); beyond it the oldest idle one is closed, or the new one gets a 503. `None`:
+    /// derived from the daemon's descriptor limit at start.
+    pub max_connections: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

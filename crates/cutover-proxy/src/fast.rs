@@ -38,6 +38,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::forward::{self, Conn, Failed, Routed};
+use crate::limit::Admitted;
 use crate::upstream::Pool;
 
 /// Header lines parsed per head, as many as hyper allows on its path.
@@ -69,6 +70,7 @@ pub(crate) async fn serve(
     conn: &Conn,
     client: TcpStream,
     mut stop: watch::Receiver<bool>,
+    admitted: &Admitted,
 ) -> Served {
     // `idle`: waiting for the first byte of a request, so stopping may close at once.
     // `closing`: the proxy stops; finish the request under way and close.
@@ -78,14 +80,13 @@ pub(crate) async fn serve(
         AtomicBool::new(false),
         AtomicBool::new(false),
     );
-    let park = tokio::sync::Notify::new();
-    let mut run = std::pin::pin!(run(conn, client, &idle, &closing, (&parking, &park)));
+    let mut run = std::pin::pin!(run(conn, client, &idle, &closing, (&parking, admitted)));
     tokio::select! {
         r = run.as_mut() => r,
         _ = forward::stopped(&mut stop) => {
             if conn.ctx.proxy.handing_over() {
                 parking.store(true, Ordering::Relaxed);
-                park.notify_one();
+                admitted.slot.wake.notify_one();
                 return run.await;
             }
             if idle.load(Ordering::Relaxed) {
@@ -108,12 +109,14 @@ struct Bufs {
     lines: Vec<Line>,
 }
 
+/// `admitted.slot.wake` wakes the connection while it waits idle: to park when `parking` is
+/// set, else to close (the service is at `max_connections` and this one was idle longest).
 async fn run(
     conn: &Conn,
     mut client: TcpStream,
     idle: &AtomicBool,
     closing: &AtomicBool,
-    (parking, park): (&AtomicBool, &tokio::sync::Notify),
+    (parking, admitted): (&AtomicBool, &Admitted),
 ) -> Served {
     let mut b = Bufs {
         input: BytesMut::with_capacity(HEAD_BUF),
@@ -164,9 +167,9 @@ async fn run(
             let was_idle = b.input.is_empty();
             if was_idle && armed.is_none() {
                 armed = Some(Wait::Idle);
-                deadline
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + limits.idle);
+                let now = tokio::time::Instant::now();
+                deadline.as_mut().reset(now + limits.idle);
+                admitted.idle(now);
             }
             idle.store(was_idle, Ordering::Relaxed);
             b.input.reserve(HEAD_BUF);
@@ -175,11 +178,22 @@ async fn run(
                 biased;
                 r = client.read_buf(&mut b.input) => match r {
                     Ok(0) | Err(_) => return Served::Done,
-                    Ok(_) => idle.store(false, Ordering::Relaxed),
+                    Ok(_) => {
+                        if was_idle {
+                            admitted.busy();
+                        }
+                        idle.store(false, Ordering::Relaxed);
+                    }
                 },
                 // Nothing of a next request has been read: whatever the client sends now
-                // waits in the socket for the process that takes the connection over.
-                _ = park.notified(), if was_idle => return Served::Parked(client),
+                // waits in the socket for the process that takes the connection over. Or,
+                // not handing over, this idle connection makes room for a new one.
+                _ = admitted.slot.wake.notified(), if was_idle => {
+                    if parking.load(Ordering::Relaxed) {
+                        return Served::Parked(client);
+                    }
+                    return Served::Done;
+                }
                 _ = &mut deadline => {
                     // An idle keep-alive connection just closes; a head that does not come
                     // whole in time (a slow or stalled client) is told why.

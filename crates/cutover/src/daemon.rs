@@ -97,7 +97,8 @@ struct Listeners {
 }
 
 async fn bind(addr: SocketAddr, key: &str) -> CliResult<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
+    // A backlog of 4096, not mio's default (an inherited listener keeps the one it had).
+    crate::limits::listen(addr).map_err(|e| {
         CliError::new(
             Code::Usage,
             format!("cannot listen on {addr} ({key}): {e}; choose another address in the config"),
@@ -196,6 +197,11 @@ struct Restart {
 }
 
 async fn run(settings: Settings, main: MainThread) -> CliResult {
+    for w in &settings.warnings {
+        tracing::warn!("{w}");
+    }
+    // Before any descriptor is opened; the default max_connections follows from the result.
+    let default_max_connections = crate::limits::prepare(&settings);
     let mut taken = handover::take().map_err(|e| CliError::new(Code::Failure, e))?;
     let store = Store::open(&settings.daemon.state_dir).map_err(|e| {
         CliError::new(
@@ -255,6 +261,9 @@ async fn run(settings: Settings, main: MainThread) -> CliResult {
             upstream_timeout: s.upstream_timeout,
             connect_timeout: CONNECT_TIMEOUT,
             client: ClientTimeouts::default(),
+            max_connections: s
+                .max_connections
+                .map_or(default_max_connections, |m| m as usize),
         };
         // Replaced by the table the controller already published.
         let initial = RouteTable::single(s.name.clone(), s.version.clone(), Vec::new());

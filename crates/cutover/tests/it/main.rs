@@ -8,6 +8,7 @@ mod cli;
 mod dashboard;
 mod daytwo;
 mod evidence;
+mod harden;
 mod harness;
 mod processes;
 mod restart;
