@@ -148,5 +148,41 @@ pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
     resolve::resolve(raw, text, path)
 }
 
+/// The config loader run on arbitrary bytes with its promise checked, for the fuzz target in
+/// `fuzz/` and the seeded fuzz test; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    /// Loads `data` (lossily as UTF-8, as a file with a stray byte would be read) as
+    /// `cutover.toml`: it must give settings or diagnostics that each point at a place in
+    /// the text (line ≥ 1, column ≥ 1, within the file) and name the file; never a panic.
+    pub fn config(data: &[u8]) {
+        let text = String::from_utf8_lossy(data);
+        let path = Path::new("cutover.toml");
+        let lines = text.split('\n').count();
+        let located = |d: &crate::Diagnostic| {
+            d.line >= 1 && d.line <= lines && d.column >= 1 && d.file == path
+        };
+        match crate::parse(&text, path) {
+            Ok(s) => {
+                for w in &s.warnings {
+                    assert!(located(w), "warning {w:?} for {text:?}");
+                }
+            }
+            Err(e) => {
+                assert!(
+                    !e.diagnostics.is_empty(),
+                    "an error without a diagnostic: {text:?}"
+                );
+                for d in &e.diagnostics {
+                    assert!(located(d), "diagnostic {d:?} for {text:?}");
+                }
+                let _ = e.to_string();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

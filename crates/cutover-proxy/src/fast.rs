@@ -38,6 +38,9 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::forward::{self, Conn, Failed, Routed};
+
+#[doc(hidden)]
+pub mod fuzzing;
 use crate::limit::Admitted;
 use crate::upstream::Pool;
 
@@ -373,8 +376,14 @@ fn named_by(tokens: &[&[u8]], name: &str) -> bool {
 }
 
 fn parse_request(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
+    parse_request_with::<MAX_HEADERS>(buf, lines)
+}
+
+/// [`parse_request`] with room for `N` header lines (the fuzz checks re-read the heads the
+/// proxy writes, which may have a few more lines than it reads).
+fn parse_request_with<const N: usize>(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
     // Uninitialised: zeroing a hundred header slots per request would cost more than parsing.
-    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut headers = [const { MaybeUninit::uninit() }; N];
     let mut req = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
         &mut req,
@@ -423,6 +432,10 @@ fn parse_request(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
         } else if is(name, "host") {
             hosts += 1;
             host.get_or_insert(range_in(buf, value));
+            // Never named away by `Connection: host` (found by fuzzing): the instance would
+            // get an HTTP/1.1 request without a Host.
+            push(lines, buf, name, value);
+            continue;
         } else if is(name, "x-cutover-version") {
             pin.get_or_insert(range_in(buf, value));
         } else if is(name, "x-forwarded-for") {
@@ -490,14 +503,20 @@ fn parse_request(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
 /// Writes the upstream's request head: the client's, less hop-by-hop headers, with
 /// `X-Forwarded-For` (the client's chain plus its address), `-Proto` and `-Host` added as
 /// hyper's path does.
-fn write_request(conn: &Conn, head: &Head, input: &[u8], lines: &[Line], out: &mut Vec<u8>) {
+fn write_request(
+    peer_ip: Option<&http::HeaderValue>,
+    head: &Head,
+    input: &[u8],
+    lines: &[Line],
+    out: &mut Vec<u8>,
+) {
     out.clear();
     out.extend_from_slice(slice(input, head.method.clone()));
     out.push(b' ');
     out.extend_from_slice(slice(input, head.target.clone()));
     out.extend_from_slice(b" HTTP/1.1\r\n");
     write_lines(out, input, lines);
-    if let Some(ip) = &conn.peer_ip {
+    if let Some(ip) = peer_ip {
         out.extend_from_slice(b"x-forwarded-for: ");
         if let Some(prev) = &head.forwarded_for {
             out.extend_from_slice(slice(input, prev.clone()));
@@ -603,7 +622,7 @@ async fn proxy(
     {
         return false;
     }
-    write_request(conn, head, input, &b.lines, &mut b.out);
+    write_request(conn.peer_ip.as_ref(), head, input, &b.lines, &mut b.out);
     let from = head.len.min(b.input.len());
     b.out
         .extend_from_slice(b.input.get(from..from + first).unwrap_or_default());
@@ -729,7 +748,16 @@ enum ParsedAnswer {
 }
 
 fn parse_response(buf: &[u8], is_head: bool, lines: &mut Vec<Line>) -> ParsedAnswer {
-    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    parse_response_with::<MAX_HEADERS>(buf, is_head, lines)
+}
+
+/// [`parse_response`] with room for `N` header lines (see [`parse_request_with`]).
+fn parse_response_with<const N: usize>(
+    buf: &[u8],
+    is_head: bool,
+    lines: &mut Vec<Line>,
+) -> ParsedAnswer {
+    let mut headers = [const { MaybeUninit::uninit() }; N];
     let mut resp = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
         &mut resp,
@@ -1339,6 +1367,20 @@ mod tests {
         assert_eq!(names, ["Host", "Accept"]);
         assert_eq!(&raw[head.forwarded_for.clone().unwrap()], "10.0.0.1");
         assert!(!head.close && head.idempotent && !head.is_head);
+    }
+
+    /// Found by fuzzing: `Connection: host` made the fast path drop the Host line from the
+    /// head it sent upstream.
+    #[test]
+    fn connection_cannot_name_the_host_away() {
+        let raw = "GET / HTTP/1.1\r\nHost: a\r\nConnection: host, content-length\r\nContent-Length: 2\r\n\r\nhi";
+        let (Parsed::Take(head), lines) = request(raw) else {
+            panic!("not taken");
+        };
+        let names: Vec<&str> = lines.iter().map(|l| &raw[l.name.clone()]).collect();
+        assert_eq!(names, ["Host", "Content-Length"]);
+        assert!(matches!(head.body, Framing::Length(2)));
+        fuzzing::request_head(raw.as_bytes());
     }
 
     fn response(raw: &str, is_head: bool) -> (Answer, Vec<Line>) {

@@ -281,6 +281,8 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
                 .iter()
                 .any(|n| n.as_str().eq_ignore_ascii_case(t))
         })
+        // `Connection: host` must not take the request's Host away from the instance.
+        .filter(|t| !t.eq_ignore_ascii_case("host"))
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for n in found.into_iter().chain(named) {
@@ -858,6 +860,14 @@ mod tests {
         ]);
         strip_hop_by_hop(&mut h, false);
         assert_eq!(names(&h), ["host", "x-keep"]);
+        // Named or not, Host stays.
+        let mut h = headers(&[
+            ("connection", "host, x-a"),
+            ("host", "example"),
+            ("x-a", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["host"]);
         // Nothing hop-by-hop: untouched.
         let mut h = headers(&[("x-keep", "1")]);
         strip_hop_by_hop(&mut h, false);

@@ -21,6 +21,11 @@ mod upstream;
 
 pub use limit::{FD_RESERVE, MIN_DEFAULT_CONNECTIONS, default_max_connections};
 
+/// The hand-written HTTP/1.1 parsers with their invariants checked, for the fuzz targets
+/// (`fuzz/`) and the seeded fuzz tests; not an API.
+#[doc(hidden)]
+pub use fast::fuzzing;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, RwLock};
