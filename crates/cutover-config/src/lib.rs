@@ -29,6 +29,9 @@ pub struct Settings {
     /// In the order of their names.
     pub services: Vec<ServiceSettings>,
     pub notify: NotifySettings,
+    /// What is valid but probably not meant (an API reachable from other machines, say):
+    /// `validate` prints these and `up` logs them.
+    pub warnings: Vec<Diagnostic>,
 }
 
 impl Settings {
@@ -62,6 +65,10 @@ pub struct ServiceSettings {
     pub health: HealthSpec,
     pub rollout: RolloutSpec,
     pub upstream_timeout: Duration,
+    /// Open client connections the proxy keeps for this service (main and preview listeners
+    /// together); beyond it the oldest idle one is closed, or the new one gets a 503. `None`:
+    /// derived from the daemon's descriptor limit at start.
+    pub max_connections: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -139,6 +146,42 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
 pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
     let raw = raw::parse(text, path)?;
     resolve::resolve(raw, text, path)
+}
+
+/// The config loader run on arbitrary bytes with its promise checked, for the fuzz target in
+/// `fuzz/` and the seeded fuzz test; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    /// Loads `data` (lossily as UTF-8, as a file with a stray byte would be read) as
+    /// `cutover.toml`: it must give settings or diagnostics that each point at a place in
+    /// the text (line ≥ 1, column ≥ 1, within the file) and name the file; never a panic.
+    pub fn config(data: &[u8]) {
+        let text = String::from_utf8_lossy(data);
+        let path = Path::new("cutover.toml");
+        let lines = text.split('\n').count();
+        let located = |d: &crate::Diagnostic| {
+            d.line >= 1 && d.line <= lines && d.column >= 1 && d.file == path
+        };
+        match crate::parse(&text, path) {
+            Ok(s) => {
+                for w in &s.warnings {
+                    assert!(located(w), "warning {w:?} for {text:?}");
+                }
+            }
+            Err(e) => {
+                assert!(
+                    !e.diagnostics.is_empty(),
+                    "an error without a diagnostic: {text:?}"
+                );
+                for d in &e.diagnostics {
+                    assert!(located(d), "diagnostic {d:?} for {text:?}");
+                }
+                let _ = e.to_string();
+            }
+        }
+    }
 }
 
 #[cfg(test)]

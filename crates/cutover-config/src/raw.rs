@@ -61,6 +61,7 @@ pub struct RawService {
     pub rolling: Option<S<RawRolling>>,
     pub scale_down_delay: Option<S<String>>,
     pub analysis: Option<S<RawAnalysisOrOff>>,
+    pub max_connections: Option<S<i64>>,
 }
 
 /// `analysis = false`, or an `[services.X.analysis]` table.

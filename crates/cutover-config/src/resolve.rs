@@ -31,9 +31,21 @@ struct Ctx<'a> {
     text: &'a str,
     file: &'a Path,
     diags: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
 }
 
 impl Ctx<'_> {
+    fn warn<T>(&mut self, v: &S<T>, key: impl Into<String>, message: impl Into<String>) {
+        let (line, column) = line_col(self.text, v.span().start);
+        self.warnings.push(Diagnostic {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
     fn err_at(&mut self, offset: usize, key: impl Into<String>, message: impl Into<String>) {
         let (line, column) = line_col(self.text, offset);
         self.diags.push(Diagnostic {
@@ -110,12 +122,6 @@ fn valid_service_name(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
-pub fn valid_version(s: &str) -> bool {
-    !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-}
-
 /// A program written as a relative path (`./shop`, `bin/shop`) is the one beside the config
 /// file, like `state_dir`, wherever cutover is run from; the path is made absolute so that
 /// `validate` shows what will run. A bare name (`python3`, or `cutover` for cutover itself) is
@@ -145,6 +151,7 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
         text,
         file,
         diags: Vec::new(),
+        warnings: Vec::new(),
     };
     let base = config_dir(file);
 
@@ -158,6 +165,16 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
         let d = d.get_ref();
         if let Some(a) = &d.api {
             daemon.api = cx.addr(a, "daemon.api").unwrap_or(daemon.api);
+            if !daemon.api.ip().is_loopback() {
+                cx.warn(
+                    a,
+                    "daemon.api",
+                    format!(
+                        "{} is reachable from other machines: the API and dashboard (deploy, abort, `--env` values) are then guarded by the token alone, sent in clear over HTTP; listen on 127.0.0.1 and reach it through SSH or a TLS proxy unless this is meant",
+                        daemon.api
+                    ),
+                );
+            }
         }
         if let Some(s) = &d.state_dir {
             if s.get_ref().trim().is_empty() {
@@ -208,6 +225,15 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
     {
         // Checked like the services' listeners: a fixed port, and no address used twice.
         daemon.metrics = claim(&mut cx, &mut listens, m, "daemon.metrics".to_owned());
+        if let Some(a) = daemon.metrics.filter(|a| !a.ip().is_loopback()) {
+            cx.warn(
+                m,
+                "daemon.metrics",
+                format!(
+                    "{a} is reachable from other machines, and /metrics there needs no token (service and version names, traffic, error rates); listen on 127.0.0.1 unless this is meant"
+                ),
+            );
+        }
     }
     let mut services = Vec::new();
     // Checked in file order, so a collision is reported where the second use is written.
@@ -228,11 +254,13 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
     }
     services.sort_by(|a: &ServiceSettings, b| a.name.as_str().cmp(b.name.as_str()));
     if cx.diags.is_empty() {
+        cx.warnings.sort_by_key(|d| (d.line, d.column));
         Ok(Settings {
             file: file.to_owned(),
             daemon,
             services,
             notify,
+            warnings: cx.warnings,
         })
     } else {
         cx.diags.sort_by_key(|d| (d.line, d.column));
@@ -309,18 +337,13 @@ fn service(
         .map(|r| r.get_ref().as_str())
         .unwrap_or("process");
     let version = match &s.version {
-        Some(v) if valid_version(v.get_ref()) => Some(Version::new(v.get_ref())),
-        Some(v) => {
-            cx.err(
-                v,
-                k("version"),
-                format!(
-                    "{:?} is not a version label (letters, digits, '.', '_', '-')",
-                    v.get_ref()
-                ),
-            );
-            None
-        }
+        Some(v) => match Version::parse(v.get_ref()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                cx.err(v, k("version"), e.to_string());
+                None
+            }
+        },
         None => Some(Version::new("v1")),
     };
 
@@ -402,12 +425,8 @@ fn service(
                     let mut map = BTreeMap::new();
                     for (v, addrs) in u.get_ref() {
                         let key = format!("{}.{}", k("upstreams"), v.get_ref());
-                        if !valid_version(v.get_ref()) {
-                            cx.err(
-                                v,
-                                key.clone(),
-                                "is not a version label (letters, digits, '.', '_', '-')",
-                            );
+                        if let Err(e) = Version::parse(v.get_ref()) {
+                            cx.err(v, key.clone(), e.to_string());
                         }
                         if addrs.get_ref().is_empty() {
                             cx.err(addrs, key.clone(), "has no addresses; list at least one");
@@ -742,6 +761,13 @@ fn service(
         Duration::from_secs(30),
     );
 
+    // The daemon derives a default from its descriptor limit; a million connections is more
+    // than any one process's descriptors allow anyway.
+    let max_connections = s
+        .max_connections
+        .as_ref()
+        .map(|v| cx.count(Some(v), &k("max_connections"), 1, 1_000_000, 1));
+
     if cx.diags.len() > errors_before {
         return None;
     }
@@ -753,6 +779,7 @@ fn service(
         health,
         rollout,
         upstream_timeout,
+        max_connections,
     })
 }
 

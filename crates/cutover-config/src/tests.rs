@@ -172,7 +172,20 @@ fn broken_configs_name_file_line_column_and_key() {
         ),
         (
             web("version = \"v 2\"\n"),
-            "cutover.toml:4:11: services.web.version: \"v 2\" is not a version label (letters, digits, '.', '_', '-')",
+            "cutover.toml:4:11: services.web.version: version \"v 2\" contains ' '; a version is 1-128 letters, digits, '.', '_' or '-', not starting with '-' or '.'",
+        ),
+        // A label becomes `{version}` in an instance's argv: no option look-alikes.
+        (
+            web("version = \"-rf\"\n"),
+            "cutover.toml:4:11: services.web.version: version \"-rf\" starts with '-'; a version is 1-128 letters, digits, '.', '_' or '-', not starting with '-' or '.'",
+        ),
+        (
+            format!("{static_api}version = \"v1\"\nupstreams = {{ v1 = [\"127.0.0.1:1\"], \"--help\" = [\"127.0.0.1:2\"] }}\n"),
+            "cutover.toml:5:37: services.api.upstreams.--help: version \"--help\" starts with '-'; a version is 1-128 letters, digits, '.', '_' or '-', not starting with '-' or '.'",
+        ),
+        (
+            web(&format!("version = \"{}\"\n", "v".repeat(10_000))),
+            "cutover.toml:4:11: services.web.version: version \"vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv…\" is 10000 characters long, more than 128; a version is 1-128 letters, digits, '.', '_' or '-', not starting with '-' or '.'",
         ),
         (
             web("strategy = \"yolo\"\n"),
@@ -219,7 +232,7 @@ fn broken_configs_name_file_line_column_and_key() {
         // Found by serde while reading: unknown keys, wrong types, TOML syntax.
         (
             web("bogus = 1\n"),
-            "cutover.toml:4:1: services.web.bogus: unknown key `bogus`; allowed keys: `listen`, `version`, `runtime`, `command`, `env`, `reads_port_env`, `upstreams`, `instances`, `strategy`, `progress_deadline`, `drain_timeout`, `stop_timeout`, `upstream_timeout`, `health`, `canary`, `blue_green`, `rolling`, `scale_down_delay`, `analysis`",
+            "cutover.toml:4:1: services.web.bogus: unknown key `bogus`; allowed keys: `listen`, `version`, `runtime`, `command`, `env`, `reads_port_env`, `upstreams`, `instances`, `strategy`, `progress_deadline`, `drain_timeout`, `stop_timeout`, `upstream_timeout`, `health`, `canary`, `blue_green`, `rolling`, `scale_down_delay`, `analysis`, `max_connections`",
         ),
         (
             web("[services.web.canary]\nsteps = [ { weight = 10, wait = \"5s\" }, { weight = 100 } ]\n"),
@@ -284,6 +297,48 @@ fn a_metrics_listener_is_read() {
     assert_eq!(
         s.daemon.metrics,
         Some("127.0.0.1:9100".parse().expect("addr"))
+    );
+}
+
+#[test]
+fn an_api_or_metrics_listener_other_machines_reach_is_valid_with_a_warning() {
+    let s = parse(
+        &format!("[daemon]\napi = \"0.0.0.0:7070\"\nmetrics = \"[::]:9100\"\n{GOOD_SERVICE}"),
+        Path::new("cutover.toml"),
+    )
+    .expect("valid");
+    let w: Vec<String> = s.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(w.len(), 2, "{w:#?}");
+    assert!(
+        w[0].starts_with(
+            "cutover.toml:2:7: daemon.api: 0.0.0.0:7070 is reachable from other machines"
+        ),
+        "{w:#?}"
+    );
+    assert!(
+        w[1].starts_with(
+            "cutover.toml:3:11: daemon.metrics: [::]:9100 is reachable from other machines"
+        ),
+        "{w:#?}"
+    );
+    // Loopback (the default) says nothing.
+    let s = parse(
+        &format!("[daemon]\napi = \"127.0.0.1:7070\"\nmetrics = \"[::1]:9100\"\n{GOOD_SERVICE}"),
+        Path::new("cutover.toml"),
+    )
+    .expect("valid");
+    assert_eq!(s.warnings, []);
+}
+
+#[test]
+fn max_connections_is_optional_and_positive() {
+    let s = parse(&web("max_connections = 50\n"), Path::new("cutover.toml")).expect("valid");
+    assert_eq!(s.service("web").expect("web").max_connections, Some(50));
+    let s = parse(GOOD_SERVICE, Path::new("cutover.toml")).expect("valid");
+    assert_eq!(s.service("web").expect("web").max_connections, None);
+    check(
+        &web("max_connections = 0\n"),
+        "cutover.toml:4:19: services.web.max_connections: 0 is below 1",
     );
 }
 

@@ -692,18 +692,9 @@ impl Driver {
                 a.rollout.phase()
             )));
         }
-        let version = Version::new(req.version.trim());
-        if version.as_str().is_empty()
-            || !version
-                .as_str()
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-        {
-            return Err(ControlError::BadRequest(format!(
-                "version {:?} is not a valid label (letters, digits, '.', '_', '-')",
-                req.version
-            )));
-        }
+        // The one rule for labels (config, CLI and API alike): it reaches instances' argv.
+        let version = Version::parse(req.version.trim())
+            .map_err(|e| ControlError::BadRequest(e.to_string()))?;
         // The same version with another environment is a new revision of it, rolled out like
         // any other version (`v1@r2`); with the same environment there is nothing to do.
         let mut version = version;

@@ -17,7 +17,7 @@ mod stats;
 mod time;
 
 pub use health::{Health, HealthChange, HealthSpec};
-pub use names::{InstanceId, ServiceName, Version};
+pub use names::{BadVersion, InstanceId, MAX_VERSION_LEN, ServiceName, Version};
 pub use phase::{NoEvidence, Phase, RolloutOutcome, StrategyKind};
 pub use route::{Backend, DataPlane, RouteTable, RouteVersion, Weight, WeightError};
 pub use spec::{AnalysisSpec, BlueGreenSpec, CanaryStep, RollingSpec, RolloutSpec};

@@ -1,8 +1,11 @@
 //! Names of services, versions and instances.
 //!
 //! They are cheap to clone (`Arc<str>`) because the proxy and the metrics keep them in every
-//! route table and per-version counter. They validate nothing themselves: what a legal name is
-//! belongs to `cutover-config`.
+//! route table and per-version counter. Constructing one validates nothing; what a legal
+//! service name is belongs to `cutover-config`. A version label is checked here, by
+//! [`Version::parse`], because three doors let one in (the config, the CLI and the API) and
+//! a label ends up in an instance's argv (`{version}`), in file and container names and in
+//! metric labels: all three must apply one rule (CONTRACT §12).
 
 use std::fmt;
 use std::sync::Arc;
@@ -104,6 +107,81 @@ name_type!(
     InstanceId
 );
 
+/// The longest version label accepted.
+pub const MAX_VERSION_LEN: usize = 128;
+
+/// Why a string is not a version label. Its message quotes (the start of) the label.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadVersion {
+    /// The label as given, cut to a readable length.
+    shown: String,
+    why: BadVersionKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum BadVersionKind {
+    Empty,
+    TooLong(usize),
+    /// Starts with `-` (it would read as an option in an instance's argv) or `.` (a hidden or
+    /// relative file name).
+    Leading(char),
+    Char(char),
+}
+
+impl fmt::Display for BadVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.why {
+            BadVersionKind::Empty => f.write_str("the version label is empty")?,
+            BadVersionKind::TooLong(n) => write!(
+                f,
+                "version {:?} is {n} characters long, more than {MAX_VERSION_LEN}",
+                self.shown
+            )?,
+            BadVersionKind::Leading(c) => {
+                write!(f, "version {:?} starts with {c:?}", self.shown)?;
+            }
+            BadVersionKind::Char(c) => write!(f, "version {:?} contains {c:?}", self.shown)?,
+        }
+        f.write_str(
+            "; a version is 1-128 letters, digits, '.', '_' or '-', not starting with '-' or '.'",
+        )
+    }
+}
+
+impl std::error::Error for BadVersion {}
+
+impl Version {
+    /// A version label as the config, the CLI and the API accept it: 1–128 characters of
+    /// `[A-Za-z0-9._-]`, not starting with `-` or `.` (CONTRACT §12).
+    pub fn parse(s: &str) -> Result<Version, BadVersion> {
+        let bad = |why| {
+            // Enough to recognise it; a 10,000-character label is not echoed whole.
+            let mut shown: String = s.chars().take(40).collect();
+            if shown.len() < s.len() {
+                shown.push('…');
+            }
+            Err(BadVersion { shown, why })
+        };
+        let n = s.chars().count();
+        if n == 0 {
+            return bad(BadVersionKind::Empty);
+        }
+        if n > MAX_VERSION_LEN {
+            return bad(BadVersionKind::TooLong(n));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c)))
+        {
+            return bad(BadVersionKind::Char(c));
+        }
+        if let Some(c) = s.chars().next().filter(|c| matches!(c, '-' | '.')) {
+            return bad(BadVersionKind::Leading(c));
+        }
+        Ok(Version::new(s))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +193,32 @@ mod tests {
         let r = Version::revision_of("v1", 3);
         assert_eq!((r.as_str(), r.base(), r.revision()), ("v1@r3", "v1", 3));
         assert_eq!(Version::revision_of("v1", 1), v);
+    }
+
+    #[test]
+    fn version_labels() {
+        for ok in ["v1", "2024.11.30", "v2-rc_1", "A", "1", &"x".repeat(128)] {
+            assert_eq!(Version::parse(ok).map(|v| v.to_string()).as_deref(), Ok(ok));
+        }
+        for (bad, says) in [
+            ("", "is empty"),
+            ("-rf", "starts with '-'"),
+            ("--help", "starts with '-'"),
+            (".hidden", "starts with '.'"),
+            ("..", "starts with '.'"),
+            ("v 2", "contains ' '"),
+            ("v2/../x", "contains '/'"),
+            ("v2\n", "contains '\\n'"),
+            ("é", "contains 'é'"),
+            ("v2;rm", "contains ';'"),
+        ] {
+            let e = Version::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad:?}: {e}");
+            assert!(e.ends_with("not starting with '-' or '.'"), "{e}");
+        }
+        let long = "v".repeat(10_000);
+        let e = Version::parse(&long).unwrap_err().to_string();
+        assert!(e.contains("10000 characters long, more than 128"), "{e}");
+        assert!(e.len() < 200, "the label is not echoed whole: {e}");
     }
 }

@@ -18,7 +18,7 @@ use cutover_core::{
 };
 use hdrhistogram::Histogram;
 
-/// The metric names of CONTRACT §6.
+/// The metric names of CONTRACT §6, and those added since; defined here only.
 pub mod names {
     pub const REQUESTS: &str = "cutover_requests_total";
     pub const DURATION: &str = "cutover_request_duration_seconds";
@@ -26,6 +26,9 @@ pub mod names {
     pub const INSTANCES: &str = "cutover_instances";
     pub const ROLLOUTS: &str = "cutover_rollouts_total";
     pub const UPSTREAM_ERRORS: &str = "cutover_upstream_errors_total";
+    // The proxy's client connections per service (CONTRACT §12, `max_connections`).
+    pub const CONNECTIONS_OPEN: &str = "cutover_connections_open";
+    pub const CONNECTIONS_REJECTED: &str = "cutover_connections_rejected_total";
 }
 
 /// Upper bounds of the Prometheus histogram buckets, in seconds.
@@ -166,6 +169,41 @@ struct Series {
     points: VecDeque<SeriesPoint>,
 }
 
+/// A service's client connections, counted by the proxy as they open, close and are turned
+/// away (the proxy also decides admissions by `open`, so the gauge is the number it acts on).
+#[derive(Debug, Default)]
+pub struct ConnectionCounts {
+    open: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl ConnectionCounts {
+    pub fn opened(&self) {
+        self.open.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn closed(&self) {
+        // Never below zero, even if a close were counted twice.
+        let _ = self
+            .open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// A connection answered 503 and closed at once: the service had `max_connections` open
+    /// and none of them idle.
+    pub fn rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn open(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+}
+
 type Key = (ServiceName, Version);
 /// Instance counts of one service, by version and health.
 type InstanceCounts = Vec<(Version, Health, u64)>;
@@ -177,6 +215,7 @@ struct Inner {
     instances: Mutex<BTreeMap<ServiceName, InstanceCounts>>,
     rollouts: Mutex<BTreeMap<(ServiceName, &'static str), u64>>,
     series: Mutex<HashMap<Key, Series>>,
+    connections: Mutex<BTreeMap<ServiceName, Arc<ConnectionCounts>>>,
 }
 
 /// The daemon's metrics registry. Cheap to clone; all clones share the numbers.
@@ -216,6 +255,14 @@ impl Metrics {
 
     pub fn snapshot(&self, service: &ServiceName, version: &Version) -> VersionSnapshot {
         VersionSnapshot::of(&self.version(service, version))
+    }
+
+    /// The client connection counts of `service`, shared with whoever keeps them (the proxy).
+    pub fn connections(&self, service: &ServiceName) -> Arc<ConnectionCounts> {
+        lock(&self.inner.connections)
+            .entry(service.clone())
+            .or_default()
+            .clone()
     }
 
     pub fn set_weights(&self, service: &ServiceName, weights: &[(Version, u8)]) {
@@ -473,6 +520,40 @@ impl Metrics {
                 );
             }
         }
+        let connections: Vec<(ServiceName, Arc<ConnectionCounts>)> = lock(&self.inner.connections)
+            .iter()
+            .map(|(s, c)| (s.clone(), c.clone()))
+            .collect();
+        header(
+            &mut out,
+            names::CONNECTIONS_OPEN,
+            "gauge",
+            "Client connections open, per service.",
+        );
+        for (s, c) in &connections {
+            let _ = writeln!(
+                out,
+                "{}{{service=\"{}\"}} {}",
+                names::CONNECTIONS_OPEN,
+                esc(s.as_str()),
+                c.open()
+            );
+        }
+        header(
+            &mut out,
+            names::CONNECTIONS_REJECTED,
+            "counter",
+            "Client connections answered 503 and closed at once: max_connections were open, none idle.",
+        );
+        for (s, c) in &connections {
+            let _ = writeln!(
+                out,
+                "{}{{service=\"{}\"}} {}",
+                names::CONNECTIONS_REJECTED,
+                esc(s.as_str()),
+                c.rejected_total()
+            );
+        }
         out
     }
 }
@@ -612,6 +693,11 @@ mod tests {
         m.set_weights(&s, &[(v1.clone(), 90), (v2.clone(), 10)]);
         m.set_instances(&s, &[(v1, Health::Healthy, 2), (v2, Health::Starting, 1)]);
         m.inc_rollouts(&s, RolloutOutcome::RolledBack);
+        let c = m.connections(&s);
+        c.opened();
+        c.opened();
+        c.closed();
+        c.rejected();
         m.render_prometheus()
     }
 
@@ -628,6 +714,8 @@ mod tests {
             "cutover_instances{service=\"web\",version=\"v1\",health=\"healthy\"} 2",
             "cutover_rollouts_total{service=\"web\",outcome=\"rolled-back\"} 1",
             "cutover_upstream_errors_total{service=\"web\",version=\"v2\",kind=\"reset\"} 1",
+            "cutover_connections_open{service=\"web\"} 1",
+            "cutover_connections_rejected_total{service=\"web\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }

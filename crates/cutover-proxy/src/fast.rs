@@ -9,13 +9,15 @@
 //! on verbatim, followed by [`Chunk`]) or, for an answer, by the upstream closing. Routing,
 //! accounting, error texts and draining are `forward.rs`'s, shared.
 //!
-//! It takes only what it fully understands: HTTP/1.1, an origin-form target, a Host, a body
+//! It takes only what it fully understands: HTTP/1.1, an origin-form target, one Host, a body
 //! delimited by one Content-Length or by chunked, no Upgrade, no Expect other than
 //! `100-continue` (which it answers itself once the request is routed). At the first request
 //! it does not take, the connection goes to hyper's path for good, with the bytes already read
-//! ([`Prefixed`]); hyper also answers every head that does not parse. One request it answers itself: Content-Length together with
-//! Transfer-Encoding (in either order) gets 400, the smuggling attempt RFC 9112 §6.3 allows a
-//! server to reject; hyper would resolve it in favour of chunked instead.
+//! ([`Prefixed`]); hyper also answers every head that does not parse. Two kinds of request it
+//! answers itself with 400: Content-Length together with Transfer-Encoding (in either order),
+//! the smuggling attempt RFC 9112 §6.3 allows a server to reject (hyper would resolve it in
+//! favour of chunked instead), and an HTTP/1.1 request without a Host or with several (RFC
+//! 9112 §3.2; hyper's path refuses them too, in `forward.rs`).
 //!
 //! It must never forward bytes it cannot frame: an upstream answer whose framing breaks ends
 //! the client connection, and an upstream connection is reused only after a response that
@@ -36,6 +38,10 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::forward::{self, Conn, Failed, Routed};
+
+#[doc(hidden)]
+pub mod fuzzing;
+use crate::limit::Admitted;
 use crate::upstream::Pool;
 
 /// Header lines parsed per head, as many as hyper allows on its path.
@@ -67,6 +73,7 @@ pub(crate) async fn serve(
     conn: &Conn,
     client: TcpStream,
     mut stop: watch::Receiver<bool>,
+    admitted: &Admitted,
 ) -> Served {
     // `idle`: waiting for the first byte of a request, so stopping may close at once.
     // `closing`: the proxy stops; finish the request under way and close.
@@ -76,14 +83,13 @@ pub(crate) async fn serve(
         AtomicBool::new(false),
         AtomicBool::new(false),
     );
-    let park = tokio::sync::Notify::new();
-    let mut run = std::pin::pin!(run(conn, client, &idle, &closing, (&parking, &park)));
+    let mut run = std::pin::pin!(run(conn, client, &idle, &closing, (&parking, admitted)));
     tokio::select! {
         r = run.as_mut() => r,
         _ = forward::stopped(&mut stop) => {
             if conn.ctx.proxy.handing_over() {
                 parking.store(true, Ordering::Relaxed);
-                park.notify_one();
+                admitted.slot.wake.notify_one();
                 return run.await;
             }
             if idle.load(Ordering::Relaxed) {
@@ -106,12 +112,14 @@ struct Bufs {
     lines: Vec<Line>,
 }
 
+/// `admitted.slot.wake` wakes the connection while it waits idle: to park when `parking` is
+/// set, else to close (the service is at `max_connections` and this one was idle longest).
 async fn run(
     conn: &Conn,
     mut client: TcpStream,
     idle: &AtomicBool,
     closing: &AtomicBool,
-    (parking, park): (&AtomicBool, &tokio::sync::Notify),
+    (parking, admitted): (&AtomicBool, &Admitted),
 ) -> Served {
     let mut b = Bufs {
         input: BytesMut::with_capacity(HEAD_BUF),
@@ -162,9 +170,9 @@ async fn run(
             let was_idle = b.input.is_empty();
             if was_idle && armed.is_none() {
                 armed = Some(Wait::Idle);
-                deadline
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + limits.idle);
+                let now = tokio::time::Instant::now();
+                deadline.as_mut().reset(now + limits.idle);
+                admitted.idle(now);
             }
             idle.store(was_idle, Ordering::Relaxed);
             b.input.reserve(HEAD_BUF);
@@ -173,11 +181,22 @@ async fn run(
                 biased;
                 r = client.read_buf(&mut b.input) => match r {
                     Ok(0) | Err(_) => return Served::Done,
-                    Ok(_) => idle.store(false, Ordering::Relaxed),
+                    Ok(_) => {
+                        if was_idle {
+                            admitted.busy();
+                        }
+                        idle.store(false, Ordering::Relaxed);
+                    }
                 },
                 // Nothing of a next request has been read: whatever the client sends now
-                // waits in the socket for the process that takes the connection over.
-                _ = park.notified(), if was_idle => return Served::Parked(client),
+                // waits in the socket for the process that takes the connection over. Or,
+                // not handing over, this idle connection makes room for a new one.
+                _ = admitted.slot.wake.notified(), if was_idle => {
+                    if parking.load(Ordering::Relaxed) {
+                        return Served::Parked(client);
+                    }
+                    return Served::Done;
+                }
                 _ = &mut deadline => {
                     // An idle keep-alive connection just closes; a head that does not come
                     // whole in time (a slow or stalled client) is told why.
@@ -357,8 +376,14 @@ fn named_by(tokens: &[&[u8]], name: &str) -> bool {
 }
 
 fn parse_request(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
+    parse_request_with::<MAX_HEADERS>(buf, lines)
+}
+
+/// [`parse_request`] with room for `N` header lines (the fuzz checks re-read the heads the
+/// proxy writes, which may have a few more lines than it reads).
+fn parse_request_with<const N: usize>(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
     // Uninitialised: zeroing a hundred header slots per request would cost more than parsing.
-    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut headers = [const { MaybeUninit::uninit() }; N];
     let mut req = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
         &mut req,
@@ -381,7 +406,7 @@ fn parse_request(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
     };
     lines.clear();
     let (mut declared, mut other, mut expect_continue) = (Declared::default(), false, false);
-    let (mut host, mut pin, mut forwarded_for) = (None, None, None);
+    let (mut host, mut hosts, mut pin, mut forwarded_for) = (None, 0usize, None, None);
     let (mut forwarded_proto, mut forwarded_host) = (false, false);
     for h in req.headers.iter() {
         let (name, value) = (h.name, h.value);
@@ -405,7 +430,12 @@ fn parse_request(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
         } else if is(name, "upgrade") {
             other = true;
         } else if is(name, "host") {
+            hosts += 1;
             host.get_or_insert(range_in(buf, value));
+            // Never named away by `Connection: host` (found by fuzzing): the instance would
+            // get an HTTP/1.1 request without a Host.
+            push(lines, buf, name, value);
+            continue;
         } else if is(name, "x-cutover-version") {
             pin.get_or_insert(range_in(buf, value));
         } else if is(name, "x-forwarded-for") {
@@ -431,8 +461,14 @@ fn parse_request(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
     if te && lengths > 0 {
         return Parsed::Reject("400 Bad Request: Content-Length together with Transfer-Encoding");
     }
-    let Some(host) = host else {
-        return Parsed::Hyper;
+    // RFC 9112 §3.2: an HTTP/1.1 request with no Host, or with more than one, gets 400 (two
+    // would let the proxy and the instance disagree on which site is asked for).
+    let host = match (host, hosts) {
+        (Some(h), 1) => h,
+        (None, _) => {
+            return Parsed::Reject("400 Bad Request: an HTTP/1.1 request needs a Host header");
+        }
+        (Some(_), _) => return Parsed::Reject("400 Bad Request: more than one Host header"),
     };
     // An invalid or ambiguous length, or a transfer coding other than chunked last, cannot be
     // delimited: hyper answers 400 in its words.
@@ -467,14 +503,20 @@ fn parse_request(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
 /// Writes the upstream's request head: the client's, less hop-by-hop headers, with
 /// `X-Forwarded-For` (the client's chain plus its address), `-Proto` and `-Host` added as
 /// hyper's path does.
-fn write_request(conn: &Conn, head: &Head, input: &[u8], lines: &[Line], out: &mut Vec<u8>) {
+fn write_request(
+    peer_ip: Option<&http::HeaderValue>,
+    head: &Head,
+    input: &[u8],
+    lines: &[Line],
+    out: &mut Vec<u8>,
+) {
     out.clear();
     out.extend_from_slice(slice(input, head.method.clone()));
     out.push(b' ');
     out.extend_from_slice(slice(input, head.target.clone()));
     out.extend_from_slice(b" HTTP/1.1\r\n");
     write_lines(out, input, lines);
-    if let Some(ip) = &conn.peer_ip {
+    if let Some(ip) = peer_ip {
         out.extend_from_slice(b"x-forwarded-for: ");
         if let Some(prev) = &head.forwarded_for {
             out.extend_from_slice(slice(input, prev.clone()));
@@ -580,7 +622,7 @@ async fn proxy(
     {
         return false;
     }
-    write_request(conn, head, input, &b.lines, &mut b.out);
+    write_request(conn.peer_ip.as_ref(), head, input, &b.lines, &mut b.out);
     let from = head.len.min(b.input.len());
     b.out
         .extend_from_slice(b.input.get(from..from + first).unwrap_or_default());
@@ -706,7 +748,16 @@ enum ParsedAnswer {
 }
 
 fn parse_response(buf: &[u8], is_head: bool, lines: &mut Vec<Line>) -> ParsedAnswer {
-    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    parse_response_with::<MAX_HEADERS>(buf, is_head, lines)
+}
+
+/// [`parse_response`] with room for `N` header lines (see [`parse_request_with`]).
+fn parse_response_with<const N: usize>(
+    buf: &[u8],
+    is_head: bool,
+    lines: &mut Vec<Line>,
+) -> ParsedAnswer {
+    let mut headers = [const { MaybeUninit::uninit() }; N];
     let mut resp = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
         &mut resp,
@@ -1246,6 +1297,27 @@ mod tests {
     }
 
     #[test]
+    fn http11_requests_need_exactly_one_host() {
+        for (raw, why) in [
+            ("GET / HTTP/1.1\r\n\r\n", "needs a Host"),
+            ("GET / HTTP/1.1\r\nAccept: */*\r\n\r\n", "needs a Host"),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                "more than one Host",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",
+                "more than one Host",
+            ),
+        ] {
+            match request(raw).0 {
+                Parsed::Reject(m) => assert!(m.contains(why), "{raw:?}: {m}"),
+                other => panic!("{raw:?} not refused: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn http11_requests_with_a_host_and_a_delimited_body_are_taken() {
         let body = |raw: &str| match request(raw).0 {
             Parsed::Take(h) => h.body,
@@ -1272,7 +1344,7 @@ mod tests {
             "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
             "GET / HTTP/1.0\r\nHost: a\r\n\r\n",
-            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.0\r\n\r\n",
             "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
             "PUT / HTTP/1.1\r\nHost: a\r\nExpect: something-else\r\n\r\n",
@@ -1295,6 +1367,20 @@ mod tests {
         assert_eq!(names, ["Host", "Accept"]);
         assert_eq!(&raw[head.forwarded_for.clone().unwrap()], "10.0.0.1");
         assert!(!head.close && head.idempotent && !head.is_head);
+    }
+
+    /// Found by fuzzing: `Connection: host` made the fast path drop the Host line from the
+    /// head it sent upstream.
+    #[test]
+    fn connection_cannot_name_the_host_away() {
+        let raw = "GET / HTTP/1.1\r\nHost: a\r\nConnection: host, content-length\r\nContent-Length: 2\r\n\r\nhi";
+        let (Parsed::Take(head), lines) = request(raw) else {
+            panic!("not taken");
+        };
+        let names: Vec<&str> = lines.iter().map(|l| &raw[l.name.clone()]).collect();
+        assert_eq!(names, ["Host", "Content-Length"]);
+        assert!(matches!(head.body, Framing::Length(2)));
+        fuzzing::request_head(raw.as_bytes());
     }
 
     fn response(raw: &str, is_head: bool) -> (Answer, Vec<Line>) {

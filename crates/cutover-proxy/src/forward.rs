@@ -55,6 +55,7 @@ pub(crate) struct Ctx {
     pub(crate) proxy: Proxy,
     pub(crate) upstream_timeout: Duration,
     pub(crate) client: crate::ClientTimeouts,
+    pub(crate) limit: Arc<crate::limit::Limit>,
 }
 
 /// One client connection.
@@ -86,7 +87,11 @@ pub(crate) async fn accept_loop(
             .and_then(|()| tokio::net::TcpStream::from_std(s))
             .and_then(|s| s.peer_addr().map(|p| (s, p)));
         match taken {
-            Ok((stream, peer)) => spawn_conn(&ctx, preview, stream, peer, &alive, &stop),
+            // Already open, so counted whatever the limit: new ones make room for them.
+            Ok((stream, peer)) => match ctx.limit.admit(true) {
+                Some(a) => spawn_conn(&ctx, preview, stream, peer, &alive, &stop, a),
+                None => refuse(&ctx.limit, stream),
+            },
             Err(e) => tracing::warn!(error = %e, "could not take over a client connection"),
         }
     }
@@ -103,14 +108,41 @@ pub(crate) async fn accept_loop(
             },
             _ = stopped(&mut stop) => break,
         };
-        spawn_conn(&ctx, preview, stream, peer, &alive, &stop);
+        match ctx.limit.admit(false) {
+            Some(a) => spawn_conn(&ctx, preview, stream, peer, &alive, &stop, a),
+            None => refuse(&ctx.limit, stream),
+        }
     }
     drop(listener);
     drop(alive);
     let _ = all_done.recv().await;
 }
 
-/// Serves one client connection in a task of its own.
+/// Answers a connection beyond `max_connections`, none of them idle, with a fixed 503 and
+/// closes it, right in the accept loop: it costs a few system calls and no task, so a flood
+/// of connections cannot make the proxy do more per connection than this.
+fn refuse(limit: &crate::limit::Limit, stream: tokio::net::TcpStream) {
+    use std::io::{Read, Write};
+    // Plain non-blocking calls on the socket: tokio's `try_*` would say "not ready" for a
+    // socket its reactor has not polled yet.
+    let Ok(mut s) = stream.into_std() else {
+        return;
+    };
+    // What the client already sent is read and dropped first: closing a socket with unread
+    // bytes sends a reset, which can destroy the answer on its way.
+    let mut sink = [0u8; 2048];
+    for _ in 0..8 {
+        match s.read(&mut sink) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+    let _ = s.write(limit.refusal());
+    let _ = s.shutdown(std::net::Shutdown::Write);
+}
+
+/// Serves one client connection in a task of its own; its place under the limit is given
+/// back when the task ends.
 fn spawn_conn(
     ctx: &Ctx,
     preview: bool,
@@ -118,6 +150,7 @@ fn spawn_conn(
     peer: SocketAddr,
     alive: &tokio::sync::mpsc::Sender<()>,
     stop: &watch::Receiver<bool>,
+    admitted: crate::limit::Admitted,
 ) {
     let _ = stream.set_nodelay(true);
     let conn = Arc::new(Conn {
@@ -129,11 +162,12 @@ fn spawn_conn(
     });
     let (alive, stop) = (alive.clone(), stop.clone());
     tokio::spawn(async move {
-        match crate::fast::serve(&conn, stream, stop.clone()).await {
+        match crate::fast::serve(&conn, stream, stop.clone(), &admitted).await {
             crate::fast::Served::Done => {}
             crate::fast::Served::Hyper(rest) => serve_hyper(conn, rest, stop).await,
             crate::fast::Served::Parked(s) => conn.ctx.proxy.park(&conn.ctx.state.name, preview, s),
         }
+        drop(admitted);
         drop(alive);
     });
 }
@@ -247,6 +281,8 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
                 .iter()
                 .any(|n| n.as_str().eq_ignore_ascii_case(t))
         })
+        // `Connection: host` must not take the request's Host away from the instance.
+        .filter(|t| !t.eq_ignore_ascii_case("host"))
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for n in found.into_iter().chain(named) {
@@ -348,7 +384,23 @@ pub(crate) fn route(conn: &Conn, pinned: Option<&str>, started: Instant) -> Resu
     Err(format!("503 Service Unavailable: {}: {why}", state.name))
 }
 
+/// What is wrong with a request's Host headers, if anything (RFC 9112 §3.2): HTTP/1.1 needs
+/// exactly one; HTTP/1.0 may have none, never two. The fast path applies the same rule.
+fn host_problem(req: &Request<Incoming>) -> Option<&'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Some("400 Bad Request: more than one Host header"),
+        (None, _) if req.version() >= http::Version::HTTP_11 => {
+            Some("400 Bad Request: an HTTP/1.1 request needs a Host header")
+        }
+        _ => None,
+    }
+}
+
 async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
+    if let Some(why) = host_problem(&req) {
+        return plain(StatusCode::BAD_REQUEST, why.to_owned(), true);
+    }
     let started = Instant::now();
     let close = conn.take_close();
     let pinned = req
@@ -808,6 +860,14 @@ mod tests {
         ]);
         strip_hop_by_hop(&mut h, false);
         assert_eq!(names(&h), ["host", "x-keep"]);
+        // Named or not, Host stays.
+        let mut h = headers(&[
+            ("connection", "host, x-a"),
+            ("host", "example"),
+            ("x-a", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["host"]);
         // Nothing hop-by-hop: untouched.
         let mut h = headers(&[("x-keep", "1")]);
         strip_hop_by_hop(&mut h, false);

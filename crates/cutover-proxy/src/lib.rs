@@ -15,8 +15,16 @@ mod backend;
 mod fast;
 mod forward;
 mod health;
+mod limit;
 mod table;
 mod upstream;
+
+pub use limit::{FD_RESERVE, MIN_DEFAULT_CONNECTIONS, default_max_connections};
+
+/// The hand-written HTTP/1.1 parsers with their invariants checked, for the fuzz targets
+/// (`fuzz/`) and the seeded fuzz tests; not an API.
+#[doc(hidden)]
+pub use fast::fuzzing;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -41,6 +49,9 @@ pub struct ServiceProxySpec {
     pub upstream_timeout: Duration,
     pub connect_timeout: Duration,
     pub client: ClientTimeouts,
+    /// Client connections kept open at most, the main and preview listeners' together (see
+    /// `limit.rs`; [`default_max_connections`] when the config sets none).
+    pub max_connections: usize,
 }
 
 /// How long the proxy waits on a client. A connection that waits longer is closed, so idle or
@@ -258,6 +269,11 @@ impl Proxy {
             proxy: self.clone(),
             upstream_timeout: spec.upstream_timeout,
             client: spec.client,
+            limit: Arc::new(limit::Limit::new(
+                &spec.service,
+                spec.max_connections,
+                self.inner.metrics.connections(&spec.service),
+            )),
         };
         let preview_task = preview.map(|l| {
             tokio::spawn(forward::accept_loop(

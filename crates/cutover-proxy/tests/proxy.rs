@@ -221,6 +221,15 @@ impl Harness {
         interval: Duration,
         client: ClientTimeouts,
     ) -> Harness {
+        Harness::start_limited(initial, interval, client, 10_000).await
+    }
+
+    async fn start_limited(
+        initial: RouteTable,
+        interval: Duration,
+        client: ClientTimeouts,
+        max_connections: usize,
+    ) -> Harness {
         let metrics = Metrics::new();
         let (tx, health) = mpsc::unbounded_channel();
         let proxy = Proxy::new(metrics.clone(), tx);
@@ -239,6 +248,7 @@ impl Harness {
             upstream_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_millis(500),
             client,
+            max_connections,
         };
         let p = proxy.clone();
         tokio::spawn(async move {
@@ -583,6 +593,60 @@ async fn malformed_requests_get_400_and_never_reach_an_upstream() {
         0,
         "no malformed request reached the upstream"
     );
+}
+
+/// RFC 9112 §3.2 on both paths: an HTTP/1.1 request with no Host or with two gets 400 and
+/// never reaches an instance; HTTP/1.0 may omit it. A connection's first absolute-form
+/// request moves it to hyper's path, so the requests after it test that path.
+#[tokio::test]
+async fn requests_without_exactly_one_host_get_400_on_both_paths() {
+    let up = upstream("blue").await;
+    let h = Harness::serving(up.addr).await;
+    let to_hyper = "POST http://x/count HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi";
+    for (name, bad) in [
+        (
+            "no Host",
+            "POST /count HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi",
+        ),
+        (
+            "two Hosts",
+            "POST /count HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 2\r\n\r\nhi",
+        ),
+        (
+            "two Hosts, HTTP/1.0",
+            "POST /count HTTP/1.0\r\nHost: a\r\nHost: b\r\nContent-Length: 2\r\n\r\nhi",
+        ),
+        (
+            "absolute form, no Host",
+            "POST http://x/count HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi",
+        ),
+    ] {
+        let text = raw_exchange(h.addr, bad).await;
+        // hyper answers an HTTP/1.0 request in HTTP/1.0.
+        assert!(
+            text.starts_with("HTTP/1.1 400") || text.starts_with("HTTP/1.0 400"),
+            "{name}, first: {text:?}"
+        );
+        assert!(
+            text.contains("Host"),
+            "{name}: the answer says why: {text:?}"
+        );
+        let text = raw_exchange(h.addr, &format!("{to_hyper}{bad}")).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{name}, after: {text:?}");
+        assert_eq!(
+            text.matches(" 400 Bad Request").count(),
+            1,
+            "{name}: {text:?}"
+        );
+    }
+    assert_eq!(
+        up.bodies_completed.load(Ordering::SeqCst),
+        4,
+        "only the four requests that moved connections to hyper reached the upstream"
+    );
+    // HTTP/1.0 without a Host is still served (the upstream gets the instance's address).
+    let text = raw_exchange(h.addr, "GET / HTTP/1.0\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.0 200"), "{text:?}");
 }
 
 /// A connection that sent an absolute-form request (as to a forward proxy) is served by hyper
@@ -1114,4 +1178,167 @@ async fn expect_continue_gets_its_go_ahead() {
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
     assert!(text.contains("\r\n\r\n5HTTP/1.1 400 "), "{text:?}");
     assert_eq!(up.bodies_completed.load(Ordering::SeqCst), 1);
+}
+
+/// One keep-alive `GET path` on `s`: the status and body of the answer.
+async fn keepalive_get(s: &mut TcpStream, path: &str) -> (u16, String) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return (0, String::new()),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    let body = String::from_utf8_lossy(&buf[head_end..]).into_owned();
+    (status, body)
+}
+
+/// An upstream that answers `/hold` only once `release` turns true, reporting each such
+/// request's arrival on the returned channel; anything else (health checks) at once.
+async fn holding_upstream() -> (
+    SocketAddr,
+    mpsc::UnboundedReceiver<()>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (arrived, arrivals) = mpsc::unbounded_channel();
+    let (release, released) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (arrived, mut released) = (arrived.clone(), released.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                    };
+                    let held = buf.starts_with(b"GET /hold ");
+                    buf.drain(..end);
+                    if held {
+                        let _ = arrived.send(());
+                        let _ = released.wait_for(|r| *r).await;
+                    }
+                    let answer = "HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nheld";
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, arrivals, release)
+}
+
+/// `max_connections = 50` and 50 idle keep-alive connections: a 51st is served, and the one
+/// idle longest was closed to make room; the others go on.
+#[tokio::test]
+async fn beyond_max_connections_the_oldest_idle_connection_makes_room() {
+    let up = upstream("blue").await;
+    let mut h = Harness::start_limited(
+        table(1, &[("blue", 100, &[("b1", up.addr)])]),
+        Duration::from_millis(50),
+        ClientTimeouts::default(),
+        50,
+    )
+    .await;
+    h.healthy(1).await;
+    let mut conns = Vec::new();
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(h.addr).await.unwrap();
+        assert_eq!(keepalive_get(&mut s, "/").await, (200, "blue".into()));
+        conns.push(s);
+    }
+    let mut new = TcpStream::connect(h.addr).await.unwrap();
+    assert_eq!(keepalive_get(&mut new, "/").await, (200, "blue".into()));
+    // The first to turn idle was closed: its read ends (the limit only bounds a broken build).
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(10), conns[0].read(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the oldest idle connection was closed: {read:?}"
+    );
+    for i in [1, 25, 49] {
+        assert_eq!(
+            keepalive_get(&mut conns[i], "/").await,
+            (200, "blue".into()),
+            "connection {i} is still served"
+        );
+    }
+    let text = h.metrics.render_prometheus();
+    assert!(
+        text.contains("cutover_connections_rejected_total{service=\"web\"} 0"),
+        "{text}"
+    );
+}
+
+/// `max_connections = 50` and 50 connections each waiting for an answer: a 51st gets a 503
+/// at once (not after the held answers), counted in the metrics; the 50 are all answered.
+#[tokio::test]
+async fn with_max_connections_busy_a_new_connection_gets_a_fast_503() {
+    let (addr, mut arrivals, release) = holding_upstream().await;
+    let mut h = Harness::start_limited(
+        table(1, &[("blue", 100, &[("b1", addr)])]),
+        Duration::from_millis(50),
+        ClientTimeouts::default(),
+        50,
+    )
+    .await;
+    h.healthy(1).await;
+    let mut held = Vec::new();
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(h.addr).await.unwrap();
+        held.push(tokio::spawn(
+            async move { keepalive_get(&mut s, "/hold").await },
+        ));
+    }
+    for _ in 0..50 {
+        arrivals.recv().await.unwrap();
+    }
+    // Nothing of the upstream answers while the 50 are held: only the proxy can answer.
+    let text = raw_exchange(h.addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.1 503"), "{text:?}");
+    assert!(text.contains("max_connections = 50"), "{text:?}");
+    let metrics = h.metrics.render_prometheus();
+    assert!(
+        metrics.contains("cutover_connections_rejected_total{service=\"web\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cutover_connections_open{service=\"web\"} 50"),
+        "{metrics}"
+    );
+    release.send(true).unwrap();
+    for t in held {
+        assert_eq!(t.await.unwrap(), (200, "held".into()));
+    }
 }

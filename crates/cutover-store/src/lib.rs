@@ -32,6 +32,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the token file {0} is readable by others; run `chmod 600` on it")]
     TokenMode(String),
+    /// The token file exists but holds no token, or is not a plain file.
+    #[error("{0}")]
+    TokenFile(String),
 }
 
 /// Forward migrations; entry `i` takes the schema from version `i` to `i + 1`.
@@ -270,7 +273,9 @@ fn event_row(r: &Row<'_>) -> rusqlite::Result<EventRow> {
 impl Store {
     /// Opens (creating if needed) `state_dir/state.db` and brings its schema up to date.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        private_dir(state_dir)?;
         std::fs::create_dir_all(state_dir.join("logs"))?;
+        private_db_files(&integrity::db_path(state_dir))?;
         let conn = Connection::open(integrity::db_path(state_dir))?;
         Store::init(conn, Some(state_dir.to_owned()))
     }
@@ -583,6 +588,51 @@ impl Store {
     }
 }
 
+/// Creates `dir` (and its parents) if needed, and makes it the owner's alone (0700 whatever
+/// the umask): the state dir holds `--env` values in `state.db`, the token and the instances'
+/// logs, none of which other users of the machine may read.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    // A directory made by an older cutover, or under a umask that took bits away, is fixed
+    // here; only its own mode changes, never its contents'.
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Makes the database and its WAL and shared-memory files 0600 whatever the umask. The
+/// database is created here, empty, when missing: SQLite gives the WAL and `-shm` files it
+/// creates later the database file's mode, so this one mode carries over to them.
+fn private_db_files(db: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(db)?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        let path = std::path::PathBuf::from(name);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.permissions().mode() & 0o777 != 0o600 => {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` readable by its owner only (0600 whatever the umask), replacing
 /// it whole: written beside it first, then renamed over it.
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -603,7 +653,7 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// 64 hex characters), read afterwards. A token file others can read is refused.
 pub fn ensure_token(state_dir: &Path) -> Result<String, StoreError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    std::fs::create_dir_all(state_dir)?;
+    private_dir(state_dir)?;
     let path = state_dir.join("token");
     match std::fs::OpenOptions::new()
         .write(true)
@@ -620,14 +670,28 @@ pub fn ensure_token(state_dir: &Path) -> Result<String, StoreError> {
             Ok(token)
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let mode = std::fs::metadata(&path)?.permissions().mode();
-            if mode & 0o077 != 0 {
+            // Not followed: a link is not the file cutover made, whatever it points to.
+            let meta = std::fs::symlink_metadata(&path)?;
+            if !meta.is_file() {
+                let what = if meta.is_dir() {
+                    "a directory"
+                } else if meta.file_type().is_symlink() {
+                    "a symbolic link"
+                } else {
+                    "not a regular file"
+                };
+                return Err(StoreError::TokenFile(format!(
+                    "the token file {} is {what}; remove it and cutover makes a new token (API clients then need the new one)",
+                    path.display()
+                )));
+            }
+            if meta.permissions().mode() & 0o077 != 0 {
                 return Err(StoreError::TokenMode(path.display().to_string()));
             }
             let token = std::fs::read_to_string(&path)?.trim().to_owned();
             if token.is_empty() {
-                return Err(StoreError::Corrupt(format!(
-                    "{} is empty; delete it to make a new token",
+                return Err(StoreError::TokenFile(format!(
+                    "the token file {} is empty; delete it and cutover makes a new token (API clients then need the new one)",
                     path.display()
                 )));
             }
@@ -913,5 +977,54 @@ mod tests {
             ensure_token(dir.path()),
             Err(StoreError::TokenMode(_))
         ));
+    }
+
+    /// A token file that is a directory, or empty, is named for what it is, not called
+    /// "readable by others" or a "corrupt row".
+    #[test]
+    fn a_token_file_that_is_a_directory_or_empty_says_so() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::create_dir(&token).unwrap();
+        let e = ensure_token(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("is a directory; remove it"), "{e}");
+        assert!(!e.contains("chmod"), "{e}");
+        std::fs::remove_dir(&token).unwrap();
+        std::fs::write(&token, "\n").unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = ensure_token(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("is empty; delete it"), "{e}");
+        assert!(!e.contains("corrupt row"), "{e}");
+    }
+
+    /// The state dir is the owner's alone and the database files 0600, whatever the umask
+    /// and however an older cutover left them.
+    #[test]
+    fn the_state_dir_and_database_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let root = tempfile::tempdir().unwrap();
+        let state = root.path().join("state");
+        // As an older cutover left them: world-readable.
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for f in ["state.db-wal", "state.db-shm"] {
+            std::fs::write(state.join(f), "").unwrap();
+            std::fs::set_permissions(state.join(f), std::fs::Permissions::from_mode(0o644))
+                .unwrap();
+        }
+        std::fs::remove_file(state.join("state.db-wal")).unwrap();
+        let mut store = Store::open(&state).unwrap();
+        store.insert_rollout(&new_rollout("web")).unwrap();
+        assert_eq!(mode(&state), 0o700);
+        for f in ["state.db", "state.db-wal", "state.db-shm"] {
+            assert_eq!(mode(&state.join(f)), 0o600, "{f}");
+        }
+        drop(store);
+        let fresh = root.path().join("a/b/state");
+        ensure_token(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        assert_eq!(mode(&fresh.join("token")), 0o600);
     }
 }

@@ -111,6 +111,9 @@ pub enum Command {
         /// How many rollouts to show.
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        /// Print the values of each rollout's `--env` variables (shown as *** otherwise).
+        #[arg(long)]
+        show_env: bool,
         #[command(flatten)]
         read: ReadOpts,
     },

@@ -43,7 +43,8 @@ pub fn init(config: &Path, force: bool) -> CliResult {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .join(".cutover");
-    std::fs::create_dir_all(&dir).map_err(|e| {
+    // The state dir will hold `--env` values and the token: the owner's alone from the start.
+    cutover_store::private_dir(&dir).map_err(|e| {
         CliError::new(
             Code::Failure,
             format!("cannot create {}: {e}", dir.display()),
@@ -57,6 +58,10 @@ pub fn init(config: &Path, force: bool) -> CliResult {
 }
 
 pub fn validate(settings: &Settings, json: bool) -> CliResult {
+    // Valid, so not errors, but said on stderr (with --json too) where a person will see them.
+    for w in &settings.warnings {
+        err(format_args!("warning: {w}"));
+    }
     if json {
         let services: Vec<serde_json::Value> = settings
             .services
@@ -72,6 +77,7 @@ pub fn validate(settings: &Settings, json: bool) -> CliResult {
                 json!({
                     "name": s.name.as_str(),
                     "listen": s.listen.to_string(),
+                    "max_connections": s.max_connections,
                     "version": s.version.as_str(),
                     "strategy": s.rollout.strategy.as_str(),
                     "instances": s.rollout.instances,
@@ -86,6 +92,7 @@ pub fn validate(settings: &Settings, json: bool) -> CliResult {
             "metrics": settings.daemon.metrics.map(|a| a.to_string()),
             "state_dir": settings.daemon.state_dir.display().to_string(),
             "services": services,
+            "warnings": settings.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
         }));
     }
     out(format_args!("{}: valid", settings.file.display()))?;
@@ -205,6 +212,10 @@ pub struct DeployArgs<'a> {
 }
 
 pub async fn deploy(client: &Client, a: DeployArgs<'_>) -> CliResult {
+    // The daemon applies the same rule; checking here makes a typo a usage error (exit 2)
+    // before anything is read or sent.
+    cutover_core::Version::parse(a.version.trim())
+        .map_err(|e| CliError::new(Code::Usage, e.to_string()))?;
     // The file first, so that `--env` overrides it (CONTRACT §12).
     let mut env = match a.env_file {
         Some(p) => parse_env_file(p)?,
@@ -212,9 +223,11 @@ pub async fn deploy(client: &Client, a: DeployArgs<'_>) -> CliResult {
     };
     env.extend(parse_env(a.env)?);
     let body = json!({"version": a.version, "env": env, "strategy": a.strategy});
-    let r: Rollout = client
+    let mut r: Rollout = client
         .post(&format!("/api/v1/services/{}/deploy", a.service), body)
         .await?;
+    // The caller typed the values; they still do not belong in a CI log.
+    redact_env(&mut r);
     if !a.wait {
         if a.json {
             return print_json(&r);
@@ -226,8 +239,12 @@ pub async fn deploy(client: &Client, a: DeployArgs<'_>) -> CliResult {
     }
     let deadline = a.timeout.map(|t| tokio::time::Instant::now() + t);
     let done = match follow(client, &r, a.json, deadline).await? {
-        Followed::Ended(done) => done,
-        Followed::StillRunning(cur, svc) => {
+        Followed::Ended(mut done) => {
+            redact_env(&mut done);
+            done
+        }
+        Followed::StillRunning(mut cur, svc) => {
+            redact_env(&mut cur);
             if a.json {
                 print_json(&cur)?;
             }
@@ -460,17 +477,30 @@ pub async fn history(
     client: &Client,
     service: Option<&str>,
     limit: usize,
+    show_env: bool,
     json: bool,
 ) -> CliResult {
     let mut path = format!("/api/v1/history?limit={limit}");
     if let Some(s) = service {
         path.push_str(&format!("&service={s}"));
     }
-    let h: History = client.get(&path).await?;
+    let mut h: History = client.get(&path).await?;
+    if !show_env {
+        h.rollouts.iter_mut().for_each(redact_env);
+    }
     if json {
         return print_json(&h);
     }
     out_raw(&render::history(&h.rollouts))
+}
+
+/// What `--env` values print as unless asked for (`history --show-env`): they are often
+/// secrets, and history output ends up in terminals' scrollback, CI logs and tickets. The
+/// names stay, so what was set is still visible.
+pub const HIDDEN: &str = "***";
+
+fn redact_env(r: &mut Rollout) {
+    r.env.values_mut().for_each(|v| *v = HIDDEN.to_owned());
 }
 
 #[cfg(test)]

@@ -98,7 +98,8 @@ struct Listeners {
 }
 
 async fn bind(addr: SocketAddr, key: &str) -> CliResult<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
+    // A backlog of 4096, not mio's default (an inherited listener keeps the one it had).
+    crate::limits::listen(addr).map_err(|e| {
         CliError::new(
             Code::Usage,
             format!("cannot listen on {addr} ({key}): {e}; choose another address in the config"),
@@ -197,6 +198,11 @@ struct Restart {
 }
 
 async fn run(settings: Settings, reset_state: bool, main: MainThread) -> CliResult {
+    for w in &settings.warnings {
+        tracing::warn!("{w}");
+    }
+    // Before any descriptor is opened; the default max_connections follows from the result.
+    let default_max_connections = crate::limits::prepare(&settings);
     let mut taken = handover::take().map_err(|e| CliError::new(Code::Failure, e))?;
     // Damaged or lost state is refused before anything opens (and so creates) the database.
     crate::state::check_at_start(&settings.daemon.state_dir, reset_state)?;
@@ -265,6 +271,9 @@ async fn run(settings: Settings, reset_state: bool, main: MainThread) -> CliResu
             upstream_timeout: s.upstream_timeout,
             connect_timeout: CONNECT_TIMEOUT,
             client: ClientTimeouts::default(),
+            max_connections: s
+                .max_connections
+                .map_or(default_max_connections, |m| m as usize),
         };
         // Replaced by the table the controller already published.
         let initial = RouteTable::single(s.name.clone(), s.version.clone(), Vec::new());

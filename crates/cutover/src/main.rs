@@ -14,6 +14,7 @@ mod daemon;
 mod demo;
 mod exit;
 mod handover;
+mod limits;
 mod logs;
 mod notify;
 mod output;
@@ -186,6 +187,7 @@ fn run(cli: Cli) -> CliResult {
         Command::History {
             service,
             limit,
+            show_env,
             read,
         } => {
             let client = Client::new(&load(&cli)?)?;
@@ -193,6 +195,7 @@ fn run(cli: Cli) -> CliResult {
                 &client,
                 service.as_deref(),
                 *limit,
+                *show_env,
                 read.json,
             ))
         }

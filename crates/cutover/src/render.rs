@@ -120,6 +120,11 @@ pub fn history(rollouts: &[Rollout]) -> String {
             r.started_by.as_deref().unwrap_or("-"),
             r.reason.as_deref().unwrap_or("")
         );
+        // Values come redacted unless `--show-env` asked for them (see `commands::history`).
+        if !r.env.is_empty() {
+            let env: Vec<String> = r.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let _ = writeln!(out, "      env: {}", env.join(" "));
+        }
     }
     out
 }

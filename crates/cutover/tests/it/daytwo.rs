@@ -218,8 +218,12 @@ fn env_file_is_merged_below_env_and_its_values_never_printed() {
         !printed.contains("s3cr3t") && !printed.contains("from file"),
         "{printed}"
     );
+    // Values print only when asked for (`--show-env`); otherwise as ***.
     let h: serde_json::Value =
         serde_json::from_slice(&d.cli(&["history", "--json"]).stdout).unwrap();
+    assert_eq!(h["rollouts"][0]["env"]["SECRET_TOKEN"], "***");
+    let h: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["history", "--show-env", "--json"]).stdout).unwrap();
     let env = &h["rollouts"][0]["env"];
     assert_eq!(env["SECRET_TOKEN"], "s3cr3t-from-file");
     assert_eq!(env["MODE"], "from-flag", "--env wins over the file");

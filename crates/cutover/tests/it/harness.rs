@@ -71,6 +71,8 @@ pub struct Daemon {
     pub env: Vec<(String, String)>,
     /// Extra arguments for `cutover up` (e.g. `--reset-state`).
     pub up_args: Vec<String>,
+    /// Shell commands run before `cutover up` replaces the shell (`ulimit -n 1024`, `umask 0`).
+    pub shell_prefix: Option<String>,
     child: Option<Child>,
 }
 
@@ -114,6 +116,7 @@ impl Daemon {
             preview: SocketAddr::from(([127, 0, 0, 1], preview)),
             env: Vec::new(),
             up_args: Vec::new(),
+            shell_prefix: None,
             child: None,
         }
     }
@@ -136,7 +139,16 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
-        let child = Command::new(EXE)
+        let mut command = match &self.shell_prefix {
+            // `exec`: the daemon keeps the shell's pid, so `pid()` and `stop()` still reach it.
+            Some(p) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", &format!("{p}; exec \"$0\" \"$@\""), EXE]);
+                c
+            }
+            None => Command::new(EXE),
+        };
+        let child = command
             .args(["-c", config, "up"])
             .args(&self.up_args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))

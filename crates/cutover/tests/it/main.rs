@@ -9,6 +9,7 @@ mod dashboard;
 mod daytwo;
 mod evidence;
 mod failures;
+mod harden;
 mod harness;
 mod processes;
 mod restart;
