@@ -1595,17 +1595,7 @@ impl Driver {
         let Some(svc) = self.services.get(name) else {
             return;
         };
-        let row = ServiceRow {
-            name: name.to_string(),
-            stable_version: svc.stable.to_string(),
-            stable_env: svc.stable_env.clone(),
-            previous_version: svc.previous.as_ref().map(|(v, _)| v.to_string()),
-            previous_env: svc
-                .previous
-                .as_ref()
-                .map(|(_, e)| e.clone())
-                .unwrap_or_default(),
-        };
+        let row = service_row(name, svc);
         if let Err(e) = self.store.upsert_service(&row) {
             tracing::error!(error = %e, "could not save service state");
         } else if let Err(e) = self.store.save_record() {
@@ -1725,10 +1715,9 @@ fn instance_env(
     env
 }
 
-/// The service's row as it will be once its finished rollout is carried out: a promotion makes
-/// the candidate stable and the old stable the previous version (see `finish_if_done`).
-fn finished_service_row(name: &ServiceName, svc: &Svc) -> ServiceRow {
-    let mut row = ServiceRow {
+/// The service's row as it stands.
+fn service_row(name: &ServiceName, svc: &Svc) -> ServiceRow {
+    ServiceRow {
         name: name.to_string(),
         stable_version: svc.stable.to_string(),
         stable_env: svc.stable_env.clone(),
@@ -1738,7 +1727,13 @@ fn finished_service_row(name: &ServiceName, svc: &Svc) -> ServiceRow {
             .as_ref()
             .map(|(_, e)| e.clone())
             .unwrap_or_default(),
-    };
+    }
+}
+
+/// The service's row as it will be once its finished rollout is carried out: a promotion makes
+/// the candidate stable and the old stable the previous version (see `finish_if_done`).
+fn finished_service_row(name: &ServiceName, svc: &Svc) -> ServiceRow {
+    let mut row = service_row(name, svc);
     if let Some(a) = svc
         .active
         .as_ref()

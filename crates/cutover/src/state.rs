@@ -97,10 +97,9 @@ pub fn check_at_start(state_dir: &Path, reset: bool) -> CliResult {
     }
 }
 
-/// `cutover state list [--json]`: the snapshots, newest first.
-pub fn list(settings: &Settings, json: bool) -> CliResult {
-    let dir = &settings.daemon.state_dir;
-    let all = snapshots::list(dir).map_err(|e| {
+/// The snapshots of `dir`, newest first, or why they cannot be read.
+fn list_snapshots(dir: &Path) -> CliResult<Vec<Snapshot>> {
+    snapshots::list(dir).map_err(|e| {
         CliError::new(
             Code::Failure,
             format!(
@@ -108,7 +107,13 @@ pub fn list(settings: &Settings, json: bool) -> CliResult {
                 snapshots::dir(dir).display()
             ),
         )
-    })?;
+    })
+}
+
+/// `cutover state list [--json]`: the snapshots, newest first.
+pub fn list(settings: &Settings, json: bool) -> CliResult {
+    let dir = &settings.daemon.state_dir;
+    let all = list_snapshots(dir)?;
     if json {
         let items: Vec<serde_json::Value> = all
             .iter()
@@ -199,15 +204,7 @@ fn lock(state_dir: &Path) -> CliResult<OwnedFd> {
 pub fn restore(settings: &Settings, name: Option<&str>) -> CliResult {
     let dir = &settings.daemon.state_dir;
     let _lock = lock(dir)?;
-    let all = snapshots::list(dir).map_err(|e| {
-        CliError::new(
-            Code::Failure,
-            format!(
-                "cannot list the snapshots in {}: {e}",
-                snapshots::dir(dir).display()
-            ),
-        )
-    })?;
+    let all = list_snapshots(dir)?;
     let chosen: Snapshot = match name {
         Some(n) => all
             .iter()
