@@ -49,7 +49,8 @@ pub struct Instance {
     pub version: String,
     pub address: String,
     pub health: String,
-    pub pid: Option<u32>,
+    /// What runs it, as its runtime tells it: `pid 4242`, `container 3fa2b1c9d0e1`.
+    pub runs_as: String,
     /// Why it is not healthy, when it is not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
@@ -143,7 +144,7 @@ impl From<&InstanceView> for Instance {
             version: i.version.to_string(),
             address: i.address.to_string(),
             health: i.health.as_str().to_owned(),
-            pid: i.pid,
+            runs_as: i.runs_as.clone(),
             detail: i.detail.clone(),
         }
     }

@@ -27,7 +27,7 @@ use cutover_core::{
     RouteTable, RouteVersion, ServiceName, StrategyKind, Timestamp, Version, Weight,
 };
 use cutover_metrics::{Metrics, VersionSnapshot};
-use cutover_runtime::{InstanceExit, Runtime, StartSpec};
+use cutover_runtime::{Handle, InstanceExit, Recorded, Runtime, StartSpec, Started};
 use cutover_store::{InstanceRow, NewEvent, NewRollout, RolloutRow, ServiceRow, Store};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -62,7 +62,7 @@ pub struct ServiceSetup {
     pub env: BTreeMap<String, String>,
     /// For static services: the versions that exist. `None`: any version can be started.
     pub known_versions: Option<Vec<Version>>,
-    pub runtime: Arc<Runtime>,
+    pub runtime: Arc<dyn Runtime>,
 }
 
 /// Traffic shares in percent per version, stable first.
@@ -162,7 +162,8 @@ enum Internal {
 struct Instance {
     version: Version,
     addr: SocketAddr,
-    pid: Option<u32>,
+    /// The runtime's handle: how it finds the instance again.
+    handle: Handle,
     health: Health,
     /// Out of the route table; finishing its requests, then stopped.
     draining: bool,
@@ -441,18 +442,69 @@ impl Driver {
                         _ => orphans.push(r),
                     }
                 }
-                let rows = orphans;
-                let groups: Vec<(u32, u32)> = rows
-                    .iter()
-                    .filter_map(|r| Some((r.pid?, r.pgid.or(r.pid)?)))
-                    .collect();
-                let killed = cutover_runtime::kill_orphans(&groups);
-                if killed > 0 {
-                    tracing::warn!(killed, "killed instances left over by a previous daemon");
-                }
-                for r in rows {
+                // Each runtime says which of the rest still run and can be supervised
+                // again (containers outlive a daemon; processes do not) and removes what
+                // cannot. Rows are forgotten; adopted instances are recorded anew.
+                for r in &orphans {
                     if let Err(e) = self.store.delete_instance(&r.id) {
                         tracing::warn!(error = %e, "could not forget an old instance");
+                    }
+                }
+                for name in &names {
+                    let Some(runtime) = self.services.get(name).map(|s| s.setup.runtime.clone())
+                    else {
+                        continue;
+                    };
+                    let recorded = orphans
+                        .iter()
+                        .filter(|r| r.service == name.as_str())
+                        .map(|r| Recorded {
+                            service: name.clone(),
+                            version: Version::new(&r.version),
+                            instance: InstanceId::new(&r.id),
+                            addr: r.address.parse().ok(),
+                            handle: Handle::new(&r.handle),
+                        })
+                        .collect();
+                    for found in runtime.recover(recorded).await {
+                        let rollout_env = active
+                            .iter()
+                            .find(|a| {
+                                a.service == name.as_str() && a.to_version == found.version.as_str()
+                            })
+                            .map(|a| a.env.clone());
+                        let wanted = self
+                            .services
+                            .get(name)
+                            .is_some_and(|s| s.stable == found.version)
+                            || rollout_env.is_some();
+                        let row = InstanceRow {
+                            id: found.started.instance.to_string(),
+                            service: name.to_string(),
+                            version: found.version.to_string(),
+                            address: found.started.addr.to_string(),
+                            handle: found.started.handle.as_str().to_owned(),
+                            started_at: now(),
+                        };
+                        // A running container is routed to at once, so a daemon's crash costs
+                        // no more than its own downtime; the proxy's checks correct it.
+                        if wanted && self.adopt_instance(&row, true, rollout_env).await {
+                            tracing::info!(instance = %row.id, "adopted an instance that outlived the previous daemon");
+                            if let Err(e) = self.store.upsert_instance(&row) {
+                                tracing::warn!(error = %e, "could not record an adopted instance");
+                            }
+                        } else {
+                            let id = found.started.instance.clone();
+                            let timeout = self
+                                .services
+                                .get(name)
+                                .map(|s| s.setup.spec.stop_timeout)
+                                .unwrap_or_default();
+                            tracing::info!(instance = %id, "removing an instance no rollout wants");
+                            if let Err(e) = runtime.stop(&id, timeout).await {
+                                tracing::warn!(instance = %id, error = %e, "could not remove an old instance");
+                            }
+                        }
                     }
                 }
             }
@@ -519,11 +571,10 @@ impl Driver {
             env: instance_env(svc, &version, rollout_env),
             port: Some(addr.port()),
         };
-        let started = cutover_runtime::Started {
+        let started = Started {
             instance: instance.clone(),
             addr,
-            pid: row.pid,
-            pgid: row.pgid,
+            handle: Handle::new(&row.handle),
         };
         if let Err(e) = svc.setup.runtime.adopt(spec, started).await {
             tracing::warn!(instance = %instance, error = %e, "could not adopt an instance");
@@ -543,7 +594,7 @@ impl Driver {
             Instance {
                 version,
                 addr,
-                pid: row.pid,
+                handle: Handle::new(&row.handle),
                 health: if healthy {
                     Health::Healthy
                 } else {
@@ -1418,8 +1469,7 @@ impl Driver {
             service: name.to_string(),
             version: version.to_string(),
             address: started.addr.to_string(),
-            pid: started.pid,
-            pgid: started.pgid,
+            handle: started.handle.as_str().to_owned(),
             started_at: now(),
         };
         if let Err(e) = self.store.upsert_instance(&row) {
@@ -1431,7 +1481,7 @@ impl Driver {
                 Instance {
                     version: version.clone(),
                     addr: started.addr,
-                    pid: started.pid,
+                    handle: started.handle,
                     health: Health::Starting,
                     draining: false,
                     detail: None,
@@ -1572,7 +1622,7 @@ impl Driver {
                 p.abort();
             }
         }
-        let runtimes: Vec<(Arc<Runtime>, Duration)> = self
+        let runtimes: Vec<(Arc<dyn Runtime>, Duration)> = self
             .services
             .values()
             .map(|s| (s.setup.runtime.clone(), s.setup.spec.stop_timeout))
@@ -1659,7 +1709,7 @@ impl Driver {
                 version: i.version.clone(),
                 address: i.addr,
                 health: i.health,
-                pid: i.pid,
+                runs_as: svc.setup.runtime.describe(&i.handle),
                 detail: i.detail.clone(),
             })
             .collect();

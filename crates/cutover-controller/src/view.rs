@@ -16,7 +16,8 @@ pub struct InstanceView {
     pub version: Version,
     pub address: SocketAddr,
     pub health: Health,
-    pub pid: Option<u32>,
+    /// What runs it, as its runtime tells it: `pid 4242`, `container 3fa2b1c9d0e1`.
+    pub runs_as: String,
     /// Why it is not healthy: its last failed probe (`GET /healthz answered 404 Not Found`)
     /// or its last exit with the end of its output.
     pub detail: Option<String>,

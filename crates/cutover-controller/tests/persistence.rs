@@ -18,7 +18,7 @@ use cutover_core::{
     CanaryStep, DataPlane, Health, HealthChange, InstanceId, RolloutOutcome, RolloutSpec,
     RouteTable, ServiceName, Version, Weight,
 };
-use cutover_runtime::{Runtime, StaticRuntime};
+use cutover_runtime::StaticRuntime;
 use cutover_store::Store;
 
 /// Records every published table, and how many were published while the disk was "full".
@@ -81,7 +81,7 @@ fn setup() -> ServiceSetup {
         command: Vec::new(),
         env: BTreeMap::new(),
         known_versions: Some(vec![Version::new("v1"), Version::new("v2")]),
-        runtime: Arc::new(Runtime::Static(StaticRuntime::new(upstreams))),
+        runtime: Arc::new(StaticRuntime::new(upstreams)),
     }
 }
 

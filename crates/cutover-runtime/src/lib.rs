@@ -17,7 +17,9 @@ pub mod logs;
 mod process;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Duration;
 
 use cutover_core::{InstanceId, ServiceName, Version};
@@ -26,9 +28,7 @@ pub use contain::{
     CGROUPS_ENV, Registered, STATE_DIR_ENV, Swept, registered, safe_component, sweep_leftovers,
 };
 pub use logs::LogLimits;
-pub use process::{
-    Inherited, KEEPER_COMMAND, ProcessOptions, ProcessRuntime, keeper_main, kill_orphans,
-};
+pub use process::{Inherited, KEEPER_COMMAND, ProcessOptions, ProcessRuntime, keeper_main};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -69,12 +69,86 @@ pub struct StartSpec {
     pub port: Option<u16>,
 }
 
+/// How a runtime finds one of its instances again: text that only the runtime that wrote it
+/// reads (a process's pid and group, a container's id). The store keeps it across restarts;
+/// nothing outside the runtime looks inside.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Handle(String);
+
+impl Handle {
+    pub fn new(text: impl Into<String>) -> Self {
+        Handle(text.into())
+    }
+
+    /// The stored text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Started {
     pub instance: InstanceId,
     pub addr: SocketAddr,
-    pub pid: Option<u32>,
-    pub pgid: Option<u32>,
+    pub handle: Handle,
+}
+
+/// An instance a daemon recorded, read back by a later daemon of the same state dir.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recorded {
+    pub service: ServiceName,
+    pub version: Version,
+    pub instance: InstanceId,
+    pub addr: Option<SocketAddr>,
+    pub handle: Handle,
+}
+
+/// An instance that outlived the daemon that started it and that this runtime can supervise
+/// again ([`Runtime::adopt`]): containers do, processes never (they die with their daemon).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub service: ServiceName,
+    pub version: Version,
+    pub started: Started,
+}
+
+/// A boxed future, so that runtimes can be trait objects the driver holds per service.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the controller's driver asks of a runtime: start, stop and find instances of a
+/// service's versions. Exits the runtime did not cause are sent as [`InstanceExit`] values on
+/// the channel the runtime was built with; health is the proxy's to judge.
+///
+/// The trait is per instance rather than "make version V have N instances" because a stop
+/// must wait for the proxy's drain, which the driver sequences with route publication.
+pub trait Runtime: Send + Sync {
+    /// Starts one instance; returns once it runs (not once it is healthy).
+    fn start(&self, spec: StartSpec) -> BoxFuture<'_, Result<Started, RuntimeError>>;
+
+    /// Stops an instance: its stop signal, then a kill after `stop_timeout`; returns once
+    /// nothing of it runs. Idempotent: an unknown instance is already stopped.
+    fn stop<'a>(
+        &'a self,
+        instance: &'a InstanceId,
+        stop_timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>>;
+
+    /// Supervises an instance that already runs (handed over by a restart in place, or
+    /// [`Found`] by [`Runtime::recover`]): it is not started again. `spec` says how to start
+    /// it again if it exits.
+    fn adopt(&self, spec: StartSpec, started: Started) -> BoxFuture<'_, Result<(), RuntimeError>>;
+
+    /// After a daemon died without handing its instances over: `recorded` is what it had
+    /// written down for services on this runtime. Returns the instances that still run and
+    /// can be adopted (for containers, also any this state dir's labels name that the record
+    /// missed); what cannot be adopted is removed here.
+    fn recover(&self, recorded: Vec<Recorded>) -> BoxFuture<'_, Vec<Found>>;
+
+    /// Stops every instance this runtime runs (the daemon is stopping).
+    fn stop_all(&self, stop_timeout: Duration) -> BoxFuture<'_, ()>;
+
+    /// A short text for people, e.g. `pid 4242` or `container 3fa2b1c9d0e1`.
+    fn describe(&self, handle: &Handle) -> String;
 }
 
 /// An instance exited without being asked to. Sent once its whole process tree is gone and
@@ -113,61 +187,53 @@ impl StaticRuntime {
     }
 }
 
-pub enum Runtime {
-    Process(ProcessRuntime),
-    Static(StaticRuntime),
-}
-
-impl Runtime {
-    pub async fn start(&self, spec: StartSpec) -> Result<Started, RuntimeError> {
-        match self {
-            Runtime::Process(p) => p.start(spec).await,
-            Runtime::Static(s) => {
-                let addr = s
-                    .upstreams
-                    .get(&spec.version)
-                    .and_then(|a| a.get(spec.index % a.len().max(1)))
-                    .copied()
-                    .ok_or_else(|| RuntimeError::NoUpstream {
-                        version: spec.version.clone(),
-                        index: spec.index,
-                    })?;
-                Ok(Started {
-                    instance: spec.instance,
-                    addr,
-                    pid: None,
-                    pgid: None,
-                })
-            }
-        }
+impl Runtime for StaticRuntime {
+    fn start(&self, spec: StartSpec) -> BoxFuture<'_, Result<Started, RuntimeError>> {
+        let found = self
+            .upstreams
+            .get(&spec.version)
+            .and_then(|a| a.get(spec.index % a.len().max(1)))
+            .copied();
+        Box::pin(async move {
+            let addr = found.ok_or_else(|| RuntimeError::NoUpstream {
+                version: spec.version.clone(),
+                index: spec.index,
+            })?;
+            Ok(Started {
+                instance: spec.instance,
+                addr,
+                handle: Handle::default(),
+            })
+        })
     }
 
-    /// SIGTERM to the instance's process group, SIGKILL to its whole tree after
-    /// `stop_timeout`; returns once nothing of the tree runs. Idempotent.
-    pub async fn stop(
+    fn stop<'a>(
+        &'a self,
+        _instance: &'a InstanceId,
+        _stop_timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn adopt(
         &self,
-        instance: &InstanceId,
-        stop_timeout: Duration,
-    ) -> Result<(), RuntimeError> {
-        match self {
-            Runtime::Process(p) => p.stop(instance, stop_timeout).await,
-            Runtime::Static(_) => Ok(()),
-        }
+        _spec: StartSpec,
+        _started: Started,
+    ) -> BoxFuture<'_, Result<(), RuntimeError>> {
+        Box::pin(async { Ok(()) })
     }
 
-    /// Supervises an instance a previous program of this daemon started and handed over:
-    /// it is not started again. `spec` is how to restart it if it exits.
-    pub async fn adopt(&self, spec: StartSpec, started: Started) -> Result<(), RuntimeError> {
-        match self {
-            Runtime::Process(p) => p.adopt(spec, started),
-            Runtime::Static(_) => Ok(()),
-        }
+    fn recover(&self, _recorded: Vec<Recorded>) -> BoxFuture<'_, Vec<Found>> {
+        // Nothing of a static service is cutover's to run: the addresses are just names.
+        Box::pin(async { Vec::new() })
     }
 
-    pub async fn stop_all(&self, stop_timeout: Duration) {
-        if let Runtime::Process(p) = self {
-            p.stop_all(stop_timeout).await;
-        }
+    fn stop_all(&self, _stop_timeout: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    fn describe(&self, _handle: &Handle) -> String {
+        "static".to_owned()
     }
 }
 
@@ -180,10 +246,10 @@ mod tests {
         let a: SocketAddr = "127.0.0.1:18081".parse().unwrap();
         let b: SocketAddr = "127.0.0.1:18082".parse().unwrap();
         let c: SocketAddr = "127.0.0.1:18083".parse().unwrap();
-        let rt = Runtime::Static(StaticRuntime::new(BTreeMap::from([
+        let rt = StaticRuntime::new(BTreeMap::from([
             (Version::new("v1"), vec![a, b]),
             (Version::new("v3"), vec![c]),
-        ])));
+        ]));
         let spec = |v: &str, index| StartSpec {
             service: "api".into(),
             version: v.into(),

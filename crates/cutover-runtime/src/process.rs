@@ -28,7 +28,9 @@ use crate::contain::{self, Leaf, Swept};
 #[cfg(test)]
 use crate::logs::rotated_path;
 use crate::logs::{LogFile, LogLimits, StderrTail, log_path};
-use crate::{InstanceExit, RuntimeError, StartSpec, Started};
+use crate::{
+    BoxFuture, Found, Handle, InstanceExit, Recorded, Runtime, RuntimeError, StartSpec, Started,
+};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -68,7 +70,7 @@ struct Inner {
     self_exe: PathBuf,
     log_limits: LogLimits,
     exits: mpsc::UnboundedSender<InstanceExit>,
-    procs: Mutex<HashMap<InstanceId, Handle>>,
+    procs: Mutex<HashMap<InstanceId, Proc>>,
     /// This daemon's cgroup, or why instances use process groups; probed at the first start
     /// (after the start-up sweep, which removes the previous daemon's cgroup).
     cgroup: Mutex<Option<Result<PathBuf, String>>>,
@@ -88,7 +90,7 @@ pub struct Inherited {
     pub leaf: Option<PathBuf>,
 }
 
-struct Handle {
+struct Proc {
     /// The current process group (a restart makes a new one).
     pgid: Arc<AtomicU32>,
     /// The instance's cgroup, when it has one.
@@ -432,8 +434,7 @@ impl ProcessRuntime {
         Ok(Started {
             instance,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            pid: Some(pid),
-            pgid: Some(pid),
+            handle: handle(pid, pid),
         })
     }
 
@@ -488,8 +489,11 @@ impl ProcessRuntime {
     /// pid, its output is read from the pipes handed over, and it is restarted from `spec`
     /// like any other if it exits.
     pub fn adopt(&self, spec: StartSpec, started: Started) -> Result<(), RuntimeError> {
-        let pid = started.pid.ok_or_else(|| {
-            RuntimeError::Io(std::io::Error::other("a handed-over instance has no pid"))
+        let (pid, pgid) = parse_handle(&started.handle).ok_or_else(|| {
+            RuntimeError::Io(std::io::Error::other(format!(
+                "a handed-over instance has no pid (handle `{}`)",
+                started.handle.as_str()
+            )))
         })?;
         if !is_our_child(pid) {
             return Err(RuntimeError::Io(std::io::Error::other(format!(
@@ -522,7 +526,7 @@ impl ProcessRuntime {
             pipe(inherited.stderr),
         );
         run.dups = dups;
-        let pgid = Arc::new(AtomicU32::new(started.pgid.unwrap_or(pid)));
+        let pgid = Arc::new(AtomicU32::new(pgid));
         self.supervise_run(spec, launch, leaf, log, pgid, run);
         Ok(())
     }
@@ -556,7 +560,7 @@ impl ProcessRuntime {
         if let Ok(mut procs) = self.inner.procs.lock() {
             procs.insert(
                 spec.instance.clone(),
-                Handle {
+                Proc {
                     pgid: pgid.clone(),
                     leaf: leaf.as_ref().map(|l| l.dir.clone()),
                     pipes: pipes.clone(),
@@ -748,6 +752,61 @@ impl ProcessRuntime {
     }
 }
 
+/// A process instance's handle: `pid/pgid`.
+fn handle(pid: u32, pgid: u32) -> Handle {
+    Handle::new(format!("{pid}/{pgid}"))
+}
+
+fn parse_handle(h: &Handle) -> Option<(u32, u32)> {
+    let (pid, pgid) = h.as_str().split_once('/')?;
+    Some((pid.parse().ok()?, pgid.parse().ok()?))
+}
+
+impl Runtime for ProcessRuntime {
+    fn start(&self, spec: StartSpec) -> BoxFuture<'_, Result<Started, RuntimeError>> {
+        Box::pin(ProcessRuntime::start(self, spec))
+    }
+
+    fn stop<'a>(
+        &'a self,
+        instance: &'a InstanceId,
+        stop_timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(ProcessRuntime::stop(self, instance, stop_timeout))
+    }
+
+    fn adopt(&self, spec: StartSpec, started: Started) -> BoxFuture<'_, Result<(), RuntimeError>> {
+        let r = ProcessRuntime::adopt(self, spec, started);
+        Box::pin(async move { r })
+    }
+
+    /// Processes die with the daemon that started them (parent-death signal, the keeper, the
+    /// sweep at start-up), so nothing is adopted; any group the record names that still runs
+    /// one of our instances is killed.
+    fn recover(&self, recorded: Vec<Recorded>) -> BoxFuture<'_, Vec<Found>> {
+        let groups: Vec<(u32, u32)> = recorded
+            .iter()
+            .filter_map(|r| parse_handle(&r.handle))
+            .collect();
+        let killed = kill_orphans(&groups);
+        if killed > 0 {
+            tracing::warn!(killed, "killed instances left over by a previous daemon");
+        }
+        Box::pin(async { Vec::new() })
+    }
+
+    fn stop_all(&self, stop_timeout: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(ProcessRuntime::stop_all(self, stop_timeout))
+    }
+
+    fn describe(&self, handle: &Handle) -> String {
+        match parse_handle(handle) {
+            Some((pid, _)) => format!("pid {pid}"),
+            None => "process".to_owned(),
+        }
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // The daemon's cgroup goes with the runtime; `rmdir` refuses a cgroup that still has
@@ -880,7 +939,7 @@ pub fn keeper_main(state_dir: &Path) -> std::io::Result<Swept> {
 /// group id of an unrelated program is left alone). Returns how many processes were killed.
 /// Superseded by [`ProcessRuntime::sweep_leftovers`], which also finds children that left
 /// their group and cgroups; kept for callers that only have the recorded groups.
-pub fn kill_orphans(recorded: &[(u32, u32)]) -> usize {
+fn kill_orphans(recorded: &[(u32, u32)]) -> usize {
     let groups: std::collections::HashSet<u32> = recorded.iter().map(|(_, g)| *g).collect();
     if groups.is_empty() {
         return 0;
@@ -1019,7 +1078,7 @@ mod tests {
         rt.stop(&"web-v1-1".into(), Duration::from_secs(5))
             .await
             .unwrap();
-        assert!(!alive(started.pid.unwrap()));
+        assert!(!alive(parse_handle(&started.handle).unwrap().0));
         assert!(
             contain::registered(dir.path()).is_empty(),
             "a stopped instance leaves the registry"
@@ -1066,7 +1125,7 @@ mod tests {
             t0.elapsed() >= Duration::from_millis(300),
             "it waited for the grace period"
         );
-        assert!(!alive(started.pid.unwrap()));
+        assert!(!alive(parse_handle(&started.handle).unwrap().0));
         assert!(
             rx.try_recv().is_err(),
             "a requested stop is not reported as a crash"
@@ -1144,7 +1203,7 @@ mod tests {
         assert!(tree.iter().all(|p| alive(*p)));
         rt.stop_all(Duration::from_secs(2)).await;
         // `stop` returns once the tree is gone: no waiting here.
-        assert!(!alive(started.pid.unwrap()));
+        assert!(!alive(parse_handle(&started.handle).unwrap().0));
         for p in &tree {
             assert!(
                 !alive(*p),
@@ -1196,7 +1255,7 @@ mod tests {
                 let started = prt.start(spec("web-v1-1", TREE)).await.unwrap();
                 let log = wait_file(&log_of(&state_dir, "web-v1-1"), "ready").await;
                 let mut tree = [pids_after(&log, "child "), pids_after(&log, "escaped ")].concat();
-                tree.push(started.pid.unwrap());
+                tree.push(parse_handle(&started.handle).unwrap().0);
                 tree
             })
         })

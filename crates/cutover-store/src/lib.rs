@@ -96,6 +96,13 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (service, version, at)
     ) WITHOUT ROWID;
     CREATE INDEX series_points_at ON series_points(at);",
+    // An instance is found again through its runtime's opaque handle (a process's pid and
+    // group, a container's id) instead of a pid the store had to know about. Rows of the
+    // process runtime carry over in its `pid/pgid` form.
+    "ALTER TABLE instances ADD COLUMN handle TEXT NOT NULL DEFAULT '';
+    UPDATE instances SET handle = pid || '/' || coalesce(pgid, pid) WHERE pid IS NOT NULL;
+    ALTER TABLE instances DROP COLUMN pid;
+    ALTER TABLE instances DROP COLUMN pgid;",
 ];
 
 pub struct NewRollout {
@@ -177,8 +184,8 @@ pub struct InstanceRow {
     pub service: String,
     pub version: String,
     pub address: String,
-    pub pid: Option<u32>,
-    pub pgid: Option<u32>,
+    /// The runtime's handle for the instance (`cutover_runtime::Handle`), opaque here.
+    pub handle: String,
     pub started_at: Timestamp,
 }
 
@@ -468,9 +475,9 @@ impl Store {
 
     pub fn upsert_instance(&mut self, i: &InstanceRow) -> Result<(), StoreError> {
         self.conn.execute(
-            "INSERT INTO instances (id, service, version, address, pid, pgid, started_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT(id) DO UPDATE SET service = ?2, version = ?3, address = ?4, pid = ?5, pgid = ?6, started_at = ?7",
-            params![i.id, i.service, i.version, i.address, i.pid, i.pgid, db_ts(i.started_at)],
+            "INSERT INTO instances (id, service, version, address, handle, started_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(id) DO UPDATE SET service = ?2, version = ?3, address = ?4, handle = ?5, started_at = ?6",
+            params![i.id, i.service, i.version, i.address, i.handle, db_ts(i.started_at)],
         )?;
         Ok(())
     }
@@ -483,7 +490,7 @@ impl Store {
 
     pub fn instances(&self, service: Option<&str>) -> Result<Vec<InstanceRow>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, service, version, address, pid, pgid, started_at FROM instances WHERE (?1 IS NULL OR service = ?1) ORDER BY id",
+            "SELECT id, service, version, address, handle, started_at FROM instances WHERE (?1 IS NULL OR service = ?1) ORDER BY id",
         )?;
         let rows = stmt.query_map(params![service], |r| {
             Ok(InstanceRow {
@@ -491,9 +498,8 @@ impl Store {
                 service: r.get(1)?,
                 version: r.get(2)?,
                 address: r.get(3)?,
-                pid: r.get(4)?,
-                pgid: r.get(5)?,
-                started_at: ts(r.get(6)?),
+                handle: r.get(4)?,
+                started_at: ts(r.get(5)?),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -854,8 +860,7 @@ mod tests {
             service: "web".into(),
             version: "v2".into(),
             address: "127.0.0.1:4000".into(),
-            pid: Some(42),
-            pgid: Some(42),
+            handle: "42/42".into(),
             started_at: Timestamp(5),
         };
         s.upsert_instance(&inst).unwrap();

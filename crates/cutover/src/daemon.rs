@@ -603,7 +603,7 @@ fn start_controller(
                 }
             }
         }
-        let runtime = Arc::new(Runtime::Process(process.clone()));
+        let runtime: Arc<dyn Runtime> = Arc::new(process.clone());
         let handed = rt.block_on(async move {
             let setups = services
                 .iter()
@@ -658,13 +658,13 @@ fn start_controller(
     Ok((controller, stop_tx))
 }
 
-fn service_setup(s: &ServiceSettings, process: &Arc<Runtime>) -> ServiceSetup {
+fn service_setup(s: &ServiceSettings, process: &Arc<dyn Runtime>) -> ServiceSetup {
     let (runtime, command, env, known) = match &s.runtime {
         RuntimeSettings::Process { command, env } => {
             (process.clone(), command.clone(), env.clone(), None)
         }
         RuntimeSettings::Static { upstreams } => (
-            Arc::new(Runtime::Static(StaticRuntime::new(upstreams.clone()))),
+            Arc::new(StaticRuntime::new(upstreams.clone())) as Arc<dyn Runtime>,
             Vec::new(),
             BTreeMap::new(),
             Some(upstreams.keys().cloned().collect::<Vec<Version>>()),

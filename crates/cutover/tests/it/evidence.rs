@@ -243,7 +243,7 @@ fn after_a_canary_promotion_the_old_version_stays_warm_and_rollback_is_instant()
         .as_array()
         .unwrap()
         .iter()
-        .filter_map(|i| i["pid"].as_u64())
+        .filter_map(|i| crate::harness::pid_of(i))
         .map(|p| p as u32)
         .collect();
     let out = d.cli(&["deploy", "web", "v2", "--wait"]);
@@ -288,7 +288,7 @@ fn reported_weights_are_where_traffic_really_goes() {
         .unwrap()
         .iter()
         .filter(|i| i["version"] == "v1")
-        .map(|i| i["pid"].as_u64().unwrap().to_string())
+        .map(|i| crate::harness::pid_of(i).unwrap().to_string())
         .collect();
     // Frozen, v1 answers no health check: the proxy sends everything to v2.
     let signal = |sig: &str| {

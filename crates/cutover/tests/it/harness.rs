@@ -310,6 +310,15 @@ pub fn http(
     (status, body)
 }
 
+/// The pid of a process instance as `status --json` shows it (`"runs_as": "pid 4242"`).
+pub fn pid_of(instance: &serde_json::Value) -> Option<u64> {
+    instance["runs_as"]
+        .as_str()?
+        .strip_prefix("pid ")?
+        .parse()
+        .ok()
+}
+
 pub fn pid_alive(pid: u32) -> bool {
     // A zombie is dead for our purposes: it runs no code and holds no port.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

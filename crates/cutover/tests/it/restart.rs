@@ -13,7 +13,7 @@ fn pids(s: &serde_json::Value) -> Vec<u64> {
         .as_array()
         .unwrap()
         .iter()
-        .filter_map(|i| i["pid"].as_u64())
+        .filter_map(|i| crate::harness::pid_of(i))
         .collect();
     p.sort_unstable();
     p
