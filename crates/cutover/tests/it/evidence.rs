@@ -243,7 +243,7 @@ fn after_a_canary_promotion_the_old_version_stays_warm_and_rollback_is_instant()
         .as_array()
         .unwrap()
         .iter()
-        .filter_map(|i| crate::harness::pid_of(i))
+        .filter_map(crate::harness::pid_of)
         .map(|p| p as u32)
         .collect();
     let out = d.cli(&["deploy", "web", "v2", "--wait"]);

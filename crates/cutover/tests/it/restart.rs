@@ -13,7 +13,7 @@ fn pids(s: &serde_json::Value) -> Vec<u64> {
         .as_array()
         .unwrap()
         .iter()
-        .filter_map(|i| crate::harness::pid_of(i))
+        .filter_map(crate::harness::pid_of)
         .collect();
     p.sort_unstable();
     p

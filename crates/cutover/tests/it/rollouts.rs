@@ -154,7 +154,7 @@ fn sigkill_mid_rollout_resumes_and_leaves_no_orphans() {
         .as_array()
         .unwrap()
         .iter()
-        .filter_map(|i| crate::harness::pid_of(i))
+        .filter_map(crate::harness::pid_of)
         .map(|p| p as u32)
         .collect();
     assert_eq!(pids.len(), 4, "two v1 and two v2 instances: {s:#}");
