@@ -938,7 +938,9 @@ const MIN_MEMORY: u64 = 6 << 20;
 /// Keys only docker services take, on a service of another runtime: each is an error.
 fn only_docker(cx: &mut Ctx<'_>, s: &RawService, name: &str, runtime: &str) {
     let k = |key: &str| format!("services.{name}.{key}");
-    let why = format!("only docker services take it; remove it or set runtime = \"docker\" (this service is {runtime})");
+    let why = format!(
+        "only docker services take it; remove it or set runtime = \"docker\" (this service is {runtime})"
+    );
     if let Some(v) = &s.image {
         cx.err(v, k("image"), why.clone());
     }
@@ -980,10 +982,13 @@ fn docker(cx: &mut Ctx<'_>, s: &RawService, name: &str, at: usize) -> Option<Run
             let text = i.get_ref().trim();
             // What the Engine accepts in a reference, with the placeholder allowed.
             let valid = !text.is_empty()
-                && text.chars().all(|c| {
-                    c.is_ascii_alphanumeric() || "._-/:@{}".contains(c)
-                })
-                && text.replace("{version}", "").chars().all(|c| c != '{' && c != '}');
+                && text
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-/:@{}".contains(c))
+                && text
+                    .replace("{version}", "")
+                    .chars()
+                    .all(|c| c != '{' && c != '}');
             if valid {
                 Some(text.to_owned())
             } else {
@@ -1011,7 +1016,11 @@ fn docker(cx: &mut Ctx<'_>, s: &RawService, name: &str, at: usize) -> Option<Run
         Some(p) => match u16::try_from(*p.get_ref()) {
             Ok(n) if n > 0 => Some(n),
             _ => {
-                cx.err(p, k("port"), format!("{} is not a port (1-65535)", p.get_ref()));
+                cx.err(
+                    p,
+                    k("port"),
+                    format!("{} is not a port (1-65535)", p.get_ref()),
+                );
                 None
             }
         },
@@ -1084,7 +1093,8 @@ fn docker_table(cx: &mut Ctx<'_>, d: Option<&RawDocker>, name: &str) -> Option<D
             );
         } else if f.get_ref().trim().is_empty()
             || p.is_absolute()
-            || p.components().any(|c| matches!(c, std::path::Component::ParentDir))
+            || p.components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
         {
             cx.err(
                 f,
@@ -1104,7 +1114,11 @@ fn docker_table(cx: &mut Ctx<'_>, d: Option<&RawDocker>, name: &str) -> Option<D
         if n.is_finite() && n > 0.0 && n <= 1024.0 {
             out.cpus = Some(n);
         } else {
-            cx.err(c, k("cpus"), format!("{n} is not a number of CPUs above 0 (0.5 = half a core)"));
+            cx.err(
+                c,
+                k("cpus"),
+                format!("{n} is not a number of CPUs above 0 (0.5 = half a core)"),
+            );
         }
     }
     if let Some(m) = &d.memory {
@@ -1180,9 +1194,7 @@ fn docker_table(cx: &mut Ctx<'_>, d: Option<&RawDocker>, name: &str) -> Option<D
 /// (a bind mount; a relative host path is the one beside the config file).
 fn volume(v: &str, base: &Path) -> Result<String, String> {
     let bad = || {
-        format!(
-            "{v:?} is not a volume like \"shop-data:/data\" or \"./uploads:/app/uploads:ro\""
-        )
+        format!("{v:?} is not a volume like \"shop-data:/data\" or \"./uploads:/app/uploads:ro\"")
     };
     let mut parts = v.splitn(3, ':');
     let (Some(source), Some(target)) = (parts.next(), parts.next()) else {
@@ -1193,11 +1205,25 @@ fn volume(v: &str, base: &Path) -> Result<String, String> {
         return Err(bad());
     }
     if let Some(o) = opts
-        && !o
-            .split(',')
-            .all(|x| matches!(x, "ro" | "rw" | "z" | "Z" | "nocopy" | "shared" | "slave" | "private" | "rshared" | "rslave" | "rprivate"))
+        && !o.split(',').all(|x| {
+            matches!(
+                x,
+                "ro" | "rw"
+                    | "z"
+                    | "Z"
+                    | "nocopy"
+                    | "shared"
+                    | "slave"
+                    | "private"
+                    | "rshared"
+                    | "rslave"
+                    | "rprivate"
+            )
+        })
     {
-        return Err(format!("{v:?}: {o:?} is not a mount option Docker knows (ro, rw, z, Z, nocopy, …)"));
+        return Err(format!(
+            "{v:?}: {o:?} is not a mount option Docker knows (ro, rw, z, Z, nocopy, …)"
+        ));
     }
     let is_path = source.starts_with('/') || source.starts_with('.') || source.contains('/');
     let source = if is_path && !source.starts_with('/') {

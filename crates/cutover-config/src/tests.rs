@@ -825,7 +825,10 @@ labels = { team = "payments" }
     };
     assert_eq!(d.cpus, Some(2.0));
     assert_eq!(d.dockerfile, "Dockerfile");
-    assert_eq!(d.host, None, "DOCKER_HOST or the default socket, decided at start");
+    assert_eq!(
+        d.host, None,
+        "DOCKER_HOST or the default socket, decided at start"
+    );
     assert_eq!(
         d.command.as_deref(),
         Some(&["/app".to_owned(), "--port".into(), "{port}".into()][..])
