@@ -10,6 +10,7 @@
 mod cli;
 mod client;
 mod commands;
+mod containers;
 mod daemon;
 mod demo;
 mod exit;
@@ -108,7 +109,7 @@ fn run(cli: Cli) -> CliResult {
             }
             Ok(())
         }
-        Command::Demo { keep } => demo::run(*keep),
+        Command::Demo { keep, runtime } => demo::run(*keep, *runtime),
         Command::Completions { shell } => {
             // Into a buffer first: the generator panics if its writer fails (a closed pipe).
             let mut script = Vec::new();

@@ -176,6 +176,8 @@ pub fn context_tar(dir: &Path, exclude: &[PathBuf]) -> std::io::Result<Vec<u8>> 
     let root = std::fs::canonicalize(dir)?;
     let mut b = tar::Builder::new(Vec::new());
     b.follow_symlinks(false);
+    // The Engine refuses GNU sparse entries (a linker's output often has holes).
+    b.sparse(false);
     let mut stack = vec![root.clone()];
     while let Some(d) = stack.pop() {
         let mut entries: Vec<_> = std::fs::read_dir(&d)?.collect::<Result<_, _>>()?;
@@ -328,6 +330,8 @@ pub fn executables_tar(
     libs.sort();
     libs.dedup();
     let mut b = tar::Builder::new(Vec::new());
+    // The Engine refuses GNU sparse entries (a linker's output often has holes).
+    b.sparse(false);
     let quoted: Vec<String> = entrypoint.iter().map(|a| format!("{a:?}")).collect();
     let dockerfile = format!(
         "FROM scratch\nCOPY . /\nENTRYPOINT [{}]\n",
