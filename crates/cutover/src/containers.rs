@@ -26,7 +26,9 @@ pub fn host_of(d: &DockerSettings) -> String {
     )
 }
 
-fn docker_services(settings: &Settings) -> impl Iterator<Item = (&ServiceSettings, &DockerSettings)> {
+fn docker_services(
+    settings: &Settings,
+) -> impl Iterator<Item = (&ServiceSettings, &DockerSettings)> {
     settings.services.iter().filter_map(|s| match &s.runtime {
         RuntimeSettings::Docker(d) => Some((s, d.as_ref())),
         _ => None,

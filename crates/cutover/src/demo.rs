@@ -54,6 +54,11 @@ pub fn demo_app(a: &DemoAppArgs) -> CliResult {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| CliError::new(Code::Usage, format!("cannot listen on {addr}: {e}")))?;
+        // One line for `cutover logs`, which otherwise would have nothing to show of it.
+        err(format_args!(
+            "demo-app {} ({}) listening on {addr}",
+            opts.version, opts.instance
+        ));
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {

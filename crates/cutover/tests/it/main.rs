@@ -7,6 +7,7 @@
 mod cli;
 mod dashboard;
 mod daytwo;
+mod docker;
 mod evidence;
 mod failures;
 mod harden;
