@@ -428,6 +428,12 @@ async fn containers_outlive_a_crashed_daemon_and_are_adopted() {
     let (_, port) = s.one_running(first.handle.as_str()).await;
     assert_eq!(port, Some(first.addr.port()));
     assert!(s.exits.try_recv().is_err(), "the old daemon hears nothing");
+    // What it supervises is not found again, and adopting it twice changes nothing.
+    assert!(Runtime::recover(&again, Vec::new()).await.is_empty());
+    again
+        .adopt(s.spec(0, "exec sleep 300"), first.clone())
+        .await
+        .unwrap();
     again.stop_all(Duration::from_secs(1)).await;
     s.done().await;
 }

@@ -611,6 +611,10 @@ impl DockerRuntime {
 
     /// Supervises a container that runs: it is not started again.
     pub async fn adopt(&self, spec_: StartSpec, started: Started) -> Result<(), RuntimeError> {
+        if self.supervises(&spec_.instance) {
+            // Already adopted (handed over by a restart in place): one supervisor only.
+            return Ok(());
+        }
         let docker = self.docker().await?;
         let id = started.handle.as_str().to_owned();
         match self.ended(&docker, &id).await {
@@ -625,6 +629,14 @@ impl DockerRuntime {
         }
         self.supervise_container(spec_, id, started.addr.port());
         Ok(())
+    }
+
+    /// Whether this runtime already supervises `instance`.
+    fn supervises(&self, instance: &InstanceId) -> bool {
+        self.inner
+            .ctrs
+            .lock()
+            .is_ok_and(|c| c.contains_key(instance))
     }
 
     fn supervise_container(&self, spec_: StartSpec, id: String, host_port: u16) {
@@ -788,8 +800,9 @@ impl DockerRuntime {
         Ok(())
     }
 
-    /// Containers of this service and state dir that run: the ones a crashed daemon left.
-    /// Those that do not run, or have no address on 127.0.0.1, are removed.
+    /// Containers of this service and state dir that run and that this runtime does not
+    /// supervise yet: the ones a crashed daemon left. Those that do not run, or have no address
+    /// on 127.0.0.1, are removed.
     pub async fn recover(&self) -> Vec<Found> {
         let docker = match self.docker().await {
             Ok(d) => d,
@@ -825,6 +838,10 @@ impl DockerRuntime {
                 self.remove(&docker, &id).await;
                 continue;
             };
+            if self.supervises(&InstanceId::new(instance)) {
+                // Adopted already (a restart in place handed it over): not found twice.
+                continue;
+            }
             match (running, port) {
                 (true, Some(port)) => found.push(Found {
                     service: self.inner.opts.service.clone(),

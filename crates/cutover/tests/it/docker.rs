@@ -333,6 +333,19 @@ fn docker_canary_is_promoted_and_a_bad_one_rolled_back_under_load() {
                 && l.contains("listening on 0.0.0.0:8080")),
         "{text}"
     );
+
+    // A restart in place keeps the containers, each supervised once.
+    let before = d.status();
+    let out = d.cli(&["reload"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let after = d.wait_for("healthy again after the reload", |s| healthy(s, "v2") == 2);
+    assert_eq!(runs_as(&after), runs_as(&before));
+    assert!(
+        !d.d.log().contains("adopted an instance that outlived"),
+        "handed over, not found again: {}",
+        d.d.log()
+    );
+    d.wait_containers("the same two", &[("running", "v2"), ("running", "v2")]);
 }
 
 #[test]
