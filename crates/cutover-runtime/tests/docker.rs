@@ -227,6 +227,21 @@ async fn a_container_is_named_labelled_published_on_loopback_and_stopped() {
         !env.iter().any(|e| e.starts_with("CUTOVER_STATE_DIR=")),
         "the keeper's marker would get the container killed when a daemon dies: {env:?}"
     );
+    let host = c.host_config.as_ref().unwrap();
+    let log = host.log_config.as_ref().unwrap();
+    if log.typ.as_deref() == Some("json-file") {
+        let opts = log.config.clone().unwrap_or_default();
+        assert_eq!(
+            (opts["max-size"].as_str(), opts["max-file"].as_str()),
+            ("10m", "5"),
+            "rotated like process logs"
+        );
+    }
+    assert_eq!(
+        host.restart_policy.as_ref().and_then(|p| p.name),
+        Some(bollard::models::RestartPolicyNameEnum::NO),
+        "cutover restarts it, not the Engine"
+    );
     let ports = s.containers().await;
     assert_eq!(
         ports[0].2,
@@ -304,6 +319,19 @@ async fn an_oom_kill_is_reported_as_such() {
     .unwrap();
     let e = s.next_exit().await;
     assert_eq!(e.code, Some(137));
+    let c = s.containers().await;
+    let limits = s
+        .docker
+        .inspect_container(&c[0].0, None)
+        .await
+        .unwrap()
+        .host_config
+        .unwrap();
+    assert_eq!(
+        (limits.memory, limits.memory_swap),
+        (Some(16 << 20), Some(16 << 20)),
+        "no swap on top of the limit"
+    );
     assert_eq!(
         e.stderr_tail.first().map(String::as_str),
         Some("OOM killed: the container used up its memory limit (16MiB)"),

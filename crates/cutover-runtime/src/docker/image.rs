@@ -71,18 +71,26 @@ pub async fn ensure(
                 context.display()
             ))
         })?;
-        return build(docker, image, dockerfile, tar, &source.labels)
-            .await
-            .map_err(|e| match e {
-                RuntimeError::Docker(m) => RuntimeError::Docker(format!(
-                    "building {image} from {} failed: {m}",
-                    context.display()
-                )),
-                other => other,
-            });
+        let t0 = std::time::Instant::now();
+        tracing::info!(%image, context = %context.display(), "building a missing image");
+        let built = build(docker, image, dockerfile, tar, &source.labels).await;
+        if built.is_ok() {
+            tracing::info!(%image, seconds = t0.elapsed().as_secs_f64(), "built");
+        }
+        return built.map_err(|e| match e {
+            RuntimeError::Docker(m) => RuntimeError::Docker(format!(
+                "building {image} from {} failed: {m}",
+                context.display()
+            )),
+            other => other,
+        });
     }
     if source.pull {
-        return pull(docker, image).await;
+        let t0 = std::time::Instant::now();
+        tracing::info!(%image, "pulling a missing image");
+        pull(docker, image).await?;
+        tracing::info!(%image, seconds = t0.elapsed().as_secs_f64(), "pulled");
+        return Ok(());
     }
     Err(RuntimeError::Docker(format!(
         "image {image} is not on the Docker Engine at {host}, and service {service} neither builds nor pulls it: build it (docker build -t {image} .), or set build = \".\" or pull = true in [services.{service}.docker]"
