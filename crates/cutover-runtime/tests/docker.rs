@@ -319,10 +319,11 @@ async fn an_oom_kill_is_reported_as_such() {
     .unwrap();
     let e = s.next_exit().await;
     assert_eq!(e.code, Some(137));
-    let c = s.containers().await;
+    // Made again with the same limits.
+    let (id, _) = s.one_running("").await;
     let limits = s
         .docker
-        .inspect_container(&c[0].0, None)
+        .inspect_container(&id, None)
         .await
         .unwrap()
         .host_config
