@@ -228,15 +228,6 @@ async fn a_container_is_named_labelled_published_on_loopback_and_stopped() {
         "the keeper's marker would get the container killed when a daemon dies: {env:?}"
     );
     let host = c.host_config.as_ref().unwrap();
-    let log = host.log_config.as_ref().unwrap();
-    if log.typ.as_deref() == Some("json-file") {
-        let opts = log.config.clone().unwrap_or_default();
-        assert_eq!(
-            (opts["max-size"].as_str(), opts["max-file"].as_str()),
-            ("10m", "5"),
-            "rotated like process logs"
-        );
-    }
     assert_eq!(
         host.restart_policy.as_ref().and_then(|p| p.name),
         Some(bollard::models::RestartPolicyNameEnum::NO),

@@ -38,25 +38,26 @@ fn docker_services(
 /// Every Engine the config's docker services use must answer; each answer's version, by
 /// address. Exit 3 naming the socket when one does not.
 pub fn check_engines(settings: &Settings) -> CliResult<HashMap<String, EngineInfo>> {
-    let hosts: Vec<String> = docker_services(settings).map(|(_, d)| host_of(d)).collect();
-    if hosts.is_empty() {
+    if docker_services(settings).next().is_none() {
         return Ok(HashMap::new());
     }
-    let rt = crate::runtime(tokio::runtime::Builder::new_current_thread())?;
-    rt.block_on(async {
-        let mut found = HashMap::new();
-        for host in hosts {
-            if found.contains_key(&host) {
-                continue;
-            }
-            let info = Engine::new(host.as_str())
-                .check(CHECK_WITHIN)
-                .await
-                .map_err(|e| CliError::new(Code::Unreachable, e.to_string()))?;
-            found.insert(host, info);
+    crate::runtime(tokio::runtime::Builder::new_current_thread())?
+        .block_on(engines_answer(settings))
+}
+
+async fn engines_answer(settings: &Settings) -> CliResult<HashMap<String, EngineInfo>> {
+    let mut found = HashMap::new();
+    for host in docker_services(settings).map(|(_, d)| host_of(d)) {
+        if found.contains_key(&host) {
+            continue;
         }
-        Ok(found)
-    })
+        let info = Engine::new(host.as_str())
+            .check(CHECK_WITHIN)
+            .await
+            .map_err(|e| CliError::new(Code::Unreachable, e.to_string()))?;
+        found.insert(host, info);
+    }
+    Ok(found)
 }
 
 /// The runtimes of the config's docker services, by service name; services on the same

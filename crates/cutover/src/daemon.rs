@@ -46,8 +46,12 @@ const HANDOVER_DRAIN: Duration = Duration::from_secs(10);
 /// `reset_state`: start even on a missing or damaged state database (see `state`).
 pub fn up(settings: Settings, reset_state: bool) -> CliResult {
     // Before anything binds or starts: a docker service needs its Engine (exit 3 otherwise).
-    for (host, info) in crate::containers::check_engines(&settings)? {
-        tracing::info!(host = %host, version = %info.version, api = %info.api_version, "Docker Engine answers");
+    // Not after a restart in place: the containers run on, and an Engine that is away for a
+    // moment must not cost the daemon its life (supervision waits for it).
+    if !handover::restarting() {
+        for (host, info) in crate::containers::check_engines(&settings)? {
+            tracing::info!(host = %host, version = %info.version, api = %info.api_version, "Docker Engine answers");
+        }
     }
     let builder = if settings.daemon.worker_threads == 1 {
         // One worker: a current-thread runtime avoids the cross-thread hand-offs that a

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use bollard::Docker;
 use bollard::models::{
     ContainerCreateBody, ContainerStateStatusEnum, ContainerSummaryStateEnum, HostConfig,
-    HostConfigLogConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+    PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
@@ -54,10 +54,6 @@ const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// The Engine's client timeout for a request's answer to begin (a `docker stop` waits its whole
 /// grace period before it answers, so this is long).
 const CLIENT_TIMEOUT_SECS: u64 = 600;
-/// Rotation of a container's `json-file` log, as the process runtime rotates its log files:
-/// 10 MiB per file, 5 files.
-const LOG_MAX_SIZE: &str = "10m";
-const LOG_MAX_FILES: &str = "5";
 /// The socket when neither the config nor `DOCKER_HOST` names another.
 pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
 
@@ -102,8 +98,6 @@ fn is_not_found(e: &bollard::errors::Error) -> bool {
 pub struct Engine {
     host: String,
     client: Arc<OnceCell<Docker>>,
-    /// The Engine's default log driver, asked once.
-    log_driver: Arc<OnceCell<String>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -124,7 +118,6 @@ impl Engine {
         Engine {
             host: host.into(),
             client: Arc::new(OnceCell::new()),
-            log_driver: Arc::new(OnceCell::new()),
         }
     }
 
@@ -155,19 +148,6 @@ impl Engine {
                     .negotiate_version()
                     .await
                     .map_err(|e| unreachable(&host, &e))
-            })
-            .await
-            .cloned()
-    }
-
-    /// The Engine's default log driver (`json-file` unless its administrator chose another).
-    async fn log_driver(&self) -> Result<String, RuntimeError> {
-        let docker = self.client().await?;
-        let host = self.host.clone();
-        self.log_driver
-            .get_or_try_init(|| async move {
-                let info = docker.info().await.map_err(|e| unreachable(&host, &e))?;
-                Ok(info.logging_driver.unwrap_or_default())
             })
             .await
             .cloned()
@@ -388,17 +368,6 @@ impl DockerRuntime {
         let name = spec::container_name(spec_.instance.as_str());
         self.clear_name(docker, &name).await?;
         let key = spec::port_key(o.port);
-        // Docker's default log driver keeps every line forever; cutover's containers rotate
-        // like its processes do. Another driver is the administrator's choice and is kept.
-        let log_config = (self.inner.engine.log_driver().await.ok().as_deref()
-            == Some("json-file"))
-        .then(|| HostConfigLogConfig {
-            typ: Some("json-file".into()),
-            config: Some(HashMap::from([
-                ("max-size".to_owned(), LOG_MAX_SIZE.to_owned()),
-                ("max-file".to_owned(), LOG_MAX_FILES.to_owned()),
-            ])),
-        });
         let memory = o.memory.and_then(|m| i64::try_from(m).ok());
         let body = ContainerCreateBody {
             image: Some(image.to_owned()),
@@ -419,7 +388,6 @@ impl DockerRuntime {
                 // The limit is the limit: no swap on top of it (Docker would allow as much
                 // again), so an app that outgrows it is OOM-killed and reported, not slowed.
                 memory_swap: memory,
-                log_config,
                 binds: (!o.volumes.is_empty()).then(|| o.volumes.clone()),
                 network_mode: o.network.clone(),
                 // cutover restarts crashed containers itself (with backoff and an event);
