@@ -125,9 +125,14 @@ pub fn logs(settings: &Settings, d: &DockerSettings, a: &LogsArgs) -> CliResult 
         },
     ));
     let _ = out.flush();
+    use cutover_runtime::docker::logs::LogsError;
     shown.map_err(|e| match e {
-        RuntimeError::EngineUnreachable { .. } => CliError::new(Code::Unreachable, e.to_string()),
-        other => CliError::new(Code::Failure, other.to_string()),
+        LogsError::NoSuch(m) => CliError::new(Code::Usage, m),
+        LogsError::Nothing(m) => CliError::new(Code::Failure, m),
+        LogsError::Runtime(e @ RuntimeError::EngineUnreachable { .. }) => {
+            CliError::new(Code::Unreachable, e.to_string())
+        }
+        LogsError::Runtime(e) => CliError::new(Code::Failure, e.to_string()),
     })
 }
 

@@ -17,6 +17,19 @@ use tokio::sync::mpsc;
 use super::{Engine, engine_message, spec};
 use crate::RuntimeError;
 
+/// Why nothing could be shown.
+#[derive(Debug, thiserror::Error)]
+pub enum LogsError {
+    /// The version or instance asked for has no container: a mistake in the question.
+    #[error("{0}")]
+    NoSuch(String),
+    /// The service has no containers at all.
+    #[error("{0}")]
+    Nothing(String),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
 /// What to show.
 #[derive(Clone, Debug)]
 pub struct Query {
@@ -75,35 +88,35 @@ async fn list(
 }
 
 /// The containers `q` asks for, or a sentence saying what there is instead.
-fn choose(all: &[Listed], q: &Query) -> Result<Vec<Listed>, String> {
+fn choose(all: &[Listed], q: &Query) -> Result<Vec<Listed>, LogsError> {
     let service = &q.service;
     let mut pool: Vec<Listed> = all.to_vec();
     if let Some(v) = &q.version {
         pool.retain(|c| &c.version == v);
         if pool.is_empty() {
             let versions: BTreeSet<&str> = all.iter().map(|c| c.version.as_str()).collect();
-            return Err(if versions.is_empty() {
+            return Err(LogsError::NoSuch(if versions.is_empty() {
                 format!("{service} has no containers, of {v} or any version")
             } else {
                 format!(
                     "{service} has no containers of version {v}; versions with containers: {}",
                     versions.into_iter().collect::<Vec<_>>().join(", ")
                 )
-            });
+            }));
         }
     }
     if let Some(id) = &q.instance {
         let one: Vec<Listed> = pool.iter().filter(|c| &c.instance == id).cloned().collect();
         if one.is_empty() {
             let names: Vec<&str> = pool.iter().map(|c| c.instance.as_str()).collect();
-            return Err(if names.is_empty() {
+            return Err(LogsError::NoSuch(if names.is_empty() {
                 format!("{service} has no container of instance {id:?}; it has none")
             } else {
                 format!(
                     "{service} has no container of instance {id:?}; instances: {}",
                     names.join(", ")
                 )
-            });
+            }));
         }
         return Ok(one);
     }
@@ -114,9 +127,9 @@ fn choose(all: &[Listed], q: &Query) -> Result<Vec<Listed>, String> {
     match pool.last() {
         Some(newest) => Ok(vec![newest.clone()]),
         None if q.follow => Ok(Vec::new()),
-        None => Err(format!(
+        None => Err(LogsError::Nothing(format!(
             "{service} has no containers: they exist while `cutover up` runs them (a stopped container is removed)"
-        )),
+        ))),
     }
 }
 
@@ -127,13 +140,13 @@ pub async fn show(
     state_dir: &Path,
     q: &Query,
     mut line: impl FnMut(&str, &str) -> bool,
-) -> Result<(), RuntimeError> {
+) -> Result<(), LogsError> {
     let docker = engine.client().await?;
     let state_label = crate::contain::canonical_state_dir(state_dir)
         .display()
         .to_string();
     let all = list(&docker, &state_label, &q.service).await?;
-    let chosen = choose(&all, q).map_err(RuntimeError::Docker)?;
+    let chosen = choose(&all, q)?;
     if !q.follow {
         for c in &chosen {
             let mut s = stream(&docker, &c.id, Some(q.lines), false);
@@ -249,7 +262,7 @@ mod tests {
             c("shop-v1-1", "v1", true, 2),
             c("shop-v2-2", "v2", false, 3),
         ];
-        let names = |r: Result<Vec<Listed>, String>| -> Vec<String> {
+        let names = |r: Result<Vec<Listed>, LogsError>| -> Vec<String> {
             r.unwrap().into_iter().map(|c| c.instance).collect()
         };
         assert_eq!(
@@ -266,17 +279,28 @@ mod tests {
             ["shop-v1-1"]
         );
         assert_eq!(
-            choose(&all, &q(Some("v9"), None, false)).unwrap_err(),
+            choose(&all, &q(Some("v9"), None, false))
+                .unwrap_err()
+                .to_string(),
             "shop has no containers of version v9; versions with containers: v1, v2"
         );
+        assert!(matches!(
+            choose(&all, &q(None, Some("shop-v1-7"), false)),
+            Err(LogsError::NoSuch(_))
+        ));
         assert_eq!(
-            choose(&all, &q(None, Some("shop-v1-7"), false)).unwrap_err(),
+            choose(&all, &q(None, Some("shop-v1-7"), false))
+                .unwrap_err()
+                .to_string(),
             "shop has no container of instance \"shop-v1-7\"; instances: shop-v1-0, shop-v1-1, shop-v2-2"
         );
         assert!(
             choose(&[], &q(None, None, true)).unwrap().is_empty(),
             "follow waits"
         );
-        assert!(choose(&[], &q(None, None, false)).is_err());
+        assert!(matches!(
+            choose(&[], &q(None, None, false)),
+            Err(LogsError::Nothing(_))
+        ));
     }
 }

@@ -339,6 +339,14 @@ fn docker_canary_is_promoted_and_a_bad_one_rolled_back_under_load() {
         "{text}"
     );
 
+    let out = d.cli(&["logs", "SVC", "--instance", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("has no container of instance \"nope\""),
+        "{}",
+        stderr(&out)
+    );
+
     // A restart in place keeps the containers, each supervised once.
     let before = d.status();
     let out = d.cli(&["reload"]);
