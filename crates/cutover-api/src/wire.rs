@@ -157,7 +157,7 @@ impl From<&EventView> for Event {
             service: e.service.clone(),
             rollout_id: e.rollout_id,
             at: rfc3339(e.at),
-            kind: e.kind.clone(),
+            kind: e.kind.as_str().to_owned(),
             message: e.message.clone(),
             phase: None,
         }

@@ -24,7 +24,7 @@ impl Driver {
         let Some(a) = self.services.get_mut(name).and_then(|s| s.active.as_mut()) else {
             return Ok(());
         };
-        let (next, cmds) = fsm::step(&a.spec, &a.rollout, &event, now())?;
+        let (next, cmds) = fsm::step(&a.spec, &a.rollout, &event, self.clock.now())?;
         if next == a.rollout && cmds.is_empty() {
             return Ok(());
         }
@@ -36,7 +36,7 @@ impl Driver {
     /// Persists the active rollout of `name` with the events its commands record, then runs
     /// the commands, then finishes the rollout if it ended.
     pub(super) async fn commit(&mut self, name: &ServiceName, cmds: Vec<Command>) {
-        let t = now();
+        let t = self.clock.now();
         let Some(svc) = self.services.get_mut(name) else {
             return;
         };
@@ -119,18 +119,29 @@ impl Driver {
         cmds: Vec<Command>,
         phase: Phase,
     ) {
-        for (id, e) in ids.into_iter().zip(events) {
-            let _ = self.notices.send(Notice {
+        // `events` were made from the `Record` commands, in order.
+        let kinds = cmds.iter().filter_map(|c| match c {
+            Command::Record { kind, .. } => Some(*kind),
+            _ => None,
+        });
+        let notices: Vec<Notice> = ids
+            .into_iter()
+            .zip(events)
+            .zip(kinds)
+            .map(|((id, e), kind)| Notice {
                 event: EventView {
                     id,
                     service: e.service,
                     rollout_id: e.rollout_id,
                     at: e.at,
-                    kind: e.kind,
+                    kind,
                     message: e.message,
                 },
                 phase,
-            });
+            })
+            .collect();
+        for n in notices {
+            let _ = self.notices.send(n);
         }
         for c in cmds {
             self.run_command(name, c).await;
@@ -221,7 +232,7 @@ impl Driver {
                 let snaps = self.snapshots(name, &stable, &cand);
                 if let Some(a) = self.services.get_mut(name).and_then(|s| s.active.as_mut()) {
                     a.baseline = snaps;
-                    a.next_analysis = now().plus(a.spec.analysis.interval);
+                    a.next_analysis = self.clock.now().plus(a.spec.analysis.interval);
                 }
             }
             Command::Retire { version, at } => {

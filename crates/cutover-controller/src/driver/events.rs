@@ -108,7 +108,7 @@ impl Driver {
     }
 
     pub(super) async fn on_tick(&mut self) {
-        let t = now();
+        let t = self.clock.now();
         let names: Vec<ServiceName> = self.services.keys().cloned().collect();
         for name in names {
             // A held service does nothing but retry its write: not even a scale-down.

@@ -324,6 +324,7 @@ pub fn driver(parts: DriverParts) -> (Driver, Controller) {
         adopt: parts.adopt,
         acting: None,
         restored: false,
+        clock: Clock::new(),
     };
     (d, Controller { tx, notices })
 }
@@ -343,14 +344,35 @@ pub struct Driver {
     /// Who asked for the request being handled; the next commit credits its events to them.
     acting: Option<String>,
     restored: bool,
+    clock: Clock,
 }
 
-fn now() -> Timestamp {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    Timestamp(u64::try_from(ms).unwrap_or(u64::MAX))
+/// The driver's clock: wall time read once, then advanced by tokio's monotonic clock.
+///
+/// Every time the fsm is given comes from here, so a wall-clock jump (NTP, a manual change)
+/// cannot shorten a pause or a deadline, and tests with paused tokio time drive pauses,
+/// deadlines and scale-down delays in virtual time.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Clock {
+    wall: Timestamp,
+    start: tokio::time::Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        Clock {
+            wall: Timestamp(u64::try_from(ms).unwrap_or(u64::MAX)),
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    fn now(&self) -> Timestamp {
+        self.wall.plus(self.start.elapsed())
+    }
 }
 
 impl Driver {
@@ -376,7 +398,7 @@ impl Driver {
                 Some(e) = self.exits.recv() => self.on_exit(e).await,
                 Some(i) = self.internal.recv() => self.on_internal(i),
                 _ = tick.tick() => self.on_tick().await,
-                _ = sample.tick() => self.metrics.sample(now()),
+                _ = sample.tick() => self.metrics.sample(self.clock.now()),
             }
         };
         match how {

@@ -90,7 +90,7 @@ impl Driver {
             version: version.to_string(),
             address: started.addr.to_string(),
             handle: started.handle.as_str().to_owned(),
-            started_at: now(),
+            started_at: self.clock.now(),
         };
         if let Err(e) = self.store.upsert_instance(&row) {
             tracing::warn!(error = %e, "could not record a started instance");

@@ -27,7 +27,7 @@ impl Driver {
         let e = NewEvent {
             service: name.to_string(),
             rollout_id,
-            at: now(),
+            at: self.clock.now(),
             kind: kind.as_str().to_owned(),
             message,
             data: "{}".to_owned(),
@@ -41,7 +41,7 @@ impl Driver {
                         service: e.service,
                         rollout_id,
                         at: e.at,
-                        kind: e.kind,
+                        kind,
                         message: e.message,
                     },
                     phase,

@@ -87,7 +87,7 @@ impl Driver {
                             version: found.version.to_string(),
                             address: found.started.addr.to_string(),
                             handle: found.started.handle.as_str().to_owned(),
-                            started_at: now(),
+                            started_at: self.clock.now(),
                         };
                         // A running container is routed to at once, so a daemon's crash costs
                         // no more than its own downtime; the proxy's checks correct it.
@@ -120,7 +120,7 @@ impl Driver {
                 self.scale(name, &stable, n).await;
             }
         }
-        let t = now();
+        let t = self.clock.now();
         for row in active {
             self.resume_rollout(row).await;
         }
@@ -219,7 +219,7 @@ impl Driver {
                 "service {} is no longer in the configuration",
                 row.service
             ));
-            row.finished_at = Some(now());
+            row.finished_at = Some(self.clock.now());
             if let Err(e) = self.store.update_rollout(&row) {
                 tracing::error!(error = %e, "could not close an orphaned rollout");
             }
@@ -233,7 +233,7 @@ impl Driver {
                 // changed since; the next rollout gets the new one.
                 let spec = started_with.unwrap_or(spec);
                 let baseline = self.snapshots(&name, &rollout.stable, &rollout.candidate);
-                let t = now();
+                let t = self.clock.now();
                 let active = Active {
                     rollout,
                     row,
@@ -252,7 +252,7 @@ impl Driver {
                 row.reason = Some(format!(
                     "could not resume after a restart ({e}); traffic stays on stable"
                 ));
-                row.finished_at = Some(now());
+                row.finished_at = Some(self.clock.now());
                 if let Err(e) = self.store.update_rollout(&row) {
                     tracing::error!(error = %e, "could not close an unreadable rollout");
                 }

@@ -64,7 +64,7 @@ impl Driver {
             .events_for_rollout(id)
             .map_err(|e| ControlError::Internal(e.to_string()))?
             .into_iter()
-            .map(event_view)
+            .filter_map(event_view)
             .collect();
         Ok(v)
     }
@@ -117,7 +117,7 @@ impl Driver {
             return Err(Self::unknown(name));
         };
         let stable = svc.stable.clone();
-        let t = now();
+        let t = self.clock.now();
         let new = NewRollout {
             service: name.to_string(),
             from_version: stable.to_string(),

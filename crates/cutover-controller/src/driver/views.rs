@@ -32,7 +32,7 @@ impl Driver {
             .recent_events(Some(name.as_str()), RECENT_EVENTS)
             .unwrap_or_default()
             .into_iter()
-            .map(event_view)
+            .filter_map(event_view)
             .collect();
         Ok(ServiceView {
             name: name.clone(),
@@ -75,13 +75,19 @@ pub(super) fn rollout_view(r: RolloutRow) -> RolloutView {
     }
 }
 
-pub(super) fn event_view(e: cutover_store::EventRow) -> EventView {
-    EventView {
+/// The stored event as a view; `None` for a kind this program does not know (written by a
+/// newer cutover before a downgrade), which is left out rather than guessed at.
+pub(super) fn event_view(e: cutover_store::EventRow) -> Option<EventView> {
+    let Some(kind) = EventKind::parse(&e.kind) else {
+        tracing::warn!(kind = %e.kind, id = e.id, "an event of a kind this cutover does not know is not shown");
+        return None;
+    };
+    Some(EventView {
         id: e.id,
         service: e.service,
         rollout_id: e.rollout_id,
         at: e.at,
-        kind: e.kind,
+        kind,
         message: e.message,
-    }
+    })
 }
