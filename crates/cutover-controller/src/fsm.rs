@@ -3,7 +3,7 @@
 //!
 //! Nothing here does IO or reads a clock: `now` is an argument and every effect is a
 //! [`Command`] value that the driver carries out after it has persisted the new state. That is
-//! what lets every transition of CONTRACT §3 be tested in microseconds, and lets a restarted
+//! what lets every transition of docs/reference.md §6 be tested in microseconds, and lets a restarted
 //! daemon replay a rollout from its checkpoint.
 //!
 //! The model is declarative, like a Kubernetes controller: commands say how many instances of a

@@ -1,4 +1,4 @@
-//! The closed sets of rollout phases, outcomes and strategies (CONTRACT §3).
+//! The closed sets of rollout phases, outcomes and strategies (docs/reference.md §6).
 //!
 //! Their kebab-case names are part of the user-facing contract, so `as_str`/`parse` live here
 //! once instead of as string literals scattered over the API, CLI and store.
