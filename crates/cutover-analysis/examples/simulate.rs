@@ -1,6 +1,6 @@
 //! Decision quality of the judge: `cargo run --release -p cutover-analysis --example simulate`.
 //!
-//! 200 rps, canary at 10% (20 candidate rps), CONTRACT's analysis defaults (interval 2s,
+//! 200 rps, canary at 10% (20 candidate rps), the documented analysis defaults (interval 2s,
 //! min_requests 50, max 1% errors, max p99 500ms, failure_limit 2, compare_to_stable), 60 s per
 //! trial, 200 seeded trials per row. The last rows have 30 rps (3 candidate rps), where 20 s
 //! of traffic is too little evidence to promote on.

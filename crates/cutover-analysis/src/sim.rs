@@ -40,7 +40,7 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    /// CONTRACT's defaults: 200 rps, canary at 10%, judged for 60 s.
+    /// the documented defaults: 200 rps, canary at 10%, judged for 60 s.
     pub fn contract(stable: Behaviour, candidate: Behaviour) -> Scenario {
         Scenario {
             spec: AnalysisSpec::default(),
@@ -78,7 +78,7 @@ fn second(rng: &mut StdRng, n: u32, b: Behaviour, w: &mut WindowStats) {
     w.latency.merge(&LatencyDist::from_samples(samples));
 }
 
-/// The pause of CONTRACT's default canary steps: a step that has no Pass by then holds.
+/// The pause of the default canary steps: a step that has no Pass by then holds.
 pub const STEP_PAUSE: f64 = 20.0;
 
 /// What happened to one candidate, in seconds after it started taking traffic.

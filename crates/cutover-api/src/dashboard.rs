@@ -16,7 +16,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::{Form, Router};
 use cutover_controller::{EventView, ServiceView};
-use cutover_core::{Phase, ServiceName, Timestamp};
+use cutover_core::{Phase, ServiceName, Timestamp, Tone};
 use cutover_metrics::{Metrics, VersionSeries};
 use serde::Deserialize;
 
@@ -374,7 +374,7 @@ fn panel(svc: &ServiceView, metrics: &Metrics) -> String {
             out,
             "<tr><td class=dim>{}</td><td class=ev-kind>{}</td><td>{}</td></tr>",
             clock(e.at),
-            escape(&e.kind),
+            escape(e.kind.as_str()),
             escape(&e.message)
         );
     }
@@ -499,17 +499,17 @@ fn chart(
     // Decisions and steps on the time axis.
     for e in events
         .iter()
-        .filter(|e| e.at >= start && is_marker(&e.kind))
+        .filter(|e| e.at >= start && e.kind.marker().is_some())
     {
-        let colour = match e.kind.as_str() {
-            "rolled-back" | "analysis-failed" | "health-failed" | "failed" | "aborted" => "#f85149",
-            "promoted" | "promoting" => "#3fb950",
-            _ => "#6e7681",
+        let colour = match e.kind.marker() {
+            Some(Tone::Bad) => "#f85149",
+            Some(Tone::Good) => "#3fb950",
+            Some(Tone::Neutral) | None => "#6e7681",
         };
         let _ = write!(
             out,
             "<line x1={x:.1} y1=16 x2={x:.1} y2={yb:.1} stroke={colour} stroke-dasharray=2,2><title>{} {}</title></line>",
-            escape(&e.kind),
+            escape(e.kind.as_str()),
             escape(&e.message),
             x = x(e.at),
             yb = y(0.0),
@@ -575,21 +575,6 @@ fn relative(back_ms: u64) -> String {
         (min, 0) => format!("-{min}m"),
         (min, sec) => format!("-{min}m{sec}s"),
     }
-}
-
-fn is_marker(kind: &str) -> bool {
-    matches!(
-        kind,
-        "started"
-            | "step"
-            | "promoting"
-            | "promoted"
-            | "rolled-back"
-            | "aborted"
-            | "failed"
-            | "analysis-failed"
-            | "health-failed"
-    )
 }
 
 /// A round axis maximum at or above `v` (1, 2, 5 × 10^n).

@@ -1,4 +1,4 @@
-//! cutover-api: the daemon's HTTP API (CONTRACT §5), its authentication, the live event stream,
+//! cutover-api: the daemon's HTTP API (docs/reference.md §4), its authentication, the live event stream,
 //! `/metrics` (also alone and without a token on the optional `[daemon] metrics` listener), and
 //! the dashboard.
 //!

@@ -46,7 +46,7 @@ pub fn router(state: ApiState) -> Router {
             error(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "no such route; see CONTRACT §5",
+                "no such route; see docs/reference.md §4",
             )
         })
         .layer(middleware::from_fn(auth::security_headers))

@@ -1,7 +1,7 @@
-//! The JSON shapes of the API (CONTRACT §5), used by the server and by the CLI client alike.
+//! The JSON shapes of the API (docs/reference.md §4), used by the server and by the CLI client alike.
 //!
 //! This is the only place where the controller's views meet serde. Field names are part of the
-//! contract: rename nothing here without changing CONTRACT.md.
+//! contract: rename nothing here without changing docs/reference.md.
 
 use std::collections::BTreeMap;
 
@@ -157,7 +157,7 @@ impl From<&EventView> for Event {
             service: e.service.clone(),
             rollout_id: e.rollout_id,
             at: rfc3339(e.at),
-            kind: e.kind.clone(),
+            kind: e.kind.as_str().to_owned(),
             message: e.message.clone(),
             phase: None,
         }

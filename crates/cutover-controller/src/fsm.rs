@@ -3,7 +3,7 @@
 //!
 //! Nothing here does IO or reads a clock: `now` is an argument and every effect is a
 //! [`Command`] value that the driver carries out after it has persisted the new state. That is
-//! what lets every transition of CONTRACT §3 be tested in microseconds, and lets a restarted
+//! what lets every transition of docs/reference.md §6 be tested in microseconds, and lets a restarted
 //! daemon replay a rollout from its checkpoint.
 //!
 //! The model is declarative, like a Kubernetes controller: commands say how many instances of a
@@ -166,67 +166,8 @@ pub enum Command {
     Record { kind: EventKind, message: String },
 }
 
-/// The kinds of events the controller records; their names are in the API and the store.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum EventKind {
-    Started,
-    Ready,
-    Step,
-    Paused,
-    Resumed,
-    AwaitingApproval,
-    Approved,
-    AnalysisPassed,
-    AnalysisFailed,
-    /// A stage is due to advance but holds for a passing verdict.
-    Holding,
-    /// A stage waited `analysis_deadline` without a verdict; `on_no_evidence` decided.
-    NoEvidence,
-    HealthFailed,
-    /// An instance's health changed, or a starting one failed a probe for a new reason.
-    Health,
-    /// An instance exited without being asked to.
-    InstanceExit,
-    /// An instance could not be started.
-    StartFailed,
-    /// A transition that could not be written is durable now, and was carried out.
-    Recovered,
-    Promoting,
-    Promoted,
-    RolledBack,
-    Aborted,
-    Failed,
-    Restarted,
-}
-
-impl EventKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::Started => "started",
-            EventKind::Ready => "ready",
-            EventKind::Step => "step",
-            EventKind::Paused => "paused",
-            EventKind::Resumed => "resumed",
-            EventKind::AwaitingApproval => "awaiting-approval",
-            EventKind::Approved => "approved",
-            EventKind::AnalysisPassed => "analysis-passed",
-            EventKind::AnalysisFailed => "analysis-failed",
-            EventKind::Holding => "holding",
-            EventKind::NoEvidence => "no-evidence",
-            EventKind::HealthFailed => "health-failed",
-            EventKind::Health => "health",
-            EventKind::InstanceExit => "instance-exit",
-            EventKind::StartFailed => "start-failed",
-            EventKind::Recovered => "recovered",
-            EventKind::Promoting => "promoting",
-            EventKind::Promoted => "promoted",
-            EventKind::RolledBack => "rolled-back",
-            EventKind::Aborted => "aborted",
-            EventKind::Failed => "failed",
-            EventKind::Restarted => "restarted",
-        }
-    }
-}
+/// The kinds of events the controller records (in `cutover-core`, with their names).
+pub use cutover_core::EventKind;
 
 /// Why a person's command was not applied; the API answers 409 with this sentence.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

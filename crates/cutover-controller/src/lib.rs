@@ -11,6 +11,7 @@
 pub mod checkpoint;
 pub mod driver;
 pub mod fsm;
+pub mod plan;
 mod probe;
 pub mod view;
 

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use cutover_core::{
-    Health, InstanceId, Phase, RolloutOutcome, ServiceName, StrategyKind, Timestamp, Version,
+    EventKind, Health, InstanceId, Phase, RolloutOutcome, ServiceName, StrategyKind, Timestamp,
+    Version,
 };
 
 #[derive(Clone, Debug, PartialEq)]
@@ -29,7 +30,7 @@ pub struct EventView {
     pub service: String,
     pub rollout_id: Option<i64>,
     pub at: Timestamp,
-    pub kind: String,
+    pub kind: EventKind,
     pub message: String,
 }
 

@@ -1,4 +1,4 @@
-//! Table-driven tests of the rollout state machine: every transition of CONTRACT §3, with
+//! Table-driven tests of the rollout state machine: every transition of docs/reference.md §6, with
 //! made-up times and no tokio.
 
 // In tests a panic is the failure report, with its location; helpers unwrap freely.

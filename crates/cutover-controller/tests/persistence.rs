@@ -219,7 +219,9 @@ async fn a_transition_that_cannot_be_saved_is_held_not_acted_on() {
     let h = c.history(Some("web"), 5).await.unwrap();
     assert_eq!(h[0].outcome, RolloutOutcome::Promoted, "{h:#?}");
     assert!(
-        v.recent_events.iter().any(|e| e.kind == "recovered"),
+        v.recent_events
+            .iter()
+            .any(|e| e.kind == cutover_core::EventKind::Recovered),
         "{:#?}",
         v.recent_events
     );

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::{InstanceId, ServiceName, Version};
 
-/// An instance's health as `status` and the API show it (CONTRACT §5).
+/// An instance's health as `status` and the API show it (docs/reference.md §4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Health {
     /// Started, not yet `healthy_threshold` consecutive passing probes.

@@ -18,7 +18,7 @@ mod time;
 
 pub use health::{Health, HealthChange, HealthSpec};
 pub use names::{BadVersion, InstanceId, MAX_VERSION_LEN, ServiceName, Version};
-pub use phase::{NoEvidence, Phase, RolloutOutcome, StrategyKind};
+pub use phase::{EventKind, NoEvidence, Phase, RolloutOutcome, StrategyKind, Tone};
 pub use route::{Backend, DataPlane, RouteTable, RouteVersion, Weight, WeightError};
 pub use spec::{AnalysisSpec, BlueGreenSpec, CanaryStep, RollingSpec, RolloutSpec};
 pub use stats::{LatencyDist, UpstreamErrorKind, WindowStats};

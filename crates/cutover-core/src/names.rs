@@ -5,7 +5,7 @@
 //! service name is belongs to `cutover-config`. A version label is checked here, by
 //! [`Version::parse`], because three doors let one in (the config, the CLI and the API) and
 //! a label ends up in an instance's argv (`{version}`), in file and container names and in
-//! metric labels: all three must apply one rule (CONTRACT §12).
+//! metric labels: all three must apply one rule (docs/reference.md).
 
 use std::fmt;
 use std::sync::Arc;
@@ -152,7 +152,7 @@ impl std::error::Error for BadVersion {}
 
 impl Version {
     /// A version label as the config, the CLI and the API accept it: 1–128 characters of
-    /// `[A-Za-z0-9._-]`, not starting with `-` or `.` (CONTRACT §12).
+    /// `[A-Za-z0-9._-]`, not starting with `-` or `.` (docs/reference.md).
     pub fn parse(s: &str) -> Result<Version, BadVersion> {
         let bad = |why| {
             // Enough to recognise it; a 10,000-character label is not echoed whole.

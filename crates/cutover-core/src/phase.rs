@@ -1,4 +1,4 @@
-//! The closed sets of rollout phases, outcomes and strategies (CONTRACT §3).
+//! The closed sets of rollout phases, outcomes and strategies (docs/reference.md §6).
 //!
 //! Their kebab-case names are part of the user-facing contract, so `as_str`/`parse` live here
 //! once instead of as string literals scattered over the API, CLI and store.
@@ -112,5 +112,62 @@ mod tests {
             assert_eq!(StrategyKind::parse(s.as_str()), Some(*s));
         }
         assert_eq!(StrategyKind::parse("bluegreen"), None);
+    }
+}
+
+kebab_enum!(
+    /// The kinds of events the controller records; their names are in the API and the store.
+    EventKind {
+        Started => "started",
+        Ready => "ready",
+        Step => "step",
+        Paused => "paused",
+        Resumed => "resumed",
+        AwaitingApproval => "awaiting-approval",
+        Approved => "approved",
+        AnalysisPassed => "analysis-passed",
+        AnalysisFailed => "analysis-failed",
+        /// A stage is due to advance but holds for a passing verdict.
+        Holding => "holding",
+        /// A stage waited `analysis_deadline` without a verdict; `on_no_evidence` decided.
+        NoEvidence => "no-evidence",
+        HealthFailed => "health-failed",
+        /// An instance's health changed, or a starting one failed a probe for a new reason.
+        Health => "health",
+        /// An instance exited without being asked to.
+        InstanceExit => "instance-exit",
+        /// An instance could not be started.
+        StartFailed => "start-failed",
+        /// A transition that could not be written is durable now, and was carried out.
+        Recovered => "recovered",
+        Promoting => "promoting",
+        Promoted => "promoted",
+        RolledBack => "rolled-back",
+        Aborted => "aborted",
+        Failed => "failed",
+        Restarted => "restarted",
+    }
+);
+
+/// How an event reads at a glance: what the dashboard colours its marker by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tone {
+    Good,
+    Bad,
+    Neutral,
+}
+
+impl EventKind {
+    /// The kinds that mark a rollout's course on the charts' time axis, with their tone;
+    /// `None` for the rest (health changes, holds, instance exits), which would crowd it.
+    pub fn marker(self) -> Option<Tone> {
+        use EventKind::*;
+        match self {
+            Started | Step => Some(Tone::Neutral),
+            Promoting | Promoted => Some(Tone::Good),
+            RolledBack | Aborted | Failed | AnalysisFailed | HealthFailed => Some(Tone::Bad),
+            Ready | Paused | Resumed | AwaitingApproval | Approved | AnalysisPassed | Holding
+            | NoEvidence | Health | InstanceExit | StartFailed | Recovered | Restarted => None,
+        }
     }
 }

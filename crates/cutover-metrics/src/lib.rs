@@ -4,7 +4,7 @@
 //! atomic counters per status class and upstream error kind, and the latency into an HDR
 //! histogram. Everything is cumulative; readers take snapshots and subtract, so the judge's
 //! window, the dashboard's series and Prometheus never reset each other's numbers. The metric
-//! names of CONTRACT §6 are defined once, here. This crate decides nothing.
+//! names of docs/reference.md §5 are defined once, here. This crate decides nothing.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write;
@@ -18,7 +18,7 @@ use cutover_core::{
 };
 use hdrhistogram::Histogram;
 
-/// The metric names of CONTRACT §6, and those added since; defined here only.
+/// The metric names of docs/reference.md §5, and those added since; defined here only.
 pub mod names {
     pub const REQUESTS: &str = "cutover_requests_total";
     pub const DURATION: &str = "cutover_request_duration_seconds";
@@ -26,7 +26,7 @@ pub mod names {
     pub const INSTANCES: &str = "cutover_instances";
     pub const ROLLOUTS: &str = "cutover_rollouts_total";
     pub const UPSTREAM_ERRORS: &str = "cutover_upstream_errors_total";
-    // The proxy's client connections per service (CONTRACT §12, `max_connections`).
+    // The proxy's client connections per service (docs/reference.md, `max_connections`).
     pub const CONNECTIONS_OPEN: &str = "cutover_connections_open";
     pub const CONNECTIONS_REJECTED: &str = "cutover_connections_rejected_total";
 }

@@ -71,6 +71,8 @@ struct Inner {
     log_limits: LogLimits,
     exits: mpsc::UnboundedSender<InstanceExit>,
     procs: Mutex<HashMap<InstanceId, Proc>>,
+    /// The port of each instance this runtime runs (`reserve_port`).
+    ports: Mutex<HashMap<InstanceId, u16>>,
     /// This daemon's cgroup, or why instances use process groups; probed at the first start
     /// (after the start-up sweep, which removes the previous daemon's cgroup).
     cgroup: Mutex<Option<Result<PathBuf, String>>>,
@@ -120,13 +122,35 @@ struct Run {
     dups: [Option<OwnedFd>; 2],
 }
 
-fn free_port() -> Result<u16, RuntimeError> {
-    // Bound and released at once: the instance binds it a moment later. Another process could
-    // take it in between; the instance would then fail its health checks and be restarted.
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(RuntimeError::Port)
+/// A port for a new instance, reserved against this runtime's other instances.
+///
+/// The kernel picks a free port (bind to port 0); the listener is held until just before the
+/// instance is spawned, so no other bind to 0 gets it meanwhile, and the port is remembered
+/// while its instance lives, so two instances of this daemon are never given the same port
+/// even when the kernel hands a just-released one out again. What remains is a program outside
+/// cutover binding that exact port in the moment between the release and the instance's own
+/// bind; the instance then fails its health checks and is restarted on its port.
+fn reserve_port(
+    taken: &Mutex<HashMap<InstanceId, u16>>,
+    instance: &InstanceId,
+) -> Result<(u16, TcpListener), RuntimeError> {
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let l = TcpListener::bind("127.0.0.1:0").map_err(RuntimeError::Port)?;
+        let port = l.local_addr().map_err(RuntimeError::Port)?.port();
+        let mut taken = taken
+            .lock()
+            .map_err(|_| RuntimeError::Io(std::io::Error::other("port registry poisoned")))?;
+        if !taken.values().any(|p| *p == port) {
+            taken.insert(instance.clone(), port);
+            return Ok((port, l));
+        }
+        // Keep the refused one bound so the next bind to 0 cannot return it again.
+        held.push(l);
+    }
+    Err(RuntimeError::Port(std::io::Error::other(
+        "no port that no other instance holds after 64 tries",
+    )))
 }
 
 impl ProcessRuntime {
@@ -164,6 +188,7 @@ impl ProcessRuntime {
                 log_limits: opts.logs,
                 exits,
                 procs: Mutex::new(HashMap::new()),
+                ports: Mutex::new(HashMap::new()),
                 cgroup: Mutex::new(if opts.cgroups {
                     None
                 } else {
@@ -403,9 +428,17 @@ impl ProcessRuntime {
     }
 
     pub async fn start(&self, spec: StartSpec) -> Result<Started, RuntimeError> {
-        let port = match spec.port {
-            Some(p) => p,
-            None => free_port()?,
+        let (port, reservation) = match spec.port {
+            Some(p) => {
+                if let Ok(mut taken) = self.inner.ports.lock() {
+                    taken.insert(spec.instance.clone(), p);
+                }
+                (p, None)
+            }
+            None => {
+                let (p, l) = reserve_port(&self.inner.ports, &spec.instance)?;
+                (p, Some(l))
+            }
         };
         let launch = self.launch(&spec, port)?;
         let mut leaf = match self.cgroup() {
@@ -419,9 +452,14 @@ impl ProcessRuntime {
             None => None,
         };
         let log = self.log_for(&spec);
+        // Released at the last moment: the instance binds it next.
+        drop(reservation);
         let run = match self.spawn(&spec, &launch, &mut leaf, &log) {
             Ok(r) => r,
             Err(e) => {
+                if let Ok(mut taken) = self.inner.ports.lock() {
+                    taken.remove(&spec.instance);
+                }
                 if let Some(l) = &leaf {
                     contain::remove_cgroup(&l.dir);
                 }
@@ -508,6 +546,9 @@ impl ProcessRuntime {
             .and_then(|mut p| p.remove(&spec.instance))
             .unwrap_or_default();
         let launch = self.launch(&spec, started.addr.port())?;
+        if let Ok(mut taken) = self.inner.ports.lock() {
+            taken.insert(spec.instance.clone(), started.addr.port());
+        }
         let leaf = match &inherited.leaf {
             Some(dir) => Some(Leaf::existing(dir)?),
             None => None,
@@ -709,6 +750,9 @@ impl ProcessRuntime {
                 )
             })
         });
+        if let Ok(mut taken) = self.inner.ports.lock() {
+            taken.remove(instance);
+        }
         let Some((pgid, leaf, stop, mut exited)) = found else {
             return Ok(());
         };

@@ -1,4 +1,4 @@
-//! The command line (CONTRACT §1) as clap derive types. Parsing only; no behaviour here.
+//! The command line (docs/reference.md §3) as clap derive types. Parsing only; no behaviour here.
 
 use std::path::PathBuf;
 use std::time::Duration;

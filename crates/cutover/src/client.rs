@@ -1,6 +1,6 @@
 //! The CLI's HTTP client for the daemon's API: finds the address and token from the config,
 //! says who is acting (`user@host`, for the rollout's record), and turns HTTP failures into the
-//! exit codes of CONTRACT §1.
+//! exit codes of docs/reference.md §9.
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -251,7 +251,7 @@ pub async fn deploy(client: &Client, a: DeployArgs<'_>) -> CliResult {
     // before anything is read or sent.
     cutover_core::Version::parse(a.version.trim())
         .map_err(|e| CliError::new(Code::Usage, e.to_string()))?;
-    // The file first, so that `--env` overrides it (CONTRACT §12).
+    // The file first, so that `--env` overrides it (docs/reference.md).
     let mut env = match a.env_file {
         Some(p) => parse_env_file(p)?,
         None => BTreeMap::new(),

@@ -1,4 +1,4 @@
-//! `cutover demo` (the guided tour of CONTRACT §7) and `cutover demo-app` (its sample upstream).
+//! `cutover demo` (the guided tour of docs/reference.md §3.3) and `cutover demo-app` (its sample upstream).
 //!
 //! The tour runs the real thing: it writes a config into a temporary directory with free
 //! ports, starts `cutover up` as a child process, puts a steady load of about 200 requests per

@@ -1,4 +1,4 @@
-//! Exit codes (CONTRACT §1) and the error type that carries one.
+//! Exit codes (docs/reference.md §9) and the error type that carries one.
 
 use std::fmt;
 

@@ -11,12 +11,28 @@ use std::time::{Duration, Instant};
 
 pub const EXE: &str = env!("CARGO_BIN_EXE_cutover");
 
+/// A port for a daemon's listener, never handed out twice in this test process.
+///
+/// A port from the kernel (bind to 0) is released before the daemon binds it, so another test
+/// asking at the same moment could be given the same one. These come from below the kernel's
+/// ephemeral range (32768 and up on Linux), where the kernel never picks ports for binds to 0
+/// or for outgoing connections, through one counter per process (each a port that binds now),
+/// so tests running side by side never collide.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const LOW: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    // Test binaries run one after another, but start each at its own place in the range.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = LOW + (std::process::id() % u32::from(SPAN / 2)) as u16;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(n < SPAN / 2, "ran out of test ports");
+        let port = base + n;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A fast config: short health intervals and steps so a rollout takes seconds.
