@@ -71,8 +71,15 @@ pub fn run(settings: &Settings, a: &LogsArgs) -> CliResult {
     let chosen = choose(&all, a, &service_dir)?;
     let prefixed = a.instance.is_none();
     let mut out = Out::new(prefixed);
-    for f in &chosen {
-        for line in last_lines(&f.path, a.lines) {
+    // Each file's end is taken before its last lines are read: what is written after that is
+    // the follower's, so no line falls between the two (nor is printed twice).
+    let mut tails: Vec<Tail> = chosen
+        .iter()
+        .map(|f| Tail::at_end(&f.instance, &f.path))
+        .collect();
+    for (f, t) in chosen.iter().zip(&tails) {
+        let upto = t.file.is_some().then_some(t.pos);
+        for line in last_lines(&f.path, a.lines, upto) {
             if !out.line(&f.instance, &line) {
                 return Ok(());
             }
@@ -81,10 +88,6 @@ pub fn run(settings: &Settings, a: &LogsArgs) -> CliResult {
     if !out.flush() || !a.follow {
         return Ok(());
     }
-    let mut tails: Vec<Tail> = chosen
-        .iter()
-        .map(|f| Tail::at_end(&f.instance, &f.path))
-        .collect();
     let mut seen: BTreeSet<String> = chosen.iter().map(|f| f.instance.clone()).collect();
     let mut discovered = Instant::now();
     loop {
@@ -254,8 +257,9 @@ impl Out {
     }
 }
 
-/// The last `n` lines of a log, reaching into its rotated files when the current one has fewer.
-fn last_lines(path: &Path, n: usize) -> Vec<Vec<u8>> {
+/// The last `n` lines of a log (its current file read up to `upto` when given), reaching into
+/// its rotated files when the current one has fewer.
+fn last_lines(path: &Path, n: usize, upto: Option<u64>) -> Vec<Vec<u8>> {
     let mut lines: Vec<Vec<u8>> = Vec::new();
     let mut i = 0;
     while lines.len() < n {
@@ -264,7 +268,8 @@ fn last_lines(path: &Path, n: usize) -> Vec<Vec<u8>> {
         } else {
             rotated_path(path, i)
         };
-        let Ok(mut older) = last_lines_of_file(&p, n - lines.len()) else {
+        let end = if i == 0 { upto } else { None };
+        let Ok(mut older) = last_lines_of_file(&p, n - lines.len(), end) else {
             break;
         };
         older.append(&mut lines);
@@ -274,11 +279,13 @@ fn last_lines(path: &Path, n: usize) -> Vec<Vec<u8>> {
     lines
 }
 
-/// The last `n` lines of one file, read from its end in blocks (a log may be 10 MiB).
-fn last_lines_of_file(path: &Path, n: usize) -> std::io::Result<Vec<Vec<u8>>> {
+/// The last `n` lines of one file before byte `upto` (its end when `None`), read backwards in
+/// blocks (a log may be 10 MiB).
+fn last_lines_of_file(path: &Path, n: usize, upto: Option<u64>) -> std::io::Result<Vec<Vec<u8>>> {
     const BLOCK: u64 = 64 * 1024;
     let mut f = File::open(path)?;
-    let mut pos = f.metadata()?.len();
+    let len = f.metadata()?.len();
+    let mut pos = upto.map_or(len, |u| u.min(len));
     let mut buf: Vec<u8> = Vec::new();
     // n + 1 newlines before the end mean n whole lines are in `buf`.
     while pos > 0 && buf.iter().filter(|b| **b == b'\n').count() <= n {
@@ -422,16 +429,24 @@ mod tests {
                 .map(|l| String::from_utf8(l).unwrap())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(text(last_lines(&path, 3)), ["d", "e", "f"]);
-        assert_eq!(text(last_lines(&path, 10)), ["a", "b", "c", "d", "e", "f"]);
-        assert!(last_lines(&path, 0).is_empty());
+        assert_eq!(text(last_lines(&path, 3, None)), ["d", "e", "f"]);
+        assert_eq!(
+            text(last_lines(&path, 10, None)),
+            ["a", "b", "c", "d", "e", "f"]
+        );
+        assert!(last_lines(&path, 0, None).is_empty());
+        // Up to a position: what came after it is not read.
+        assert_eq!(text(last_lines(&path, 2, Some(2))), ["d", "e"]);
         // A big file: only whole lines from its end.
         let big: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
         std::fs::write(&path, big).unwrap();
         assert_eq!(
-            text(last_lines_of_file(&path, 2).unwrap()),
+            text(last_lines_of_file(&path, 2, None).unwrap()),
             ["line 19998", "line 19999"]
         );
-        assert_eq!(last_lines_of_file(&path, 15_000).unwrap().len(), 15_000);
+        assert_eq!(
+            last_lines_of_file(&path, 15_000, None).unwrap().len(),
+            15_000
+        );
     }
 }

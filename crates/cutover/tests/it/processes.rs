@@ -341,6 +341,17 @@ fn logs_prints_running_instances_and_names_what_it_does_not_know() {
     }
 }
 
+/// A child that is killed when the test ends, also by a failed assertion: a `logs --follow`
+/// left running would hold the test's output open and hang `cargo test`.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Lines a child prints, as they come.
 fn lines_of(child: &mut std::process::Child) -> mpsc::Receiver<String> {
     let out = child.stdout.take().unwrap();
@@ -380,20 +391,22 @@ fn logs_follow_reads_across_rotation_and_picks_up_new_instances() {
         f.write_all(s.as_bytes()).unwrap();
     };
     append(&log, "old 1\nold 2\n");
-    let mut child = Command::new(EXE)
-        .args([
-            "-c",
-            d.config.to_str().unwrap(),
-            "logs",
-            "web",
-            "--follow",
-            "--lines",
-            "1",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = lines_of(&mut child);
+    let mut child = KillOnDrop(
+        Command::new(EXE)
+            .args([
+                "-c",
+                d.config.to_str().unwrap(),
+                "logs",
+                "web",
+                "--follow",
+                "--lines",
+                "1",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let rx = lines_of(&mut child.0);
     expect(&rx, "web-v1-1 | old 2");
     append(&log, "new 1\n");
     expect(&rx, "web-v1-1 | new 1");
@@ -414,8 +427,6 @@ fn logs_follow_reads_across_rotation_and_picks_up_new_instances() {
     );
     append(&dir.join("web-v1-2.log"), "hello from two\n");
     expect(&rx, "web-v1-2 | hello from two");
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 #[test]
