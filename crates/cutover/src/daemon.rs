@@ -207,6 +207,10 @@ struct Restart {
 }
 
 async fn run(settings: Settings, reset_state: bool, main: MainThread) -> CliResult {
+    // Listening for the signals before anything is announced: a SIGHUP sent the moment the
+    // daemon looks ready (a `reload` right after start) would otherwise meet its default
+    // action and end the daemon.
+    let signals = Signals::listen();
     for w in &settings.warnings {
         tracing::warn!("{w}");
     }
@@ -369,7 +373,7 @@ async fn run(settings: Settings, reset_state: bool, main: MainThread) -> CliResu
     );
     let _ = cutover_store::write_private(&handover::boot_path(&state_dir), boot.as_bytes());
 
-    let ending = wait_for_ending(&settings).await;
+    let ending = wait_for_ending(&settings, signals).await;
     match ending {
         Ending::Stop => {
             err("cutover: shutting down: finishing requests in flight, then stopping instances")
@@ -444,8 +448,7 @@ async fn run(settings: Settings, reset_state: bool, main: MainThread) -> CliResu
 /// Waits for SIGTERM/Ctrl-C (stop) or SIGHUP/SIGUSR2 (restart in place). A restart whose
 /// config does not load is refused: the reason goes to the log and to `restart-error` for
 /// the CLI, and the daemon goes on as it was.
-async fn wait_for_ending(settings: &Settings) -> Ending {
-    use tokio::signal::unix::{SignalKind, signal};
+async fn wait_for_ending(settings: &Settings, signals: Signals) -> Ending {
     async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
         match s {
             Some(s) => {
@@ -454,13 +457,16 @@ async fn wait_for_ending(settings: &Settings) -> Ending {
             None => std::future::pending::<()>().await,
         }
     }
-    let mut hup = signal(SignalKind::hangup()).ok();
-    let mut usr2 = signal(SignalKind::user_defined2()).ok();
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
+    let Signals {
+        mut hup,
+        mut usr2,
+        mut term,
+        mut int,
+    } = signals;
     loop {
         tokio::select! {
-            _ = &mut stop => return Ending::Stop,
+            _ = recv(&mut term) => return Ending::Stop,
+            _ = recv(&mut int) => return Ending::Stop,
             _ = recv(&mut hup) => {}
             _ = recv(&mut usr2) => {}
         }
@@ -501,24 +507,24 @@ async fn wait_true(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// The signals the daemon acts on, listened for from its start: SIGTERM and SIGINT stop it,
+/// SIGHUP and SIGUSR2 restart it in place.
+struct Signals {
+    hup: Option<tokio::signal::unix::Signal>,
+    usr2: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn listen() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            hup: signal(SignalKind::hangup()).ok(),
+            usr2: signal(SignalKind::user_defined2()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
     }
 }
 
