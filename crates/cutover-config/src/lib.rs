@@ -29,6 +29,8 @@ pub struct Settings {
     /// In the order of their names.
     pub services: Vec<ServiceSettings>,
     pub notify: NotifySettings,
+    /// `[dependencies.NAME]`, in the order of their names.
+    pub dependencies: Vec<DependencySettings>,
     /// What is valid but probably not meant (an API reachable from other machines, say):
     /// `validate` prints these and `up` logs them.
     pub warnings: Vec<Diagnostic>,
@@ -69,6 +71,43 @@ pub struct ServiceSettings {
     /// together); beyond it the oldest idle one is closed, or the new one gets a 503. `None`:
     /// derived from the daemon's descriptor limit at start.
     pub max_connections: Option<u32>,
+    /// Probe traffic to a canary whose real traffic is too thin to judge.
+    pub synthetic: Option<SyntheticSettings>,
+    /// Scheduled blackbox probes (`[[services.X.probe]]`).
+    pub probes: Vec<ProbeSettings>,
+}
+
+/// A TCP hop an app uses to reach a dependency, so that faults can reach it too.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DependencySettings {
+    pub name: ServiceName,
+    pub listen: SocketAddr,
+    pub upstream: SocketAddr,
+}
+
+/// `[services.X.analysis] synthetic = { rps, paths, headers }`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyntheticSettings {
+    /// Requests per second to the candidate (and as many to stable), at most.
+    pub rps: f64,
+    /// Asked in turn.
+    pub paths: Vec<String>,
+    pub headers: BTreeMap<String, String>,
+    /// Requests in flight at most, per version: a slow candidate never makes the rate grow.
+    pub concurrency: u32,
+}
+
+/// `[[services.X.probe]]`: a blackbox check through the service's listener, on a schedule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProbeSettings {
+    /// The `probe` label of its metrics: `name`, or the path.
+    pub name: String,
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// The expected status; `None`: any 2xx.
+    pub status: Option<u16>,
+    pub body_contains: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

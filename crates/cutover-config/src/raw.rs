@@ -22,6 +22,38 @@ pub struct Raw {
     #[serde(default)]
     pub services: BTreeMap<S<String>, S<RawService>>,
     pub notify: Option<S<RawNotify>>,
+    /// `[dependencies.NAME]`: TCP hops that faults can reach.
+    #[serde(default)]
+    pub dependencies: BTreeMap<S<String>, S<RawDependency>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDependency {
+    pub listen: Option<S<String>>,
+    pub upstream: Option<S<String>>,
+}
+
+/// `[[services.X.probe]]`: a scheduled blackbox probe.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProbe {
+    pub name: Option<S<String>>,
+    pub path: Option<S<String>>,
+    pub interval: Option<S<String>>,
+    pub timeout: Option<S<String>>,
+    pub status: Option<S<i64>>,
+    pub body_contains: Option<S<String>>,
+}
+
+/// `synthetic = { rps, paths, headers }` in `[services.X.analysis]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSynthetic {
+    pub rps: Option<S<f64>>,
+    pub paths: Option<S<Vec<S<String>>>>,
+    pub headers: Option<S<BTreeMap<String, String>>>,
+    pub concurrency: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -62,6 +94,7 @@ pub struct RawService {
     pub scale_down_delay: Option<S<String>>,
     pub analysis: Option<S<RawAnalysisOrOff>>,
     pub max_connections: Option<S<i64>>,
+    pub probe: Option<S<Vec<S<RawProbe>>>>,
 }
 
 /// `analysis = false`, or an `[services.X.analysis]` table.
@@ -145,6 +178,7 @@ pub struct RawAnalysis {
     pub compare_to_stable: Option<S<bool>>,
     pub analysis_deadline: Option<S<String>>,
     pub on_no_evidence: Option<S<String>>,
+    pub synthetic: Option<S<RawSynthetic>>,
 }
 
 /// 1-based line and column of byte `offset` in `text`.

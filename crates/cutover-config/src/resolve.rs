@@ -253,6 +253,7 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
         }
     }
     services.sort_by(|a: &ServiceSettings, b| a.name.as_str().cmp(b.name.as_str()));
+    let dependencies = chaos::dependencies(&mut cx, &raw, &mut listens);
     if cx.diags.is_empty() {
         cx.warnings.sort_by_key(|d| (d.line, d.column));
         Ok(Settings {
@@ -260,6 +261,7 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
             daemon,
             services,
             notify,
+            dependencies,
             warnings: cx.warnings,
         })
     } else {
@@ -269,6 +271,8 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
         })
     }
 }
+
+mod chaos;
 
 fn claim(
     cx: &mut Ctx<'_>,
@@ -768,6 +772,19 @@ fn service(
         .as_ref()
         .map(|v| cx.count(Some(v), &k("max_connections"), 1, 1_000_000, 1));
 
+    let synthetic = match s.analysis.as_ref().map(|a| a.get_ref()) {
+        Some(RawAnalysisOrOff::Table(a)) => a
+            .synthetic
+            .as_ref()
+            .and_then(|v| chaos::synthetic(cx, v, &k("analysis.synthetic"))),
+        _ => None,
+    };
+    let probes = s
+        .probe
+        .as_ref()
+        .map(|p| chaos::probes(cx, p, &k("probe")))
+        .unwrap_or_default();
+
     if cx.diags.len() > errors_before {
         return None;
     }
@@ -780,6 +797,8 @@ fn service(
         rollout,
         upstream_timeout,
         max_connections,
+        synthetic,
+        probes,
     })
 }
 

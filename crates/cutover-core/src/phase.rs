@@ -146,6 +146,18 @@ kebab_enum!(
         Aborted => "aborted",
         Failed => "failed",
         Restarted => "restarted",
+        /// A fault was injected (`cutover fault add`, or an experiment's action).
+        FaultAdded => "fault-added",
+        /// A fault was cleared before its end.
+        FaultCleared => "fault-cleared",
+        /// A fault reached its end.
+        FaultExpired => "fault-expired",
+        /// A chaos experiment started, ran an action, or ended (with its verdict).
+        Experiment => "experiment",
+        /// A scheduled probe started or stopped failing.
+        Probe => "probe",
+        /// Synthetic traffic to a quiet canary started or stopped.
+        Synthetic => "synthetic",
     }
 );
 
@@ -168,6 +180,8 @@ impl EventKind {
             RolledBack | Aborted | Failed | AnalysisFailed | HealthFailed => Some(Tone::Bad),
             Ready | Paused | Resumed | AwaitingApproval | Approved | AnalysisPassed | Holding
             | NoEvidence | Health | InstanceExit | StartFailed | Recovered | Restarted => None,
+            FaultAdded => Some(Tone::Bad),
+            FaultCleared | FaultExpired | Experiment | Probe | Synthetic => None,
         }
     }
 }

@@ -93,6 +93,8 @@ struct Listeners {
     api: TcpListener,
     metrics: Option<TcpListener>,
     services: Vec<(TcpListener, Option<TcpListener>)>,
+    /// `[dependencies.NAME]` hops, in the config's order.
+    dependencies: Vec<TcpListener>,
     /// A duplicate of each, kept for a planned restart to hand over by number.
     keep: Vec<(String, OwnedFd)>,
 }
@@ -176,10 +178,16 @@ async fn bind_all(
         };
         services.push((main, preview));
     }
+    let mut dependencies = Vec::new();
+    for d in &settings.dependencies {
+        let key = format!("dependencies.{}.listen", d.name);
+        dependencies.push(listener(d.listen, &key, &key, inherited, &mut keep).await?);
+    }
     Ok(Listeners {
         api,
         metrics,
         services,
+        dependencies,
         keep,
     })
 }
@@ -307,8 +315,19 @@ async fn run(settings: Settings, reset_state: bool, main: MainThread) -> CliResu
             }
         }
     }
+    // Dependency hops, then faults, experiments, synthetic traffic and probes.
+    for (d, l) in settings.dependencies.iter().zip(listeners.dependencies) {
+        let p = proxy.clone();
+        let (name, upstream) = (d.name.clone(), d.upstream);
+        let stop = wait_true(proxies_stopping.clone());
+        proxy_tasks.push(tokio::spawn(async move {
+            p.serve_dependency(name, l, upstream, stop).await;
+        }));
+    }
+    let chaos = crate::chaos::start(&settings, &proxy, &metrics, &controller).await;
     let (stop_api, api_stopping) = watch::channel(false);
-    let api_state = ApiState::new(controller, metrics.clone(), &token);
+    let api_state =
+        ApiState::new(controller, metrics.clone(), &token).with_chaos(chaos.chaos.clone());
     let api_addr = listeners.api.local_addr().unwrap_or(settings.daemon.api);
     let api = tokio::spawn(cutover_api::serve(
         listeners.api,
@@ -372,6 +391,7 @@ async fn run(settings: Settings, reset_state: bool, main: MainThread) -> CliResu
             proxy.hand_over();
         }
     }
+    chaos.stop();
     let _ = stop_proxies.send(true);
     let _ = stop_api.send(true);
     let drain = match ending {

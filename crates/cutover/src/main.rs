@@ -7,6 +7,7 @@
 // `println!` panics; clippy keeps it that way for every command added later.
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
+mod chaos;
 mod cli;
 mod client;
 mod commands;
@@ -109,6 +110,30 @@ fn run(cli: Cli) -> CliResult {
             Ok(())
         }
         Command::Demo { keep } => demo::run(*keep),
+        Command::Fault(f) => {
+            let client = Client::new(&load(&cli)?)?;
+            block_on(chaos::fault(&client, f))
+        }
+        Command::Chaos(cli::ChaosCommand::Run {
+            file,
+            dry_run,
+            read,
+        }) => {
+            let settings = load(&cli)?;
+            // A dry run needs no daemon.
+            let client = if *dry_run {
+                None
+            } else {
+                Some(Client::new(&settings)?)
+            };
+            block_on(chaos::run(
+                &settings,
+                client.as_ref(),
+                file,
+                *dry_run,
+                read.json,
+            ))
+        }
         Command::Completions { shell } => {
             // Into a buffer first: the generator panics if its writer fails (a closed pipe).
             let mut script = Vec::new();

@@ -102,6 +102,14 @@ enum Request {
         oneshot::Sender<Result<Vec<RolloutView>, ControlError>>,
     ),
     Rollout(i64, oneshot::Sender<Result<RolloutView, ControlError>>),
+    /// An event from outside the release state (a fault, an experiment, a probe), recorded
+    /// and broadcast like the driver's own.
+    Record(
+        ServiceName,
+        cutover_core::EventKind,
+        String,
+        oneshot::Sender<()>,
+    ),
 }
 
 /// A cheap, cloneable handle for talking to the driver.
@@ -159,6 +167,18 @@ impl Controller {
 
     pub async fn rollout(&self, id: i64) -> Result<RolloutView, ControlError> {
         self.ask(|tx| Request::Rollout(id, tx)).await?
+    }
+
+    /// Records an event for a service (or a dependency) that no rollout decided: a fault set
+    /// or cleared, an experiment's course, a probe's change. It is stored and broadcast.
+    pub async fn record(
+        &self,
+        service: &ServiceName,
+        kind: cutover_core::EventKind,
+        message: String,
+    ) -> Result<(), ControlError> {
+        self.ask(|tx| Request::Record(service.clone(), kind, message, tx))
+            .await
     }
 
     /// Every event the controller records from now on.

@@ -4,6 +4,7 @@
 // In tests a panic is the failure report, with its location; helpers unwrap freely.
 #![allow(clippy::unwrap_used)]
 
+mod chaos;
 mod cli;
 mod dashboard;
 mod daytwo;
