@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use cutover_core::{HealthSpec, RolloutSpec, ServiceName, Version};
 
-pub use resolve::parse_duration;
+pub use resolve::{parse_duration, parse_memory};
 
 /// A commented, working config for `cutover init`.
 pub const INIT_TEMPLATE: &str = include_str!("init.toml");
@@ -119,6 +119,37 @@ pub enum RuntimeSettings {
     Static {
         upstreams: BTreeMap<Version, Vec<SocketAddr>>,
     },
+    /// `runtime = "docker"` (CONTRACT §8): containers on a Docker Engine.
+    Docker(Box<DockerSettings>),
+}
+
+/// A docker service's containers: what runs and how (CONTRACT §8).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DockerSettings {
+    /// The image of a version: `{version}` is filled in with the version (without its
+    /// revision); without it every version runs the same image.
+    pub image: String,
+    /// The port the app listens on inside its container; published on 127.0.0.1.
+    pub port: u16,
+    /// Replaces the image's CMD when set; `{port}` and `{version}` are filled in.
+    pub command: Option<Vec<String>>,
+    pub env: BTreeMap<String, String>,
+    /// The build context (absolute): the image of a version is built from it when missing.
+    pub build: Option<PathBuf>,
+    /// The Dockerfile, relative to the build context.
+    pub dockerfile: String,
+    /// Pull a missing image from its registry.
+    pub pull: bool,
+    pub cpus: Option<f64>,
+    /// Bytes.
+    pub memory: Option<u64>,
+    /// `name:/path` or `/host/path:/path[:ro]`, relative host paths made absolute.
+    pub volumes: Vec<String>,
+    pub network: Option<String>,
+    /// The Engine's address as written (`unix:///…`, `tcp://…`); `None`: `DOCKER_HOST`, then
+    /// the default socket, decided when the daemon starts.
+    pub host: Option<String>,
+    pub labels: BTreeMap<String, String>,
 }
 
 /// One problem in a config file.

@@ -95,6 +95,26 @@ pub struct RawService {
     pub analysis: Option<S<RawAnalysisOrOff>>,
     pub max_connections: Option<S<i64>>,
     pub probe: Option<S<Vec<S<RawProbe>>>>,
+    /// Docker services: the image (`{version}` filled in) and the port the app listens on
+    /// inside its container.
+    pub image: Option<S<String>>,
+    pub port: Option<S<i64>>,
+    pub docker: Option<S<RawDocker>>,
+}
+
+/// `[services.X.docker]`: how containers of a docker service are built and run.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDocker {
+    pub build: Option<S<String>>,
+    pub dockerfile: Option<S<String>>,
+    pub pull: Option<S<bool>>,
+    pub cpus: Option<S<f64>>,
+    pub memory: Option<S<String>>,
+    pub volumes: Option<S<Vec<S<String>>>>,
+    pub network: Option<S<String>>,
+    pub host: Option<S<String>>,
+    pub labels: Option<S<BTreeMap<String, String>>>,
 }
 
 /// `analysis = false`, or an `[services.X.analysis]` table.

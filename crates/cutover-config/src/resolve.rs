@@ -14,10 +14,10 @@ use cutover_core::{
     ServiceName, StrategyKind, Version, Weight,
 };
 
-use crate::raw::{Raw, RawAnalysisOrOff, RawService, S, line_col};
+use crate::raw::{Raw, RawAnalysisOrOff, RawDocker, RawService, S, line_col};
 use crate::{
-    ConfigError, DaemonSettings, Diagnostic, NotifySettings, RuntimeSettings, ServiceSettings,
-    Settings,
+    ConfigError, DaemonSettings, Diagnostic, DockerSettings, NotifySettings, RuntimeSettings,
+    ServiceSettings, Settings,
 };
 
 /// `"250ms"`, `"10s"`, `"5m"`, `"1h30m"`.
@@ -351,7 +351,11 @@ fn service(
         None => Some(Version::new("v1")),
     };
 
+    if runtime_name != "docker" {
+        only_docker(cx, s, name, runtime_name);
+    }
     let runtime = match runtime_name {
+        "docker" => docker(cx, s, name, at),
         "process" => {
             if let Some(u) = &s.upstreams {
                 cx.err(
@@ -478,7 +482,9 @@ fn service(
                 cx.err(
                     r,
                     k("runtime"),
-                    format!("{other:?} is not a runtime; use \"process\" or \"static\""),
+                    format!(
+                        "{other:?} is not a runtime; use \"process\", \"static\" or \"docker\""
+                    ),
                 );
             }
             None
@@ -909,4 +915,358 @@ fn canary_steps(
         );
     }
     out
+}
+
+/// `"256MiB"`, `"1GiB"`, `"512KiB"`, Docker's `"256m"`/`"1g"`/`"512k"` (binary units too), or
+/// a plain number of bytes. Decimal units (`MB`) are refused rather than guessed at.
+pub fn parse_memory(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" | "mb" | "gb" => {
+            return Err(format!(
+                "{s:?}: write binary units, as Docker means them: KiB, MiB or GiB (e.g. \"256MiB\")"
+            ));
+        }
+        _ => {
+            return Err(format!(
+                "{s:?} is not a size like \"256MiB\", \"1GiB\" or \"512m\""
+            ));
+        }
+    };
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like \"256MiB\", \"1GiB\" or \"512m\""))?;
+    let bytes = n * factor as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Docker's smallest memory limit.
+const MIN_MEMORY: u64 = 6 << 20;
+
+/// Keys only docker services take, on a service of another runtime: each is an error.
+fn only_docker(cx: &mut Ctx<'_>, s: &RawService, name: &str, runtime: &str) {
+    let k = |key: &str| format!("services.{name}.{key}");
+    let why = format!(
+        "only docker services take it; remove it or set runtime = \"docker\" (this service is {runtime})"
+    );
+    if let Some(v) = &s.image {
+        cx.err(v, k("image"), why.clone());
+    }
+    if let Some(v) = &s.port {
+        cx.err(v, k("port"), why.clone());
+    }
+    if let Some(v) = &s.docker {
+        cx.err(v, k("docker"), why);
+    }
+}
+
+/// `runtime = "docker"`: image, port, command (optional), env and the `[docker]` table.
+fn docker(cx: &mut Ctx<'_>, s: &RawService, name: &str, at: usize) -> Option<RuntimeSettings> {
+    let k = |key: &str| format!("services.{name}.{key}");
+    if let Some(u) = &s.upstreams {
+        cx.err(
+            u,
+            k("upstreams"),
+            "only static services have upstreams; remove it or set runtime = \"static\"",
+        );
+    }
+    if let Some(r) = &s.reads_port_env {
+        cx.err(
+            r,
+            k("reads_port_env"),
+            "a docker service's app always gets PORT (the container's `port`); remove it",
+        );
+    }
+    let image = match &s.image {
+        None => {
+            cx.err_at(
+                at,
+                k("image"),
+                "is required for docker services, e.g. \"shop:{version}\"",
+            );
+            None
+        }
+        Some(i) => {
+            let text = i.get_ref().trim();
+            // What the Engine accepts in a reference, with the placeholder allowed.
+            let valid = !text.is_empty()
+                && text
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-/:@{}".contains(c))
+                && text
+                    .replace("{version}", "")
+                    .chars()
+                    .all(|c| c != '{' && c != '}');
+            if valid {
+                Some(text.to_owned())
+            } else {
+                cx.err(
+                    i,
+                    k("image"),
+                    format!(
+                        "{:?} is not an image reference like \"shop:{{version}}\" or \"registry.example/shop:{{version}}\"",
+                        i.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    };
+    let port = match &s.port {
+        None => {
+            cx.err_at(
+                at,
+                k("port"),
+                "is required for docker services: the port the app listens on inside its container, e.g. 8080",
+            );
+            None
+        }
+        Some(p) => match u16::try_from(*p.get_ref()) {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                cx.err(
+                    p,
+                    k("port"),
+                    format!("{} is not a port (1-65535)", p.get_ref()),
+                );
+                None
+            }
+        },
+    };
+    let command = match &s.command {
+        None => None,
+        Some(c) if c.get_ref().is_empty() || c.get_ref()[0].get_ref().trim().is_empty() => {
+            cx.err(
+                c,
+                k("command"),
+                "must name a program to run in the container, or be left out to run the image's own command",
+            );
+            None
+        }
+        Some(c) => Some(c.get_ref().iter().map(|a| a.get_ref().clone()).collect()),
+    };
+    let env = s
+        .env
+        .as_ref()
+        .map(|e| e.get_ref().clone())
+        .unwrap_or_default();
+    let d = s.docker.as_ref().map(|d| d.get_ref());
+    let options = docker_table(cx, d, name);
+    let (image, port) = (image?, port?);
+    let mut settings = options?;
+    settings.image = image;
+    settings.port = port;
+    settings.command = command;
+    settings.env = env;
+    Some(RuntimeSettings::Docker(Box::new(settings)))
+}
+
+/// The `[services.X.docker]` table (all optional); image and port are filled in by the caller.
+fn docker_table(cx: &mut Ctx<'_>, d: Option<&RawDocker>, name: &str) -> Option<DockerSettings> {
+    let k = |key: &str| format!("services.{name}.docker.{key}");
+    let errors = cx.diags.len();
+    let base = config_dir(cx.file);
+    let mut out = DockerSettings {
+        image: String::new(),
+        port: 0,
+        command: None,
+        env: BTreeMap::new(),
+        build: None,
+        dockerfile: "Dockerfile".to_owned(),
+        pull: false,
+        cpus: None,
+        memory: None,
+        volumes: Vec::new(),
+        network: None,
+        host: None,
+        labels: BTreeMap::new(),
+    };
+    let Some(d) = d else {
+        return Some(out);
+    };
+    if let Some(b) = &d.build {
+        if b.get_ref().trim().is_empty() {
+            cx.err(b, k("build"), "must name the build context, e.g. \".\"");
+        } else {
+            out.build = Some(beside(&base, b.get_ref()));
+        }
+    }
+    if let Some(f) = &d.dockerfile {
+        let p = Path::new(f.get_ref());
+        if d.build.is_none() {
+            cx.err(
+                f,
+                k("dockerfile"),
+                "is read from the build context; set build too (e.g. build = \".\")",
+            );
+        } else if f.get_ref().trim().is_empty()
+            || p.is_absolute()
+            || p.components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            cx.err(
+                f,
+                k("dockerfile"),
+                format!(
+                    "{:?} must be a path inside the build context, like \"Dockerfile\" or \"deploy/Dockerfile\"",
+                    f.get_ref()
+                ),
+            );
+        } else {
+            out.dockerfile = f.get_ref().clone();
+        }
+    }
+    out.pull = d.pull.as_ref().is_some_and(|p| *p.get_ref());
+    if let Some(c) = &d.cpus {
+        let n = *c.get_ref();
+        if n.is_finite() && n > 0.0 && n <= 1024.0 {
+            out.cpus = Some(n);
+        } else {
+            cx.err(
+                c,
+                k("cpus"),
+                format!("{n} is not a number of CPUs above 0 (0.5 = half a core)"),
+            );
+        }
+    }
+    if let Some(m) = &d.memory {
+        match parse_memory(m.get_ref()) {
+            Ok(b) if b < MIN_MEMORY => cx.err(
+                m,
+                k("memory"),
+                format!("{:?} is below Docker's smallest limit, 6MiB", m.get_ref()),
+            ),
+            Ok(b) => out.memory = Some(b),
+            Err(e) => cx.err(m, k("memory"), e),
+        }
+    }
+    if let Some(vs) = &d.volumes {
+        for (i, v) in vs.get_ref().iter().enumerate() {
+            match volume(v.get_ref(), &base) {
+                Ok(spec) => out.volumes.push(spec),
+                Err(e) => cx.err(v, format!("{}[{i}]", k("volumes")), e),
+            }
+        }
+    }
+    if let Some(n) = &d.network {
+        match n.get_ref().trim() {
+            "" => cx.err(n, k("network"), "must name a network, e.g. \"bridge\""),
+            "host" | "none" => cx.err(
+                n,
+                k("network"),
+                format!(
+                    "{:?} gives containers no port of their own to publish on 127.0.0.1; use \"bridge\" or a network of your own",
+                    n.get_ref()
+                ),
+            ),
+            net => out.network = Some(net.to_owned()),
+        }
+    }
+    if let Some(h) = &d.host {
+        let text = h.get_ref().trim();
+        let ok = ["unix://", "tcp://", "http://"]
+            .iter()
+            .any(|p| text.strip_prefix(p).is_some_and(|rest| !rest.is_empty()));
+        if ok {
+            out.host = Some(text.to_owned());
+        } else {
+            cx.err(
+                h,
+                k("host"),
+                format!(
+                    "{:?} is not an Engine address like \"unix:///var/run/docker.sock\" or \"tcp://127.0.0.1:2375\"",
+                    h.get_ref()
+                ),
+            );
+        }
+    }
+    if let Some(l) = &d.labels {
+        for (key, value) in l.get_ref() {
+            if key.starts_with("io.cutover.") {
+                cx.err(
+                    l,
+                    k("labels"),
+                    format!("{key:?}: io.cutover.* labels are cutover's own; choose another name"),
+                );
+            } else if key.is_empty() {
+                cx.err(l, k("labels"), "a label needs a name");
+            } else {
+                out.labels.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    (cx.diags.len() == errors).then_some(out)
+}
+
+/// A volume as Docker takes it: `name:/path[:opts]` (a named volume) or `host/path:/path[:opts]`
+/// (a bind mount; a relative host path is the one beside the config file).
+fn volume(v: &str, base: &Path) -> Result<String, String> {
+    let bad = || {
+        format!("{v:?} is not a volume like \"shop-data:/data\" or \"./uploads:/app/uploads:ro\"")
+    };
+    let mut parts = v.splitn(3, ':');
+    let (Some(source), Some(target)) = (parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    let opts = parts.next();
+    if source.is_empty() || !target.starts_with('/') {
+        return Err(bad());
+    }
+    if let Some(o) = opts
+        && !o.split(',').all(|x| {
+            matches!(
+                x,
+                "ro" | "rw"
+                    | "z"
+                    | "Z"
+                    | "nocopy"
+                    | "shared"
+                    | "slave"
+                    | "private"
+                    | "rshared"
+                    | "rslave"
+                    | "rprivate"
+            )
+        })
+    {
+        return Err(format!(
+            "{v:?}: {o:?} is not a mount option Docker knows (ro, rw, z, Z, nocopy, …)"
+        ));
+    }
+    let is_path = source.starts_with('/') || source.starts_with('.') || source.contains('/');
+    let source = if is_path && !source.starts_with('/') {
+        beside(base, source).to_string_lossy().into_owned()
+    } else {
+        source.to_owned()
+    };
+    Ok(match opts {
+        Some(o) => format!("{source}:{target}:{o}"),
+        None => format!("{source}:{target}"),
+    })
+}
+
+/// `path` as an absolute path, relative ones taken from `base` (the config file's directory),
+/// without `.` components (`./uploads` beside `/etc/app/cutover.toml` is `/etc/app/uploads`).
+fn beside(base: &Path, path: &str) -> PathBuf {
+    let p = Path::new(path);
+    let joined = if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base.join(p)
+    };
+    let abs = std::path::absolute(&joined).unwrap_or(joined);
+    abs.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
 }

@@ -96,8 +96,8 @@ fn broken_configs_name_file_line_column_and_key() {
             "cutover.toml:1:1: services.web.command: is required for process services, e.g. [\"./app\", \"--port\", \"{port}\"]",
         ),
         (
-            web("runtime = \"docker\"\n"),
-            "cutover.toml:4:11: services.web.runtime: \"docker\" is not a runtime; use \"process\" or \"static\"",
+            web("runtime = \"kubernetes\"\n"),
+            "cutover.toml:4:11: services.web.runtime: \"kubernetes\" is not a runtime; use \"process\", \"static\" or \"docker\"",
         ),
         (
             web("upstreams = { v1 = [\"127.0.0.1:1\"] }\n"),
@@ -232,7 +232,7 @@ fn broken_configs_name_file_line_column_and_key() {
         // Found by serde while reading: unknown keys, wrong types, TOML syntax.
         (
             web("bogus = 1\n"),
-            "cutover.toml:4:1: services.web.bogus: unknown key `bogus`; allowed keys: `listen`, `version`, `runtime`, `command`, `env`, `reads_port_env`, `upstreams`, `instances`, `strategy`, `progress_deadline`, `drain_timeout`, `stop_timeout`, `upstream_timeout`, `health`, `canary`, `blue_green`, `rolling`, `scale_down_delay`, `analysis`, `max_connections`, `probe`",
+            "cutover.toml:4:1: services.web.bogus: unknown key `bogus`; allowed keys: `listen`, `version`, `runtime`, `command`, `env`, `reads_port_env`, `upstreams`, `instances`, `strategy`, `progress_deadline`, `drain_timeout`, `stop_timeout`, `upstream_timeout`, `health`, `canary`, `blue_green`, `rolling`, `scale_down_delay`, `analysis`, `max_connections`, `probe`, `image`, `port`, `docker`",
         ),
         (
             web("[services.web.canary]\nsteps = [ { weight = 10, wait = \"5s\" }, { weight = 100 } ]\n"),
@@ -368,7 +368,7 @@ fn relative_programs_resolve_against_the_config_files_directory() {
             .clone()
         {
             RuntimeSettings::Process { command, .. } => command,
-            RuntimeSettings::Static { .. } => panic!("a process service"),
+            other => panic!("a process service: {other:?}"),
         }
     };
     assert_eq!(
@@ -628,7 +628,7 @@ upstreams = { v1 = ["127.0.0.1:18081"], v2 = ["127.0.0.1:18082"] }
             );
             assert_eq!(env.get("RUST_LOG").map(String::as_str), Some("info"));
         }
-        RuntimeSettings::Static { .. } => panic!("web is a process service"),
+        other => panic!("web is a process service: {other:?}"),
     }
     let api = s.service("api").expect("api");
     assert_eq!(api.listen, addr("127.0.0.1:9090"));
@@ -646,7 +646,7 @@ upstreams = { v1 = ["127.0.0.1:18081"], v2 = ["127.0.0.1:18082"] }
                 ),
             ])
         ),
-        RuntimeSettings::Process { .. } => panic!("api is static"),
+        other => panic!("api is static: {other:?}"),
     }
 }
 
@@ -755,6 +755,165 @@ fn chaos_keys_are_read_and_checked() {
     }
 }
 
+const DOCKER_SERVICE: &str = "[services.shop]\nlisten = \"127.0.0.1:8080\"\nruntime = \"docker\"\nimage = \"shop:{version}\"\nport = 8080\n";
+
+#[test]
+fn broken_docker_configs_name_file_line_column_and_key() {
+    let d = |rest: &str| format!("{DOCKER_SERVICE}{rest}");
+    let cases: Vec<(String, &str)> = vec![
+        (
+            "[services.shop]\nlisten = \"127.0.0.1:8080\"\nruntime = \"docker\"\n".to_owned(),
+            "cutover.toml:1:1: services.shop.image: is required for docker services, e.g. \"shop:{version}\"\ncutover.toml:1:1: services.shop.port: is required for docker services: the port the app listens on inside its container, e.g. 8080",
+        ),
+        (
+            DOCKER_SERVICE.replace("port = 8080", "port = 70000"),
+            "cutover.toml:5:8: services.shop.port: 70000 is not a port (1-65535)",
+        ),
+        (
+            DOCKER_SERVICE.replace("shop:{version}", "shop:{ver}"),
+            "cutover.toml:4:9: services.shop.image: \"shop:{ver}\" is not an image reference like \"shop:{version}\" or \"registry.example/shop:{version}\"",
+        ),
+        (
+            d("command = []\n"),
+            "cutover.toml:6:11: services.shop.command: must name a program to run in the container, or be left out to run the image's own command",
+        ),
+        (
+            d("[services.shop.docker]\nmemory = \"256MB\"\n"),
+            "cutover.toml:7:10: services.shop.docker.memory: \"256MB\": write binary units, as Docker means them: KiB, MiB or GiB (e.g. \"256MiB\")",
+        ),
+        (
+            d("[services.shop.docker]\nmemory = \"1m\"\n"),
+            "cutover.toml:7:10: services.shop.docker.memory: \"1m\" is below Docker's smallest limit, 6MiB",
+        ),
+        (
+            d("[services.shop.docker]\ncpus = 0\n"),
+            "cutover.toml:7:8: services.shop.docker.cpus: 0 is not a number of CPUs above 0 (0.5 = half a core)",
+        ),
+        (
+            d("[services.shop.docker]\nvolumes = [\"data\"]\n"),
+            "cutover.toml:7:12: services.shop.docker.volumes[0]: \"data\" is not a volume like \"shop-data:/data\" or \"./uploads:/app/uploads:ro\"",
+        ),
+        (
+            d("[services.shop.docker]\nnetwork = \"host\"\n"),
+            "cutover.toml:7:11: services.shop.docker.network: \"host\" gives containers no port of their own to publish on 127.0.0.1; use \"bridge\" or a network of your own",
+        ),
+        (
+            d("[services.shop.docker]\nhost = \"/var/run/docker.sock\"\n"),
+            "cutover.toml:7:8: services.shop.docker.host: \"/var/run/docker.sock\" is not an Engine address like \"unix:///var/run/docker.sock\" or \"tcp://127.0.0.1:2375\"",
+        ),
+        (
+            d("[services.shop.docker]\ndockerfile = \"Dockerfile.prod\"\n"),
+            "cutover.toml:7:14: services.shop.docker.dockerfile: is read from the build context; set build too (e.g. build = \".\")",
+        ),
+        (
+            d("[services.shop.docker]\nlabels = { \"io.cutover.service\" = \"x\" }\n"),
+            "cutover.toml:7:10: services.shop.docker.labels: \"io.cutover.service\": io.cutover.* labels are cutover's own; choose another name",
+        ),
+        (
+            d("[services.shop.docker]\nbuidl = \".\"\n"),
+            "cutover.toml:7:1: services.shop.docker.buidl: unknown key `buidl`; allowed keys: `build`, `dockerfile`, `pull`, `cpus`, `memory`, `volumes`, `network`, `host`, `labels`",
+        ),
+        (
+            web("image = \"web:{version}\"\n"),
+            "cutover.toml:4:9: services.web.image: only docker services take it; remove it or set runtime = \"docker\" (this service is process)",
+        ),
+        (
+            web("[services.web.docker]\npull = true\n"),
+            "cutover.toml:4:1: services.web.docker: only docker services take it; remove it or set runtime = \"docker\" (this service is process)",
+        ),
+        (
+            web("runtime = \"dokcer\"\n"),
+            "cutover.toml:4:11: services.web.runtime: \"dokcer\" is not a runtime; use \"process\", \"static\" or \"docker\"",
+        ),
+    ];
+    for (text, want) in cases {
+        check(&text, want);
+    }
+}
+
 fn web_with(rest: &str) -> String {
     web(rest)
+}
+
+#[test]
+fn a_docker_service_reads_every_key_of_contract_8() {
+    let text = r#"
+[services.shop]
+listen = "127.0.0.1:8080"
+runtime = "docker"
+version = "v41"
+image = "shop:{version}"
+port = 8080
+instances = 2
+env = { RUST_LOG = "info" }
+
+[services.shop.docker]
+build = "."
+dockerfile = "deploy/Dockerfile"
+pull = false
+cpus = 0.5
+memory = "256MiB"
+volumes = ["shop-data:/data", "./uploads:/app/uploads:ro"]
+network = "bridge"
+host = "unix:///var/run/docker.sock"
+labels = { team = "payments" }
+"#;
+    let s = parse(text, Path::new("/etc/app/cutover.toml")).unwrap();
+    let RuntimeSettings::Docker(d) = &s.services[0].runtime else {
+        panic!("a docker service: {:?}", s.services[0].runtime)
+    };
+    assert_eq!(d.image, "shop:{version}");
+    assert_eq!(d.port, 8080);
+    assert_eq!(d.command, None, "the image's own command");
+    assert_eq!(d.env["RUST_LOG"], "info");
+    assert_eq!(d.build.as_deref(), Some(Path::new("/etc/app")));
+    assert_eq!(d.dockerfile, "deploy/Dockerfile");
+    assert!(!d.pull);
+    assert_eq!(d.cpus, Some(0.5));
+    assert_eq!(d.memory, Some(256 << 20));
+    assert_eq!(
+        d.volumes,
+        ["shop-data:/data", "/etc/app/uploads:/app/uploads:ro"]
+    );
+    assert_eq!(d.network.as_deref(), Some("bridge"));
+    assert_eq!(d.host.as_deref(), Some("unix:///var/run/docker.sock"));
+    assert_eq!(d.labels["team"], "payments");
+    assert!(s.services[0].rollout.runs_instances);
+
+    // The ten-line form: no table, a whole number of CPUs, a command with placeholders.
+    let short = format!(
+        "{DOCKER_SERVICE}command = [\"/app\", \"--port\", \"{{port}}\"]\n[services.shop.docker]\ncpus = 2\n"
+    );
+    let s = parse(&short, Path::new("cutover.toml")).unwrap();
+    let RuntimeSettings::Docker(d) = &s.services[0].runtime else {
+        panic!("docker")
+    };
+    assert_eq!(d.cpus, Some(2.0));
+    assert_eq!(d.dockerfile, "Dockerfile");
+    assert_eq!(
+        d.host, None,
+        "DOCKER_HOST or the default socket, decided at start"
+    );
+    assert_eq!(
+        d.command.as_deref(),
+        Some(&["/app".to_owned(), "--port".into(), "{port}".into()][..])
+    );
+}
+
+#[test]
+fn memory_sizes_read_as_docker_means_them() {
+    for (text, want) in [
+        ("256MiB", Ok(256 << 20)),
+        ("1GiB", Ok(1 << 30)),
+        ("512m", Ok(512 << 20)),
+        ("1.5g", Ok(3 << 29)),
+        ("64k", Ok(64 << 10)),
+        ("1048576", Ok(1 << 20)),
+        (" 8 MiB ", Ok(8 << 20)),
+    ] {
+        assert_eq!(parse_memory(text), want, "{text}");
+    }
+    for bad in ["", "MiB", "lots", "10MB", "-5m", "1e999g"] {
+        assert!(parse_memory(bad).is_err(), "{bad:?} should be refused");
+    }
 }

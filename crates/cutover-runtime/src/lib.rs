@@ -3,7 +3,8 @@
 //! Two runtimes: `process` runs a command per instance on a free port, supervises it (restart
 //! with backoff if it dies unasked), captures its output to rotated log files, and contains its
 //! whole process tree so that nothing of it outlives a stop or the daemon; `static` maps
-//! versions to addresses something else runs. This crate carries out what the controller
+//! versions to addresses something else runs; `docker` runs each instance as a container on a
+//! Docker Engine (see the `docker` module). This crate carries out what the controller
 //! decided; it never decides when to start or stop.
 
 // Signals to process groups, the parent-death signal, joining a cgroup before exec, the
@@ -12,6 +13,7 @@
 #![allow(unsafe_code)]
 
 mod contain;
+pub mod docker;
 pub mod inherit;
 pub mod logs;
 mod process;
@@ -51,6 +53,13 @@ pub enum RuntimeError {
     StateDirBusy(std::path::PathBuf),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// What the Docker Engine refused or reported, as one sentence.
+    #[error("{0}")]
+    Docker(String),
+    #[error(
+        "the Docker Engine at {host} does not answer ({why}); start it, or point [services.NAME.docker] host or DOCKER_HOST at it"
+    )]
+    EngineUnreachable { host: String, why: String },
 }
 
 /// What to start.

@@ -122,6 +122,10 @@ pub enum Command {
         /// Leave the daemon and dashboard running afterwards.
         #[arg(long)]
         keep: bool,
+        /// Run the demo's instances as processes, or as containers on the local Docker Engine
+        /// (from an image built offline from this executable).
+        #[arg(long, value_enum, default_value_t = DemoRuntime::Process)]
+        runtime: DemoRuntime,
     },
     /// The sample upstream used by the demo and tests.
     DemoApp(DemoAppArgs),
@@ -269,10 +273,20 @@ pub struct ServiceArg {
     pub read: ReadOpts,
 }
 
+/// Where `cutover demo` runs its instances.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DemoRuntime {
+    Process,
+    Docker,
+}
+
 #[derive(Args, Debug)]
 pub struct DemoAppArgs {
     #[arg(long, env = "PORT")]
     pub port: u16,
+    /// The address to listen on (0.0.0.0 in a container, so its published port reaches it).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: std::net::IpAddr,
     #[arg(long, env = "CUTOVER_VERSION", default_value = "v1")]
     pub version: String,
     /// Share of requests to `/` answered with 500 (0 to 1).

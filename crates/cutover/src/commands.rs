@@ -58,6 +58,16 @@ pub fn init(config: &Path, force: bool) -> CliResult {
 }
 
 pub fn validate(settings: &Settings, json: bool) -> CliResult {
+    // A docker service is only valid with an Engine that answers (exit 3 naming it).
+    let engines = crate::containers::check_engines(settings)?;
+    let engine_of = |d: &cutover_config::DockerSettings| {
+        let host = crate::containers::host_of(d);
+        let version = engines
+            .get(&host)
+            .map(|i| i.version.clone())
+            .unwrap_or_default();
+        (host, version)
+    };
     // Valid, so not errors, but said on stderr (with --json too) where a person will see them.
     for w in &settings.warnings {
         err(format_args!("warning: {w}"));
@@ -69,6 +79,18 @@ pub fn validate(settings: &Settings, json: bool) -> CliResult {
             .map(|s| {
                 let runtime = match &s.runtime {
                     RuntimeSettings::Process { command, .. } => json!({"kind": "process", "command": command}),
+                    RuntimeSettings::Docker(d) => {
+                        let (host, engine) = engine_of(d);
+                        json!({
+                            "kind": "docker",
+                            "image": d.image,
+                            "port": d.port,
+                            "command": d.command,
+                            "build": d.build.as_ref().map(|b| b.display().to_string()),
+                            "host": host,
+                            "engine_version": engine,
+                        })
+                    }
                     RuntimeSettings::Static { upstreams } => json!({
                         "kind": "static",
                         "upstreams": upstreams.iter().map(|(v, a)| (v.to_string(), a.iter().map(ToString::to_string).collect::<Vec<_>>())).collect::<BTreeMap<_, _>>()
@@ -110,6 +132,19 @@ pub fn validate(settings: &Settings, json: bool) -> CliResult {
         let what = match &s.runtime {
             RuntimeSettings::Process { command, .. } => {
                 format!("{} × `{}`", s.rollout.instances, command.join(" "))
+            }
+            RuntimeSettings::Docker(d) => {
+                let (host, engine) = engine_of(d);
+                format!(
+                    "{} × container {} (port {}{}) on Docker Engine {engine} at {host}",
+                    s.rollout.instances,
+                    d.image,
+                    d.port,
+                    d.build
+                        .as_ref()
+                        .map(|b| format!(", built from {} when missing", b.display()))
+                        .unwrap_or_default()
+                )
             }
             RuntimeSettings::Static { upstreams } => format!(
                 "static upstreams: {}",

@@ -26,6 +26,7 @@ use cutover_controller::{Controller, DriverParts, ServiceSetup, Shutdown};
 use cutover_core::{DataPlane, RouteTable, Version};
 use cutover_metrics::Metrics;
 use cutover_proxy::{ClientTimeouts, Proxy, ServiceProxySpec};
+use cutover_runtime::docker::DockerRuntime;
 use cutover_runtime::{LogLimits, ProcessOptions, ProcessRuntime, Runtime, StaticRuntime};
 use cutover_store::Store;
 use tokio::net::TcpListener;
@@ -44,6 +45,14 @@ const HANDOVER_DRAIN: Duration = Duration::from_secs(10);
 
 /// `reset_state`: start even on a missing or damaged state database (see `state`).
 pub fn up(settings: Settings, reset_state: bool) -> CliResult {
+    // Before anything binds or starts: a docker service needs its Engine (exit 3 otherwise).
+    // Not after a restart in place: the containers run on, and an Engine that is away for a
+    // moment must not cost the daemon its life (supervision waits for it).
+    if !handover::restarting() {
+        for (host, info) in crate::containers::check_engines(&settings)? {
+            tracing::info!(host = %host, version = %info.version, api = %info.api_version, "Docker Engine answers");
+        }
+    }
     let builder = if settings.daemon.worker_threads == 1 {
         // One worker: a current-thread runtime avoids the cross-thread hand-offs that a
         // one-thread multi-thread runtime still pays for.
@@ -548,6 +557,7 @@ fn start_controller(
     main: &std::sync::mpsc::Sender<MainJob>,
 ) -> CliResult<(Controller, watch::Sender<Option<Shutdown>>)> {
     let services: Vec<ServiceSettings> = settings.services.clone();
+    let settings_for_docker = settings.clone();
     let state_dir = settings.daemon.state_dir.clone();
     // Instances run where the config file is, like its relative paths resolve.
     let workdir = settings
@@ -578,6 +588,7 @@ fn start_controller(
             }
         };
         let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
+        let containers = crate::containers::runtimes(&settings_for_docker, &exits_tx);
         let process = ProcessRuntime::with_options(
             ProcessOptions {
                 state_dir: state_dir.clone(),
@@ -627,7 +638,7 @@ fn start_controller(
         let handed = rt.block_on(async move {
             let setups = services
                 .iter()
-                .map(|s| service_setup(s, &runtime))
+                .map(|s| service_setup(s, &runtime, containers.get(s.name.as_str())))
                 .collect();
             let (mut driver, controller) = cutover_controller::driver(DriverParts {
                 services: setups,
@@ -678,11 +689,25 @@ fn start_controller(
     Ok((controller, stop_tx))
 }
 
-fn service_setup(s: &ServiceSettings, process: &Arc<dyn Runtime>) -> ServiceSetup {
+fn service_setup(
+    s: &ServiceSettings,
+    process: &Arc<dyn Runtime>,
+    docker: Option<&DockerRuntime>,
+) -> ServiceSetup {
     let (runtime, command, env, known) = match &s.runtime {
         RuntimeSettings::Process { command, env } => {
             (process.clone(), command.clone(), env.clone(), None)
         }
+        RuntimeSettings::Docker(d) => (
+            // `containers::runtimes` made one for every docker service.
+            docker.map_or_else(
+                || process.clone(),
+                |r| Arc::new(r.clone()) as Arc<dyn Runtime>,
+            ),
+            d.command.clone().unwrap_or_default(),
+            d.env.clone(),
+            None,
+        ),
         RuntimeSettings::Static { upstreams } => (
             Arc::new(StaticRuntime::new(upstreams.clone())) as Arc<dyn Runtime>,
             Vec::new(),
@@ -697,7 +722,7 @@ fn service_setup(s: &ServiceSettings, process: &Arc<dyn Runtime>) -> ServiceSetu
         // address gets traffic; a version with fewer addresses repeats them (`StaticRuntime`).
         let most = k.iter().filter_map(|v| match &s.runtime {
             RuntimeSettings::Static { upstreams } => upstreams.get(v).map(Vec::len),
-            RuntimeSettings::Process { .. } => None,
+            RuntimeSettings::Process { .. } | RuntimeSettings::Docker(_) => None,
         });
         spec.instances = most
             .max()

@@ -23,7 +23,7 @@ use hyper_util::rt::TokioExecutor;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::cli::DemoAppArgs;
+use crate::cli::{DemoAppArgs, DemoRuntime};
 use crate::client::Client;
 use crate::exit::{CliError, CliResult, Code};
 use crate::output::{err, out};
@@ -31,7 +31,8 @@ use crate::output::{err, out};
 pub fn demo_app(a: &DemoAppArgs) -> CliResult {
     let mut opts = cutover_demo_app::DemoOptions {
         version: a.version.clone(),
-        instance: format!("demo-{}", a.port),
+        // In a container every instance listens on the same port: its id tells them apart.
+        instance: std::env::var("CUTOVER_INSTANCE").unwrap_or_else(|_| format!("demo-{}", a.port)),
         error_rate: a.error_rate,
         latency: match &a.latency {
             Some(l) => humantime_parse(l)?,
@@ -49,10 +50,15 @@ pub fn demo_app(a: &DemoAppArgs) -> CliResult {
     }
     let rt = crate::runtime(tokio::runtime::Builder::new_current_thread())?;
     rt.block_on(async move {
-        let addr = SocketAddr::from(([127, 0, 0, 1], a.port));
+        let addr = SocketAddr::from((a.host, a.port));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| CliError::new(Code::Usage, format!("cannot listen on {addr}: {e}")))?;
+        // One line for `cutover logs`, which otherwise would have nothing to show of it.
+        err(format_args!(
+            "demo-app {} ({}) listening on {addr}",
+            opts.version, opts.instance
+        ));
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
@@ -115,6 +121,8 @@ compare_to_stable = true
 #[derive(Default)]
 struct Tally {
     per_version: BTreeMap<String, VersionTally>,
+    /// When each version answered first: a canary's first traffic.
+    first: BTreeMap<String, Instant>,
 }
 
 #[derive(Default)]
@@ -167,7 +175,19 @@ impl Drop for DaemonGuard {
     }
 }
 
-pub fn run(keep: bool) -> CliResult {
+/// The demo's image when it runs on Docker (built from this executable each time).
+const DEMO_IMAGE: &str = "cutover-demo:latest";
+
+/// `runtime = "docker"` in place of the process command: the demo app in its image, listening
+/// on 8080 inside each container.
+fn docker_config(config: &str) -> String {
+    config.replace(
+        r#"command = ["cutover", "demo-app", "--port", "{port}", "--version", "{version}"]"#,
+        &format!("runtime = \"docker\"\nimage = \"{DEMO_IMAGE}\"\nport = 8080"),
+    )
+}
+
+pub fn run(keep: bool, runtime: DemoRuntime) -> CliResult {
     let dir = tempfile::Builder::new()
         .prefix("cutover-demo-")
         .tempdir()
@@ -178,11 +198,11 @@ pub fn run(keep: bool) -> CliResult {
             )
         })?;
     let (api_port, web_port) = (free_port()?, free_port()?);
-    let config = DEMO_CONFIG
+    let mut config = DEMO_CONFIG
         .replace("API_PORT", &api_port.to_string())
         .replace("WEB_PORT", &web_port.to_string());
     let config_path = dir.path().join("cutover.toml");
-    std::fs::write(&config_path, config)
+    std::fs::write(&config_path, &config)
         .map_err(|e| CliError::new(Code::Failure, format!("cannot write the demo config: {e}")))?;
     let exe = std::env::current_exe().map_err(|e| {
         CliError::new(
@@ -190,6 +210,22 @@ pub fn run(keep: bool) -> CliResult {
             format!("cannot find cutover's own executable: {e}"),
         )
     })?;
+    if runtime == DemoRuntime::Docker {
+        let t0 = Instant::now();
+        err(format_args!(
+            "cutover demo: building the image {DEMO_IMAGE} from {} (FROM scratch, no registry)",
+            exe.display()
+        ));
+        crate::containers::build_demo_image(DEMO_IMAGE, &exe)?;
+        err(format_args!(
+            "cutover demo: built {DEMO_IMAGE} in {:.1}s",
+            t0.elapsed().as_secs_f64()
+        ));
+        config = docker_config(&config);
+        std::fs::write(&config_path, &config).map_err(|e| {
+            CliError::new(Code::Failure, format!("cannot write the demo config: {e}"))
+        })?;
+    }
     let log = std::fs::File::create(dir.path().join("daemon.log"))
         .map_err(|e| CliError::new(Code::Failure, format!("cannot create the daemon log: {e}")))?;
     let child = std::process::Command::new(&exe)
@@ -211,7 +247,7 @@ pub fn run(keep: bool) -> CliResult {
     let rt = crate::runtime(builder)?;
     let api = SocketAddr::from(([127, 0, 0, 1], api_port));
     let web = SocketAddr::from(([127, 0, 0, 1], web_port));
-    let result = rt.block_on(tour(dir.path(), api, web, keep));
+    let result = rt.block_on(tour(dir.path(), api, web, keep, runtime));
     if let Err(e) = &result
         && e.code != Code::Closed
     {
@@ -237,7 +273,13 @@ fn say(mp: &MultiProgress, line: impl AsRef<str>) {
     }
 }
 
-async fn tour(dir: &Path, api: SocketAddr, web: SocketAddr, keep: bool) -> CliResult {
+async fn tour(
+    dir: &Path,
+    api: SocketAddr,
+    web: SocketAddr,
+    keep: bool,
+    runtime: DemoRuntime,
+) -> CliResult {
     let started = Instant::now();
     let mp = MultiProgress::new();
     if !std::io::stderr().is_terminal() {
@@ -283,8 +325,8 @@ async fn tour(dir: &Path, api: SocketAddr, web: SocketAddr, keep: bool) -> CliRe
     let (stop_load, load_stopped) = tokio::sync::watch::channel(false);
     let load = tokio::spawn(load(web, tally.clone(), load_stopped));
 
-    let v2 = canary(&mp, &client, &tally, "v2", json!({}), "a healthy v2").await?;
-    let v3 = canary(
+    let t2 = canary(&mp, &client, &tally, "v2", json!({}), "a healthy v2").await?;
+    let t3 = canary(
         &mp,
         &client,
         &tally,
@@ -293,6 +335,7 @@ async fn tour(dir: &Path, api: SocketAddr, web: SocketAddr, keep: bool) -> CliRe
         "a bad v3 (20% errors)",
     )
     .await?;
+    let (v2, v3) = (&t2.rollout, &t3.rollout);
     let _ = stop_load.send(true);
     let _ = load.await;
 
@@ -320,19 +363,31 @@ async fn tour(dir: &Path, api: SocketAddr, web: SocketAddr, keep: bool) -> CliRe
         }
     }
     out(format_args!(
-        "\n{:<4} {:<10} {:<12} {:>16}  reason",
-        "id", "rollout", "outcome", "time to decide"
+        "\n{:<4} {:<10} {:<12} {:>14} {:>13} {:>16}  reason",
+        "id", "rollout", "outcome", "first traffic", "decided", "time to decide"
     ))?;
-    for r in [&v2, &v3] {
+    for t in [&t2, &t3] {
+        let r = &t.rollout;
         out(format_args!(
-            "#{:<3} {:<10} {:<12} {:>15.1}s  {}",
+            "#{:<3} {:<10} {:<12} {:>14} {:>12.1}s {:>15.1}s  {}",
             r.id,
             format!("{} → {}", r.from, r.to),
             r.outcome,
+            t.first_traffic
+                .map(|d| format!("{:.1}s", d.as_secs_f64()))
+                .unwrap_or_else(|| "-".into()),
+            r.duration_seconds.unwrap_or(0.0),
             decision_seconds(r),
             r.reason.as_deref().unwrap_or("")
         ))?;
     }
+    out(format_args!(
+        "(first traffic: from `deploy` to the candidate's first answer to the load; decided: from `deploy` to the rollout's end; instances ran as {})",
+        match runtime {
+            DemoRuntime::Process => "processes",
+            DemoRuntime::Docker => "containers",
+        }
+    ))?;
     out(format_args!(
         "\nfailed requests outside the bad canary's share: {outside_canary_errors}; tour took {:.0}s",
         started.elapsed().as_secs_f64()
@@ -367,6 +422,12 @@ async fn tour(dir: &Path, api: SocketAddr, web: SocketAddr, keep: bool) -> CliRe
     result
 }
 
+/// A rollout as the tour saw it: how long after `deploy` its candidate answered first.
+struct Timed {
+    rollout: Rollout,
+    first_traffic: Option<Duration>,
+}
+
 /// Seconds from the candidate's first traffic to the rollout's end: how long cutover took to
 /// decide once it had something to judge.
 fn decision_seconds(r: &Rollout) -> f64 {
@@ -393,8 +454,9 @@ async fn canary(
     version: &str,
     env: serde_json::Value,
     what: &str,
-) -> CliResult<Rollout> {
+) -> CliResult<Timed> {
     say(mp, format!("\n── canary of {what} ──"));
+    let deployed = Instant::now();
     let r: Rollout = client
         .post(
             "/api/v1/services/web/deploy",
@@ -442,7 +504,15 @@ async fn canary(
                     cur.reason.as_deref().unwrap_or("")
                 ),
             );
-            return Ok(cur);
+            let first = tally
+                .lock()
+                .ok()
+                .and_then(|t| t.first.get(version).copied())
+                .map(|f| f.saturating_duration_since(deployed));
+            return Ok(Timed {
+                rollout: cur,
+                first_traffic: first,
+            });
         }
         if Instant::now() > deadline {
             return Err(CliError::new(
@@ -500,6 +570,7 @@ async fn load(
             };
             let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
             if let Ok(mut t) = tally.lock() {
+                t.first.entry(version.clone()).or_insert_with(Instant::now);
                 let vt = t.per_version.entry(version).or_default();
                 vt.requests += 1;
                 vt.errors += u64::from(failed);

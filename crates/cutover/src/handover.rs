@@ -83,6 +83,11 @@ pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join("handover.json")
 }
 
+/// Whether this program was started by a restart in place (before [`take`] reads it).
+pub fn restarting() -> bool {
+    std::env::var_os(ENV).is_some()
+}
+
 /// The hand-over this program was started with, if it was: read once and deleted, its
 /// descriptors taken. A file that cannot be read is an error worth stopping for: the
 /// instances it names are running and must not be started twice.

@@ -1,5 +1,6 @@
-//! `cutover logs`: the output of a service's instances, read straight from the files the
-//! process runtime writes (`state_dir/logs/<service>/<version>/<instance>.log`, rotated to
+//! `cutover logs`: the output of a service's instances. Docker services' comes from the Engine
+//! (`containers::logs`); process services' is read straight from the files the process
+//! runtime writes (`state_dir/logs/<service>/<version>/<instance>.log`, rotated to
 //! `.log.1`, `.log.2`, …), so it works whether or not the daemon is up.
 //!
 //! Which instances: `--instance` names one; otherwise those running now (the runtime's registry
@@ -49,6 +50,10 @@ pub fn run(settings: &Settings, a: &LogsArgs) -> CliResult {
             ),
         ));
     };
+    if let RuntimeSettings::Docker(d) = &service.runtime {
+        // Containers keep their output in the Engine, not in the state dir.
+        return crate::containers::logs(settings, d, a);
+    }
     if matches!(service.runtime, RuntimeSettings::Static { .. }) {
         return Err(CliError::new(
             Code::Usage,

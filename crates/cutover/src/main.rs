@@ -11,6 +11,7 @@ mod chaos;
 mod cli;
 mod client;
 mod commands;
+mod containers;
 mod daemon;
 mod demo;
 mod exit;
@@ -109,7 +110,7 @@ fn run(cli: Cli) -> CliResult {
             }
             Ok(())
         }
-        Command::Demo { keep } => demo::run(*keep),
+        Command::Demo { keep, runtime } => demo::run(*keep, *runtime),
         Command::Fault(f) => {
             let client = Client::new(&load(&cli)?)?;
             block_on(chaos::fault(&client, f))

@@ -8,6 +8,7 @@ mod chaos;
 mod cli;
 mod dashboard;
 mod daytwo;
+mod docker;
 mod evidence;
 mod failures;
 mod harden;
