@@ -241,6 +241,7 @@ impl Driver {
                 }
             }
             Command::Record { .. } => {}
+            Command::Run(job) => self.run_job(name, job),
         }
     }
 

@@ -41,6 +41,7 @@ use crate::{plan, probe};
 mod analysis;
 mod commit;
 mod events;
+mod jobs;
 mod publish;
 mod reconcile;
 mod record;
