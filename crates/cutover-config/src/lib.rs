@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cutover_core::{HealthSpec, RolloutSpec, ServiceName, Version};
+use cutover_core::{BackupSettings, HealthSpec, RolloutSpec, SafetySpec, ServiceName, Version};
 
 pub use resolve::parse_duration;
 
@@ -29,6 +29,8 @@ pub struct Settings {
     /// In the order of their names.
     pub services: Vec<ServiceSettings>,
     pub notify: NotifySettings,
+    /// `[backups]`: where the catalog is, what `prune` keeps, the schedule.
+    pub backups: BackupSettings,
     /// What is valid but probably not meant (an API reachable from other machines, say):
     /// `validate` prints these and `up` logs them.
     pub warnings: Vec<Diagnostic>,
@@ -69,6 +71,8 @@ pub struct ServiceSettings {
     /// together); beyond it the oldest idle one is closed, or the new one gets a 503. `None`:
     /// derived from the daemon's descriptor limit at start.
     pub max_connections: Option<u32>,
+    /// Hooks, smoke checks and the database (CONTRACT §9); `rollout.steps` says which run.
+    pub safety: SafetySpec,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -186,3 +190,6 @@ pub mod fuzzing {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod safety_tests;

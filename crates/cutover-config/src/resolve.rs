@@ -4,6 +4,8 @@
 //! fallback value, so a user fixes everything in one pass. It reads no files, binds no sockets
 //! and starts nothing; addresses are only compared with each other.
 
+mod safety;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -253,6 +255,7 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
         }
     }
     services.sort_by(|a: &ServiceSettings, b| a.name.as_str().cmp(b.name.as_str()));
+    let backups = safety::backups(&mut cx, raw.backups.as_ref(), &daemon.state_dir);
     if cx.diags.is_empty() {
         cx.warnings.sort_by_key(|d| (d.line, d.column));
         Ok(Settings {
@@ -260,6 +263,7 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
             daemon,
             services,
             notify,
+            backups,
             warnings: cx.warnings,
         })
     } else {
@@ -730,7 +734,9 @@ fn service(
         }
     };
 
+    let safety = safety::service(cx, name, s);
     let rollout = RolloutSpec {
+        steps: safety.steps(),
         strategy,
         instances,
         canary_steps,
@@ -780,6 +786,7 @@ fn service(
         rollout,
         upstream_timeout,
         max_connections,
+        safety,
     })
 }
 
