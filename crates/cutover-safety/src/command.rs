@@ -40,6 +40,9 @@ pub struct Cmd {
     pub capture: bool,
     /// Written to its stdin, then stdin is closed.
     pub stdin: Option<Vec<u8>>,
+    /// Where the command's process group is registered while it runs, so that its owner
+    /// can kill every command it has running at once ([`Groups::kill_all`]).
+    pub groups: Option<Groups>,
 }
 
 impl Cmd {
@@ -198,16 +201,53 @@ async fn capture(mut from: impl AsyncRead + Unpin, tail: Arc<Mutex<Tail>>) -> Ve
     }
 }
 
+/// The process groups of the commands one owner (the daemon's driver) runs now.
+#[derive(Clone, Debug, Default)]
+pub struct Groups(Arc<Mutex<Vec<i32>>>);
+
+impl Groups {
+    /// Kills every command registered here that runs now, and what they started. The daemon
+    /// calls it when it stops or replaces itself (a restart in place), after which nothing
+    /// would wait for them.
+    pub fn kill_all(&self) {
+        let groups = self.0.lock().map(|g| g.clone()).unwrap_or_default();
+        for g in groups {
+            if let Some(p) = rustix::process::Pid::from_raw(g) {
+                let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
 /// Kills the command's process group when dropped before the command was reaped: a timeout,
 /// or the job running it cancelled.
 struct GroupGuard {
     pgid: Option<rustix::process::Pid>,
+    groups: Option<Groups>,
 }
 
 impl GroupGuard {
+    fn new(pgid: Option<rustix::process::Pid>, groups: Option<Groups>) -> GroupGuard {
+        if let (Some(p), Some(g)) = (pgid, &groups)
+            && let Ok(mut g) = g.0.lock()
+        {
+            g.push(p.as_raw_nonzero().get());
+        }
+        GroupGuard { pgid, groups }
+    }
+
     fn signal(&self, sig: rustix::process::Signal) {
         if let Some(p) = self.pgid {
             let _ = rustix::process::kill_process_group(p, sig);
+        }
+    }
+
+    /// The command was reaped: its group is not ours to signal any more.
+    fn reaped(&mut self) {
+        if let (Some(p), Some(g)) = (self.pgid.take(), &self.groups)
+            && let Ok(mut g) = g.0.lock()
+        {
+            g.retain(|x| *x != p.as_raw_nonzero().get());
         }
     }
 }
@@ -215,6 +255,7 @@ impl GroupGuard {
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         self.signal(rustix::process::Signal::KILL);
+        self.reaped();
     }
 }
 
@@ -271,11 +312,12 @@ pub async fn run(cmd: &Cmd) -> Ran {
             return not_started(why);
         }
     };
-    let mut guard = GroupGuard {
-        pgid: child
+    let mut guard = GroupGuard::new(
+        child
             .id()
             .and_then(|id| rustix::process::Pid::from_raw(i32::try_from(id).unwrap_or(0))),
-    };
+        cmd.groups.clone(),
+    );
     let tail = Arc::new(Mutex::new(Tail::default()));
     if let (Some(mut stdin), Some(bytes)) = (child.stdin.take(), cmd.stdin.clone()) {
         tokio::spawn(async move {
@@ -311,7 +353,7 @@ pub async fn run(cmd: &Cmd) -> Ran {
     let ending = match waited {
         Ok(Ok(status)) => {
             use std::os::unix::process::ExitStatusExt;
-            guard.pgid = None;
+            guard.reaped();
             match (status.code(), status.signal()) {
                 (Some(code), _) => Ending::Exited(code),
                 (None, Some(sig)) => Ending::Signaled(sig),
@@ -325,7 +367,7 @@ pub async fn run(cmd: &Cmd) -> Ran {
                 guard.signal(rustix::process::Signal::KILL);
                 let _ = child.wait().await;
             }
-            guard.pgid = None;
+            guard.reaped();
             Ending::TimedOut
         }
     };

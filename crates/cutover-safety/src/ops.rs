@@ -73,6 +73,8 @@ pub struct Db {
     pub timeout: Duration,
     /// Extra environment for the tools (the daemon's marker).
     pub env: BTreeMap<String, String>,
+    /// Where the tools' processes are registered while they run (the daemon's).
+    pub groups: Option<crate::command::Groups>,
 }
 
 /// What a backup is for.
@@ -93,6 +95,7 @@ impl Db {
                 bin_dir: bin_dir.clone(),
                 env: self.env.clone(),
                 timeout: self.timeout,
+                groups: self.groups.clone(),
             }),
             Target::Sqlite { .. } => None,
         }

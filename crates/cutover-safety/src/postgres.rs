@@ -45,11 +45,13 @@ pub struct Ctx {
     /// Extra environment for every tool (the daemon's marker).
     pub env: BTreeMap<String, String>,
     pub timeout: Duration,
+    pub groups: Option<command::Groups>,
 }
 
 impl Ctx {
     fn cmd(&self, argv: Vec<String>) -> Cmd {
         let mut c = Cmd::new(argv, self.timeout);
+        c.groups = self.groups.clone();
         c.env = self.env.clone();
         c.env.extend(self.url.tool_env());
         c

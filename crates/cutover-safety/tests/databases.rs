@@ -28,6 +28,7 @@ fn pg_db(cluster: &PgCluster, db: &str, catalog: &Catalog, bin_dir: Option<std::
         catalog: catalog.clone(),
         timeout: Duration::from_secs(60),
         env: BTreeMap::new(),
+        groups: None,
     }
 }
 
@@ -178,6 +179,7 @@ async fn sqlite_backups_and_prune_to_the_policy() {
         catalog: catalog.clone(),
         timeout: Duration::from_secs(10),
         env: BTreeMap::new(),
+        groups: None,
     };
     let mut ids = Vec::new();
     for _ in 0..4 {
