@@ -320,19 +320,22 @@ impl Rollout {
         .into_iter()
         .filter_map(|(on, what)| on.then_some(what))
         .collect();
-        let first = if first.is_empty() {
-            String::new()
-        } else {
-            format!("; first {}, then", first.join(", "))
-        };
+        let then = match first.as_slice() {
+            [] => "waiting for {n} candidate instance(s) to pass health checks".to_owned(),
+            [one] => format!("first {one}, then {{n}} candidate instance(s) must pass health checks"),
+            [rest @ .., last] => format!(
+                "first {} and {last}, then {{n}} candidate instance(s) must pass health checks",
+                rest.join(", ")
+            ),
+        }
+        .replace("{n}", &rollout.instances_to_start(spec).to_string());
         cmds.push(Command::Record {
             kind: EventKind::Started,
             message: format!(
-                "{} rollout {} → {} started{first}; waiting for {} candidate instance(s) to pass health checks (deadline {})",
+                "{} rollout {} → {} started; {then} (deadline {})",
                 rollout.strategy,
                 rollout.stable,
                 rollout.candidate,
-                rollout.instances_to_start(spec),
                 fmt_duration(spec.progress_deadline)
             ),
         });
@@ -862,9 +865,6 @@ impl Transition<'_> {
             Job::PreDeploy | Job::Backup | Job::Migrate if ok => {
                 if job == Job::Backup {
                     self.next.backup = backup;
-                }
-                if job == Job::Migrate {
-                    self.record(EventKind::Step, format!("migration for {cand} done: {detail}"));
                 }
                 self.after_preparation(job);
             }

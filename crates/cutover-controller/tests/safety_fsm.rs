@@ -663,7 +663,9 @@ fn the_migration_starts_the_candidate_only_after_it_ran_and_says_what_comes_firs
         })
         .unwrap();
     assert!(
-        started.contains("first pre_deploy hooks, a database backup, the migration, then"),
+        started.contains(
+            "started; first pre_deploy hooks, a database backup and the migration, then 2 candidate instance(s) must pass health checks"
+        ),
         "{started}"
     );
     assert!(!candidate_started(&cmds));

@@ -291,14 +291,30 @@ pub async fn run(cmd: &Cmd) -> Ran {
         } else {
             Stdio::null()
         })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    // Unless stdout is captured, stdout and stderr share one pipe, so the tail keeps the
+    // order in which the command wrote its lines.
+    let mut merged = None;
+    if cmd.capture {
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    } else {
+        match std::io::pipe().and_then(|(r, w)| Ok((r, w.try_clone()?, w))) {
+            Ok((r, w1, w2)) => {
+                c.stdout(w1).stderr(w2);
+                merged = Some(r);
+            }
+            Err(e) => return not_started(format!("cannot create a pipe: {e}")),
+        }
+    }
     if let Some(dir) = &cmd.workdir {
         c.current_dir(dir);
     }
-    let mut child = match c.spawn() {
+    let spawned = c.spawn();
+    // The command holds the pipe's write ends: dropped now, the reader sees the end of the
+    // output when the command (and what it started) closes its own.
+    drop(c);
+    let mut child = match spawned {
         Ok(ch) => ch,
         Err(e) => {
             let why = match e.kind() {
@@ -324,6 +340,13 @@ pub async fn run(cmd: &Cmd) -> Ran {
             let _ = stdin.write_all(&bytes).await;
         });
     }
+    let merged = match merged
+        .map(|r| tokio::net::unix::pipe::Receiver::from_owned_fd(std::os::fd::OwnedFd::from(r)))
+        .transpose()
+    {
+        Ok(m) => m,
+        Err(e) => return not_started(format!("cannot read the command's output: {e}")),
+    };
     let out = child.stdout.take();
     let err = child.stderr.take();
     let (t1, t2) = (tail.clone(), tail.clone());
@@ -344,6 +367,8 @@ pub async fn run(cmd: &Cmd) -> Ran {
         let stderr = async move {
             if let Some(e) = err {
                 pump(e, t2).await;
+            } else if let Some(m) = merged {
+                pump(m, t2).await;
             }
         };
         let (stdout, ()) = tokio::join!(stdout, stderr);
@@ -413,8 +438,7 @@ mod tests {
         ))
         .await;
         assert_eq!(bad.ending, Ending::Exited(3));
-        assert_eq!(bad.tail.len(), 3);
-        assert!(bad.tail.contains(&"two".to_owned()));
+        assert_eq!(bad.tail, vec!["one", "two", "three"], "in the order written");
         let text = bad.describe(Duration::from_secs(5));
         assert!(text.starts_with("exited with code 3 after"), "{text}");
         assert!(text.contains("last output:"), "{text}");
