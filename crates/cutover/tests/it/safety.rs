@@ -343,9 +343,14 @@ fn postgres_analysis_rollback_restores_the_backup() {
     pg_shop(&pg);
     let before = pg.fingerprint("shop");
     let steps = r#"[ { weight = 50, pause = "30s" }, { weight = 100 } ]"#;
-    let d = pg_daemon(&pg, &PG_SAFETY.replace("ON_ROLLBACK", "restore"), steps);
+    // The smoke check asks only for the health path: the bad version must get as far as
+    // traffic, for analysis to judge it (a smoke check of `/` would already catch it).
+    let safety = PG_SAFETY
+        .replace("ON_ROLLBACK", "restore")
+        .replace("path = \"/\"\nbody_contains = \"version\"", "path = \"/healthz\"");
+    let d = pg_daemon(&pg, &safety, steps);
     let load = Load::start(d.web, 4, Duration::from_millis(5));
-    let out = deploy_wait(&d, "v3", &["DEMO_ERROR_RATE=0.5"]);
+    let out = deploy_wait(&d, "v3", &["DEMO_ERROR_RATE=0.2"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     load.stop();
     let r = last_rollout(&d);
