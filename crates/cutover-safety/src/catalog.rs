@@ -273,8 +273,12 @@ impl Catalog {
 
     /// Moves a complete backup file into place and writes its manifest.
     pub fn commit(&self, partial: &Path, m: &Manifest) -> Result<(), CatalogError> {
+        use std::os::unix::fs::PermissionsExt;
         let d = self.ensure(&m.service)?;
         let file = d.join(&m.file);
+        // A backup holds all the service's data: readable by cutover's user alone.
+        std::fs::set_permissions(partial, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io("make private", partial, e))?;
         std::fs::rename(partial, &file).map_err(|e| io("move into place", &file, e))?;
         self.save(m)
     }
