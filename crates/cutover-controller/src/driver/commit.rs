@@ -256,7 +256,7 @@ impl Driver {
         }
         let outcome = a.rollout.outcome();
         let id = a.rollout.id;
-        let backup = a.rollout.backup.clone();
+        let took_backup = a.spec.steps.backup;
         if outcome == RolloutOutcome::Promoted {
             let old = std::mem::replace(&mut svc.stable, a.rollout.candidate.clone());
             let old_env = std::mem::replace(&mut svc.stable_env, a.row.env.clone());
@@ -266,8 +266,8 @@ impl Driver {
         svc.candidate_weight = Weight::ZERO;
         svc.preview = false;
         self.metrics.inc_rollouts(name, outcome);
-        if let Some(b) = backup {
-            self.unpin_backup(name, &b);
+        if took_backup {
+            self.unpin_backups(name, id);
         }
         // The service's row was saved with the final transition (`finished_service_row`).
         self.publish(name);

@@ -248,6 +248,21 @@ impl JobCtx {
         };
         let mut c = self.cmd(argv, spec.timeout, phase);
         c.env.extend(target.migration_env(spec));
+        // The service's lock, so that no backup or restore (`cutover backup …` included)
+        // touches the database while the migration changes it.
+        let catalog = Catalog::new(&self.safety.backups.dir);
+        let purpose = format!("{key} for {} (rollout #{})", self.candidate, self.rollout);
+        let _lock = match catalog
+            .lock(self.service.as_str(), &purpose, spec.timeout)
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                let text = format!("{key} did not start: {e}");
+                self.fact(EventKind::MigrateFailed, text.clone());
+                return (false, text);
+            }
+        };
         let ran = cutover_safety::command::run(&c).await;
         let text = format!("{key} `{}` {}", c.shown(), ran.describe(spec.timeout));
         self.fact(
@@ -469,15 +484,21 @@ impl Driver {
         self.feed(name, event).await;
     }
 
-    /// The rollout's backup is no longer its restore point once it ended: `prune` may apply
-    /// the policy to it again.
-    pub(super) fn unpin_backup(&self, name: &ServiceName, backup: &BackupRef) {
+    /// The rollout's backups are no longer its restore point once it ended: `prune` may
+    /// apply the policy to them again (also to one taken by a run of its backup that a
+    /// restart cut short before its result was saved).
+    pub(super) fn unpin_backups(&self, name: &ServiceName, rollout: i64) {
         let Some(svc) = self.services.get(name) else {
             return;
         };
         let catalog = Catalog::new(&svc.setup.safety.backups.dir);
-        if let Err(e) = catalog.pin(name.as_str(), &backup.id, false) {
-            tracing::warn!(service = %name, backup = %backup.id, error = %e, "could not unpin a rollout's backup");
+        for m in catalog.list(Some(name.as_str())).unwrap_or_default() {
+            if m.pinned
+                && m.rollout_id == Some(rollout)
+                && let Err(e) = catalog.pin(name.as_str(), &m.id, false)
+            {
+                tracing::warn!(service = %name, backup = %m.id, error = %e, "could not unpin a rollout's backup");
+            }
         }
     }
 
