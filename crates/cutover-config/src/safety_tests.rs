@@ -22,8 +22,7 @@ fn errors(text: &str) -> String {
 
 #[test]
 fn the_contract_example_parses_with_its_values() {
-    let text = web(
-        r#"
+    let text = web(r#"
 [services.web.hooks]
 pre_deploy   = ["./ci/gate.sh"]
 pre_traffic  = ["./smoke.sh"]
@@ -52,8 +51,7 @@ on_rollback = "keep"
 dir = ".cutover/backups"
 keep = { last = 3, hourly = 24, daily = 7, weekly = 4, monthly = 12 }
 every = "1h"
-"#,
-    );
+"#);
     let s = parse(&text, Path::new("/srv/shop/cutover.toml")).unwrap();
     assert!(s.warnings.is_empty(), "{:?}", s.warnings);
     let w = s.service("web").unwrap();
@@ -67,7 +65,10 @@ every = "1h"
     let menu = &w.safety.smoke[0];
     assert_eq!(menu.status, Some(200));
     assert_eq!(menu.body_contains.as_deref(), Some("menu"));
-    assert_eq!(menu.headers, vec![("Accept".to_owned(), "application/json".to_owned())]);
+    assert_eq!(
+        menu.headers,
+        vec![("Accept".to_owned(), "application/json".to_owned())]
+    );
     let health = &w.safety.smoke[1];
     assert_eq!((health.method.as_str(), health.status), ("GET", None));
     assert_eq!(health.timeout, Duration::from_secs(10));
@@ -109,8 +110,7 @@ fn nothing_configured_means_no_steps_and_default_backups() {
 
 #[test]
 fn hooks_take_one_command_or_several_and_sqlite_a_path() {
-    let text = web(
-        r#"
+    let text = web(r#"
 [services.web.hooks]
 pre_deploy = [["./a.sh", "--x"], ["python3", "b.py"]]
 
@@ -120,8 +120,7 @@ path = "data/shop.db"
 migrate = ["python3", "migrate.py"]
 on_rollback = "down"
 migrate_down = ["python3", "migrate.py", "down"]
-"#,
-    );
+"#);
     let s = parse(&text, Path::new("/srv/shop/cutover.toml")).unwrap();
     let w = s.service("web").unwrap();
     assert_eq!(
@@ -132,28 +131,35 @@ migrate_down = ["python3", "migrate.py", "down"]
         ]
     );
     let db = w.safety.database.as_ref().unwrap();
-    assert_eq!(db.location, DbLocation::Path("/srv/shop/data/shop.db".into()));
+    assert_eq!(
+        db.location,
+        DbLocation::Path("/srv/shop/data/shop.db".into())
+    );
     assert_eq!(db.on_rollback, DbRollback::Down);
     assert!(w.rollout.steps.migrate_down);
 }
 
 #[test]
 fn warnings_for_a_password_in_the_file_and_a_migration_without_backup() {
-    let text = web(
-        r#"
+    let text = web(r#"
 [services.web.database]
 kind = "postgres"
 url = "postgres://shop:hunter2@db:5432/shop"
 backup_before_deploy = false
 migrate = ["./shop", "migrate"]
-"#,
-    );
+"#);
     let s = parse(&text, Path::new("cutover.toml")).unwrap();
     let w: Vec<String> = s.warnings.iter().map(ToString::to_string).collect();
     assert_eq!(w.len(), 2, "{w:?}");
-    assert!(w[0].contains("services.web.database.url: holds a password"), "{w:?}");
+    assert!(
+        w[0].contains("services.web.database.url: holds a password"),
+        "{w:?}"
+    );
     assert!(!w[0].contains("hunter2"), "{w:?}");
-    assert!(w[1].contains("backup_before_deploy: is false while migrate is set"), "{w:?}");
+    assert!(
+        w[1].contains("backup_before_deploy: is false while migrate is set"),
+        "{w:?}"
+    );
 }
 
 #[test]
@@ -184,7 +190,9 @@ fn mistakes_name_their_key() {
             "/srv/shop/cutover.toml:6:15: services.web.database.on_rollback: \"down\" runs migrate_down, which is not set; add migrate_down = [\"./app\", \"migrate\", \"down\"]",
         ),
         (
-            web("[services.web.database]\nkind = \"postgres\"\non_rollback = \"restore\"\nbackup_before_deploy = false\n"),
+            web(
+                "[services.web.database]\nkind = \"postgres\"\non_rollback = \"restore\"\nbackup_before_deploy = false\n",
+            ),
             "/srv/shop/cutover.toml:6:15: services.web.database.on_rollback: \"restore\" restores the backup taken before the deploy, but backup_before_deploy = false takes none",
         ),
         (
@@ -224,7 +232,9 @@ fn mistakes_name_their_key() {
             "/srv/shop/cutover.toml:5:8: services.web.smoke[0].path: \"api\" must start with '/'",
         ),
         (
-            web("[[services.web.smoke]]\npath = \"/api\"\nmethod = \"FETCH\"\nstatus = 42\nheaders = { \"Bad Name\" = \"x\" }\n"),
+            web(
+                "[[services.web.smoke]]\npath = \"/api\"\nmethod = \"FETCH\"\nstatus = 42\nheaders = { \"Bad Name\" = \"x\" }\n",
+            ),
             "/srv/shop/cutover.toml:6:10: services.web.smoke[0].method: \"FETCH\" is not one of GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS\n/srv/shop/cutover.toml:7:10: services.web.smoke[0].status: 42 is not an HTTP status (100-599)\n/srv/shop/cutover.toml:8:11: services.web.smoke[0].headers: \"Bad Name\" is not a header name",
         ),
         (

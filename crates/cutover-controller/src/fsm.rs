@@ -322,7 +322,9 @@ impl Rollout {
         .collect();
         let then = match first.as_slice() {
             [] => "waiting for {n} candidate instance(s) to pass health checks".to_owned(),
-            [one] => format!("first {one}, then {{n}} candidate instance(s) must pass health checks"),
+            [one] => {
+                format!("first {one}, then {{n}} candidate instance(s) must pass health checks")
+            }
             [rest @ .., last] => format!(
                 "first {} and {last}, then {{n}} candidate instance(s) must pass health checks",
                 rest.join(", ")
@@ -723,7 +725,11 @@ impl Transition<'_> {
                 "rollout {} is already ending as {outcome}; {} {} running",
                 self.next.id,
                 work.job().label(),
-                if matches!(work, Revert::Hooks) { "are" } else { "is" }
+                if matches!(work, Revert::Hooks) {
+                    "are"
+                } else {
+                    "is"
+                }
             )),
             Stage::PostPromote { .. } => Some(format!(
                 "{cand} is promoted and its post_promote hooks are running; run `cutover rollback {svc}` once they have finished"

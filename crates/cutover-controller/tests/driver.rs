@@ -312,7 +312,13 @@ struct Daemon {
 
 impl Daemon {
     fn start(world: &Arc<World>, store: Store, outlives_daemon: bool) -> Daemon {
-        Daemon::start_with(world, store, outlives_daemon, spec(), SafetySetup::default())
+        Daemon::start_with(
+            world,
+            store,
+            outlives_daemon,
+            spec(),
+            SafetySetup::default(),
+        )
     }
 
     fn start_with(
@@ -764,7 +770,9 @@ async fn ended(d: &Daemon) -> cutover_controller::RolloutView {
         d.world.probe(&d.health);
         tokio::time::sleep(Duration::from_millis(50)).await;
         let h = d.c.history(Some("web"), 1).await.unwrap();
-        if h.first().is_some_and(|r| r.outcome != RolloutOutcome::InProgress) {
+        if h.first()
+            .is_some_and(|r| r.outcome != RolloutOutcome::InProgress)
+        {
             return h.into_iter().next().unwrap();
         }
     }
@@ -804,9 +812,16 @@ async fn a_failing_pre_deploy_hook_fails_the_rollout_before_anything_starts() {
     assert!(reason.contains("nothing changed"), "{reason}");
     assert!(world.running_of("v2").is_empty());
     assert_eq!(world.starts(), 2, "only v1 ever started: {:?}", world.log());
-    let kinds: Vec<EventKind> = rollout_events(&d, r.id).await.into_iter().map(|e| e.0).collect();
+    let kinds: Vec<EventKind> = rollout_events(&d, r.id)
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
     assert!(kinds.contains(&EventKind::HookFailed), "{kinds:?}");
-    assert!(!kinds.contains(&EventKind::Hook), "no on_rollback hook: nothing changed");
+    assert!(
+        !kinds.contains(&EventKind::Hook),
+        "no on_rollback hook: nothing changed"
+    );
     d.shut_down().await;
 }
 
@@ -838,14 +853,29 @@ async fn a_failed_sqlite_migration_is_restored_and_no_candidate_starts() {
     let reason = r.reason.clone().unwrap();
     assert!(reason.contains("the migration for v2 failed"), "{reason}");
     assert!(reason.contains("duplicate key"), "{reason}");
-    assert!(reason.contains("database restored from backup web-"), "{reason}");
+    assert!(
+        reason.contains("database restored from backup web-"),
+        "{reason}"
+    );
     assert_eq!(count(&db, "SELECT count(*) FROM items"), 100);
     assert_eq!(
-        count(&db, "SELECT count(*) FROM pragma_table_info('items') WHERE name = 'price'"),
+        count(
+            &db,
+            "SELECT count(*) FROM pragma_table_info('items') WHERE name = 'price'"
+        ),
         0
     );
-    assert_eq!(world.starts(), 2, "no candidate instance: {:?}", world.log());
-    let kinds: Vec<EventKind> = rollout_events(&d, r.id).await.into_iter().map(|e| e.0).collect();
+    assert_eq!(
+        world.starts(),
+        2,
+        "no candidate instance: {:?}",
+        world.log()
+    );
+    let kinds: Vec<EventKind> = rollout_events(&d, r.id)
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
     for k in [
         EventKind::Backup,
         EventKind::MigrateFailed,
@@ -869,7 +899,9 @@ async fn a_long_migration_runs_off_the_loop_and_a_good_one_promotes() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("shop.db");
     sqlite_db(&db, 10);
-    let migrate = sh("sleep 1.5; python3 -c \"import os,sqlite3; c=sqlite3.connect(os.environ['DATABASE_PATH']); c.execute('ALTER TABLE items ADD COLUMN price INTEGER'); c.commit()\"");
+    let migrate = sh(
+        "sleep 1.5; python3 -c \"import os,sqlite3; c=sqlite3.connect(os.environ['DATABASE_PATH']); c.execute('ALTER TABLE items ADD COLUMN price INTEGER'); c.commit()\"",
+    );
     let safety = safety_with_sqlite(dir.path(), migrate, cutover_core::DbRollback::Restore);
     let steps = safety.spec.steps();
     let d = Daemon::start_with(
@@ -887,12 +919,18 @@ async fn a_long_migration_runs_off_the_loop_and_a_good_one_promotes() {
     let v = d.view().await;
     assert!(t0.elapsed() < Duration::from_millis(200));
     assert_eq!(v.phase, Phase::Migrating);
-    let e = d.c.act("web", Action::Abort, "test".into()).await.unwrap_err();
+    let e =
+        d.c.act("web", Action::Abort, "test".into())
+            .await
+            .unwrap_err();
     assert!(e.to_string().contains("never interrupted half-way"), "{e}");
     let r = ended(&d).await;
     assert_eq!(r.outcome, RolloutOutcome::Promoted, "{r:#?}");
     assert_eq!(
-        count(&db, "SELECT count(*) FROM pragma_table_info('items') WHERE name = 'price'"),
+        count(
+            &db,
+            "SELECT count(*) FROM pragma_table_info('items') WHERE name = 'price'"
+        ),
         1
     );
     d.shut_down().await;
@@ -928,9 +966,9 @@ async fn scheduled_backups_are_taken_verified_and_pruned() {
         })
         .await;
     assert!(
-        v.recent_events
-            .iter()
-            .any(|e| e.kind == EventKind::BackupVerified && e.message.contains("integrity_check ok")),
+        v.recent_events.iter().any(
+            |e| e.kind == EventKind::BackupVerified && e.message.contains("integrity_check ok")
+        ),
         "{:#?}",
         v.recent_events
     );

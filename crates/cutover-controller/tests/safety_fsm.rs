@@ -440,10 +440,13 @@ fn release_safety_transitions() {
                 (3, Event::Abort),
                 (4, Event::Rollback),
                 (5, Event::Pause),
-                (6, Event::Promote {
-                    full: true,
-                    force: true,
-                }),
+                (
+                    6,
+                    Event::Promote {
+                        full: true,
+                        force: true,
+                    },
+                ),
             ],
             phase: Phase::Migrating,
             jobs: &[PreDeploy, Backup, Migrate],
@@ -590,7 +593,11 @@ fn release_safety_transitions() {
                 on_rollback_hooks: true,
                 ..Default::default()
             },
-            events: vec![(1, healthy(2)), (2, Event::Abort), (3, done(OnRollback, true))],
+            events: vec![
+                (1, healthy(2)),
+                (2, Event::Abort),
+                (3, done(OnRollback, true)),
+            ],
             phase: Phase::Aborted,
             jobs: &[OnRollback],
             started: true,
@@ -679,7 +686,13 @@ fn the_migration_starts_the_candidate_only_after_it_ran_and_says_what_comes_firs
         let (next, c) = step(&s, &r, e, Timestamp(1000)).unwrap();
         assert_eq!(
             candidate_started(&c),
-            matches!(e, Event::JobDone { job: Job::Migrate, .. }),
+            matches!(
+                e,
+                Event::JobDone {
+                    job: Job::Migrate,
+                    ..
+                }
+            ),
             "{e:?}: {c:?}"
         );
         next

@@ -31,7 +31,8 @@ psql() { "$BIN/psql" -X -q -v ON_ERROR_STOP=1 "$@"; }
 psql -d "postgres://cutover@127.0.0.1:$port/postgres" -c "CREATE DATABASE shop"
 psql -d "$url" -c "CREATE TABLE items (id bigserial PRIMARY KEY, name text, body text, price int);
   INSERT INTO items (name, body, price) SELECT 'item ' || g, repeat(md5(g::text), 3), g % 1000
-  FROM generate_series(1, 650000) g; VACUUM ANALYZE items;"
+  FROM generate_series(1, 530000) g;"
+psql -d "$url" -c "VACUUM ANALYZE items"
 pg_size=$(psql -At -d "$url" -c "SELECT pg_database_size('shop')")
 
 mkdir -p "$work/app" && cd "$work/app"

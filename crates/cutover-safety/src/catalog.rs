@@ -199,10 +199,7 @@ impl Catalog {
         let who = d.join(".lock.who");
         match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {
-                let _ = std::fs::write(
-                    &who,
-                    format!("pid {}: {purpose}\n", std::process::id()),
-                );
+                let _ = std::fs::write(&who, format!("pid {}: {purpose}\n", std::process::id()));
                 Ok(Lock { _fd: fd, who })
             }
             Err(rustix::io::Errno::WOULDBLOCK) => {
@@ -318,14 +315,17 @@ impl Catalog {
             for e in rd.flatten() {
                 let p = e.path();
                 if p.extension().is_some_and(|x| x == "json")
-                    && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                    && !p
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
                 {
-                    match std::fs::read(&p)
-                        .map_err(|e| e.to_string())
-                        .and_then(|b| serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string()))
-                    {
+                    match std::fs::read(&p).map_err(|e| e.to_string()).and_then(|b| {
+                        serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string())
+                    }) {
                         Ok(m) => out.push(m),
-                        Err(e) => tracing::warn!(manifest = %p.display(), error = %e, "a backup manifest does not read; skipped"),
+                        Err(e) => {
+                            tracing::warn!(manifest = %p.display(), error = %e, "a backup manifest does not read; skipped")
+                        }
                     }
                 }
             }

@@ -388,7 +388,10 @@ pub async fn run(cmd: &Cmd) -> Ran {
         Ok(Err(e)) => Ending::NotStarted(format!("waiting for it failed: {e}")),
         Err(_) => {
             guard.signal(rustix::process::Signal::TERM);
-            if tokio::time::timeout(TERM_GRACE, child.wait()).await.is_err() {
+            if tokio::time::timeout(TERM_GRACE, child.wait())
+                .await
+                .is_err()
+            {
                 guard.signal(rustix::process::Signal::KILL);
                 let _ = child.wait().await;
             }
@@ -422,10 +425,7 @@ mod tests {
     use super::*;
 
     fn sh(script: &str, timeout: Duration) -> Cmd {
-        Cmd::new(
-            vec!["sh".into(), "-c".into(), script.into()],
-            timeout,
-        )
+        Cmd::new(vec!["sh".into(), "-c".into(), script.into()], timeout)
     }
 
     #[tokio::test]
@@ -438,7 +438,11 @@ mod tests {
         ))
         .await;
         assert_eq!(bad.ending, Ending::Exited(3));
-        assert_eq!(bad.tail, vec!["one", "two", "three"], "in the order written");
+        assert_eq!(
+            bad.tail,
+            vec!["one", "two", "three"],
+            "in the order written"
+        );
         let text = bad.describe(Duration::from_secs(5));
         assert!(text.starts_with("exited with code 3 after"), "{text}");
         assert!(text.contains("last output:"), "{text}");
@@ -463,21 +467,25 @@ mod tests {
     async fn a_timeout_kills_the_whole_group() {
         let dir = tempfile::tempdir().unwrap();
         let marker = dir.path().join("survived");
-        let script = format!(
-            "(sleep 2; touch {}) & sleep 60",
-            marker.display()
-        );
+        let script = format!("(sleep 2; touch {}) & sleep 60", marker.display());
         let r = run(&sh(&script, Duration::from_millis(300))).await;
         assert_eq!(r.ending, Ending::TimedOut);
         assert!(r.duration < Duration::from_secs(10));
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(!marker.exists(), "the background child was killed too");
-        assert!(r.describe(Duration::from_millis(300)).contains("timed out after 300ms"));
+        assert!(
+            r.describe(Duration::from_millis(300))
+                .contains("timed out after 300ms")
+        );
     }
 
     #[tokio::test]
     async fn a_missing_or_not_executable_program_says_so() {
-        let r = run(&Cmd::new(vec!["/no/such/hook".into()], Duration::from_secs(1))).await;
+        let r = run(&Cmd::new(
+            vec!["/no/such/hook".into()],
+            Duration::from_secs(1),
+        ))
+        .await;
         assert!(
             matches!(&r.ending, Ending::NotStarted(w) if w.contains("not found")),
             "{r:?}"

@@ -123,7 +123,9 @@ impl Db {
             Ok(tool) => tool,
             Err(e) => {
                 let _ = std::fs::remove_file(&partial);
-                let full = e.contains("No space left") || e.contains("disk is full") || e.contains("database or disk is full");
+                let full = e.contains("No space left")
+                    || e.contains("disk is full")
+                    || e.contains("database or disk is full");
                 return Err(OpError::Failed(if full {
                     format!(
                         "the disk holding {} is full: {e}; the partial backup was removed",
@@ -233,7 +235,9 @@ impl Db {
                 )
             }
             Target::Postgres { .. } => {
-                let ctx = self.pg().ok_or_else(|| OpError::Failed("not PostgreSQL".into()))?;
+                let ctx = self
+                    .pg()
+                    .ok_or_else(|| OpError::Failed("not PostgreSQL".into()))?;
                 let tools = postgres::tools(&ctx).await.map_err(OpError::Failed)?;
                 let how = postgres::restore(&ctx, &tools, &file)
                     .await

@@ -94,11 +94,9 @@ impl Ctx {
 
 /// `15` from `pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)` or `psql (PostgreSQL) 9.6.2`.
 pub fn major_of(version_line: &str) -> Option<u32> {
-    let v = version_line.split_whitespace().find(|w| {
-        w.chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_digit())
-    })?;
+    let v = version_line
+        .split_whitespace()
+        .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))?;
     let mut parts = v.split('.');
     let first: u32 = parts
         .next()?
@@ -182,7 +180,8 @@ pub async fn tools(ctx: &Ctx) -> Result<Tools, String> {
         None => "pg_dump".to_owned(),
     };
     let version = tool_version(ctx, &dump).await?;
-    let major = major_of(&version).ok_or_else(|| format!("cannot read {dump}'s version from {version:?}"))?;
+    let major = major_of(&version)
+        .ok_or_else(|| format!("cannot read {dump}'s version from {version:?}"))?;
     if major != server_major {
         return Err(format!(
             "{dump} is PostgreSQL {major} but the server at {} runs PostgreSQL {server_major}: its backups would fail or not restore; install PostgreSQL {server_major}'s client tools (Debian: postgresql-client-{server_major}) or point database.bin_dir at them",
@@ -241,7 +240,13 @@ async fn dump_relations(
             continue;
         };
         let words: Vec<&str> = rest.split_whitespace().collect();
-        let kinds: &[&[&str]] = &[&["TABLE"], &["VIEW"], &["MATERIALIZED", "VIEW"], &["SEQUENCE"], &["SCHEMA"]];
+        let kinds: &[&[&str]] = &[
+            &["TABLE"],
+            &["VIEW"],
+            &["MATERIALIZED", "VIEW"],
+            &["SEQUENCE"],
+            &["SCHEMA"],
+        ];
         for kind in kinds {
             let at = 2;
             if words.len() > at + kind.len() && words[at..at + kind.len()] == **kind {
@@ -402,7 +407,9 @@ pub async fn verify(
         &format!("CREATE DATABASE {}", quote_ident(scratch)),
     )
     .await
-    .map_err(|e| format!("cannot create the scratch database {scratch} (the user needs CREATEDB): {e}"))?;
+    .map_err(|e| {
+        format!("cannot create the scratch database {scratch} (the user needs CREATEDB): {e}")
+    })?;
     let result = async {
         let c = ctx.cmd(vec![
             tools.bin("pg_restore"),
@@ -423,7 +430,10 @@ pub async fn verify(
         .query(
             &tools.bin("psql"),
             ctx.url.dbname(),
-            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(scratch)),
+            &format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                quote_ident(scratch)
+            ),
         )
         .await;
     if let Err(e) = dropped {

@@ -365,10 +365,7 @@ mod tests {
             (
                 "buckets are ORed",
                 keep(1, 0, 2, 0, 2),
-                &[
-                    "2024-03-11 09:00:00",
-                    "2024-04-30 12:00:00",
-                ],
+                &["2024-03-11 09:00:00", "2024-04-30 12:00:00"],
             ),
             (
                 "an empty policy keeps everything",
@@ -437,11 +434,19 @@ mod tests {
         };
         assert_eq!(why("2024-03-04"), vec!["last"]);
         assert_eq!(why("2024-03-03"), Vec::<&str>::new());
-        assert_eq!(why("2024-03-02"), vec!["restore point of a rollout in progress"]);
+        assert_eq!(
+            why("2024-03-02"),
+            vec!["restore point of a rollout in progress"]
+        );
         assert_eq!(why("2024-03-01"), vec!["the only verified backup kept"]);
         // Once a verified backup is kept by the policy, older verified ones may go.
         list[3].verified = true;
         let p = plan(&list, &keep(1, 0, 0, 0, 0), &TimeZone::UTC);
-        assert!(!p.iter().find(|d| d.id.starts_with("2024-03-01")).unwrap().keep());
+        assert!(
+            !p.iter()
+                .find(|d| d.id.starts_with("2024-03-01"))
+                .unwrap()
+                .keep()
+        );
     }
 }

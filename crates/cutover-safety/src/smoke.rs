@@ -181,12 +181,20 @@ mod tests {
         assert!(r.message.contains("expected 201"), "{}", r.message);
         let r = check(ok, &menu(None, Some("pizza"))).await;
         assert!(!r.ok);
-        assert!(r.message.contains("does not contain \"pizza\""), "{}", r.message);
+        assert!(
+            r.message.contains("does not contain \"pizza\""),
+            "{}",
+            r.message
+        );
         let bad = server("HTTP/1.1 500 Oops\r\nContent-Length: 4\r\n\r\nboom").await;
         let r = check(bad, &menu(None, None)).await;
         assert!(!r.ok);
         assert!(r.message.contains("answered 500"), "{}", r.message);
-        assert!(r.message.contains("expected a 2xx; body \"boom\""), "{}", r.message);
+        assert!(
+            r.message.contains("expected a 2xx; body \"boom\""),
+            "{}",
+            r.message
+        );
     }
 
     #[tokio::test]
@@ -210,6 +218,10 @@ mod tests {
         let mut c = menu(None, None);
         c.timeout = Duration::from_millis(200);
         let r = check(addr, &c).await;
-        assert!(r.message.contains("no answer within 200ms"), "{}", r.message);
+        assert!(
+            r.message.contains("no answer within 200ms"),
+            "{}",
+            r.message
+        );
     }
 }

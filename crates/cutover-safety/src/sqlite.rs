@@ -20,14 +20,22 @@ const RETRY: Duration = Duration::from_millis(50);
 
 fn open_existing(path: &Path, flags: OpenFlags) -> Result<Connection, String> {
     if !path.exists() {
-        return Err(format!("the SQLite database {} does not exist", path.display()));
+        return Err(format!(
+            "the SQLite database {} does not exist",
+            path.display()
+        ));
     }
     Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)
         .map_err(|e| format!("cannot open the SQLite database {}: {e}", path.display()))
 }
 
 /// Copies `from` into `to` in one backup step, retrying while either is locked.
-fn copy(from: &Connection, to: &mut Connection, timeout: Duration, locked: &str) -> Result<(), String> {
+fn copy(
+    from: &Connection,
+    to: &mut Connection,
+    timeout: Duration,
+    locked: &str,
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let b = Backup::new(from, to).map_err(|e| format!("cannot start the backup: {e}"))?;
     loop {
@@ -58,8 +66,8 @@ fn copy(from: &Connection, to: &mut Connection, timeout: Duration, locked: &str)
 /// Backs the live database `live` up into the new file `dest`.
 pub fn backup(live: &Path, dest: &Path, timeout: Duration) -> Result<(), String> {
     let src = open_existing(live, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    let mut dst = Connection::open(dest)
-        .map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
+    let mut dst =
+        Connection::open(dest).map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
     copy(
         &src,
         &mut dst,
@@ -153,8 +161,11 @@ mod tests {
         )
         .unwrap();
         for i in 0..rows {
-            c.execute("INSERT INTO items (name) VALUES (?1)", [format!("item {i}")])
-                .unwrap();
+            c.execute(
+                "INSERT INTO items (name) VALUES (?1)",
+                [format!("item {i}")],
+            )
+            .unwrap();
         }
         c
     }

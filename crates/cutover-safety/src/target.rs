@@ -264,8 +264,8 @@ mod tests {
 
     #[test]
     fn urls_are_taken_apart_and_never_shown_with_their_password() {
-        let u = PgUrl::parse("postgres://shop:s%40cret@127.0.0.1:5432/shop?sslmode=disable")
-            .unwrap();
+        let u =
+            PgUrl::parse("postgres://shop:s%40cret@127.0.0.1:5432/shop?sslmode=disable").unwrap();
         assert_eq!(u.describe(), "postgres://shop@127.0.0.1:5432/shop");
         assert_eq!(format!("{u:?}"), "postgres://shop@127.0.0.1:5432/shop");
         assert_eq!(
@@ -318,7 +318,10 @@ mod tests {
             "host=localhost password=pw".to_owned(),
         )]);
         let e = resolve(&spec, &bad).unwrap_err();
-        assert!(e.contains("in CUTOVER_TEST_NO_SUCH_VAR is not usable"), "{e}");
+        assert!(
+            e.contains("in CUTOVER_TEST_NO_SUCH_VAR is not usable"),
+            "{e}"
+        );
         assert!(!e.contains("pw"), "{e}");
     }
 }

@@ -11,7 +11,12 @@ use cutover_core::{DatabaseSpec, DbKind, DbLocation, DbRollback, Keep};
 use cutover_safety::testing::PgCluster;
 use cutover_safety::{Catalog, Db, Meta, OpError, Reason, target};
 
-fn pg_db(cluster: &PgCluster, db: &str, catalog: &Catalog, bin_dir: Option<std::path::PathBuf>) -> Db {
+fn pg_db(
+    cluster: &PgCluster,
+    db: &str,
+    catalog: &Catalog,
+    bin_dir: Option<std::path::PathBuf>,
+) -> Db {
     let spec = DatabaseSpec {
         kind: DbKind::Postgres,
         location: DbLocation::Url(cluster.url(db)),
@@ -75,9 +80,16 @@ async fn postgres_backup_migrate_restore_verify() {
     assert_ne!(pg.fingerprint("shop"), before);
     let (_, detail) = db.restore(&m.id).await.unwrap();
     assert!(detail.contains("public.coupons"), "{detail}");
-    assert_eq!(pg.fingerprint("shop"), before, "the database equals the backup");
     assert_eq!(
-        pg.psql("shop", "SELECT count(*) FROM pg_views WHERE viewname = 'cheap'"),
+        pg.fingerprint("shop"),
+        before,
+        "the database equals the backup"
+    );
+    assert_eq!(
+        pg.psql(
+            "shop",
+            "SELECT count(*) FROM pg_views WHERE viewname = 'cheap'"
+        ),
         "0"
     );
     // The sequence is where it was: new rows do not collide.
@@ -91,7 +103,10 @@ async fn postgres_backup_migrate_restore_verify() {
     assert_eq!(m2.verified(), Some(true));
     assert_eq!(catalog.get("shop", &m.id).unwrap().verifications.len(), 1);
     assert_eq!(
-        pg.psql("postgres", "SELECT count(*) FROM pg_database WHERE datname LIKE 'cutover_verify_%'"),
+        pg.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'cutover_verify_%'"
+        ),
         "0",
         "the scratch database is gone"
     );
@@ -116,7 +131,10 @@ async fn postgres_backup_migrate_restore_verify() {
     let mut short = db.clone();
     short.timeout = Duration::from_millis(300);
     let e = short.restore(&m.id).await.unwrap_err();
-    assert!(matches!(&e, OpError::Busy(m) if m.contains("backup create (a test)")), "{e}");
+    assert!(
+        matches!(&e, OpError::Busy(m) if m.contains("backup create (a test)")),
+        "{e}"
+    );
     drop(held);
 }
 
@@ -129,7 +147,11 @@ async fn postgres_failures_are_one_clear_sentence_and_leave_nothing_behind() {
 
     // Nothing listens there.
     let mut wrong = pg_db(&pg, "shop", &catalog, None);
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let spec = DatabaseSpec {
         kind: DbKind::Postgres,
         location: DbLocation::Url(format!("postgres://cutover:hunter2@127.0.0.1:{free}/shop")),
@@ -142,7 +164,12 @@ async fn postgres_failures_are_one_clear_sentence_and_leave_nothing_behind() {
     };
     wrong.target = target::resolve(&spec, &BTreeMap::new()).unwrap();
     let e = wrong.backup(Meta::default()).await.unwrap_err().to_string();
-    assert!(e.contains(&format!("cannot reach postgres://cutover@127.0.0.1:{free}/shop")), "{e}");
+    assert!(
+        e.contains(&format!(
+            "cannot reach postgres://cutover@127.0.0.1:{free}/shop"
+        )),
+        "{e}"
+    );
     assert!(!e.contains("hunter2"), "never the password: {e}");
     assert!(catalog.list(None).unwrap().is_empty());
     let leftovers: Vec<_> = std::fs::read_dir(catalog.service_dir("shop"))
@@ -170,8 +197,10 @@ async fn sqlite_backups_and_prune_to_the_policy() {
     let dir = tempfile::tempdir().unwrap();
     let live = dir.path().join("shop.db");
     let c = rusqlite::Connection::open(&live).unwrap();
-    c.execute_batch("CREATE TABLE items (id INTEGER PRIMARY KEY); INSERT INTO items DEFAULT VALUES;")
-        .unwrap();
+    c.execute_batch(
+        "CREATE TABLE items (id INTEGER PRIMARY KEY); INSERT INTO items DEFAULT VALUES;",
+    )
+    .unwrap();
     let catalog = Catalog::new(dir.path().join("backups"));
     let db = Db {
         service: "shop".into(),
@@ -186,7 +215,10 @@ async fn sqlite_backups_and_prune_to_the_policy() {
         ids.push(db.backup(Meta::default()).await.unwrap().id);
     }
     let (_, v) = db.verify(&ids[0]).await.unwrap();
-    assert!(v.ok && v.detail.contains("PRAGMA integrity_check ok"), "{v:?}");
+    assert!(
+        v.ok && v.detail.contains("PRAGMA integrity_check ok"),
+        "{v:?}"
+    );
     let keep = Keep {
         last: 1,
         hourly: 0,
@@ -197,9 +229,22 @@ async fn sqlite_backups_and_prune_to_the_policy() {
     };
     let tz = jiff::tz::TimeZone::UTC;
     let plan = cutover_safety::ops::prune(&catalog, "shop", &keep, &tz, false).unwrap();
-    assert_eq!(plan.iter().filter(|(_, d)| d.keep()).count(), 2, "the newest and the verified one");
-    assert_eq!(catalog.list(None).unwrap().len(), 4, "a dry run deletes nothing");
+    assert_eq!(
+        plan.iter().filter(|(_, d)| d.keep()).count(),
+        2,
+        "the newest and the verified one"
+    );
+    assert_eq!(
+        catalog.list(None).unwrap().len(),
+        4,
+        "a dry run deletes nothing"
+    );
     cutover_safety::ops::prune(&catalog, "shop", &keep, &tz, true).unwrap();
-    let left: Vec<String> = catalog.list(None).unwrap().into_iter().map(|m| m.id).collect();
+    let left: Vec<String> = catalog
+        .list(None)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
     assert_eq!(left, vec![ids[3].clone(), ids[0].clone()]);
 }

@@ -66,9 +66,11 @@ fn service_env(s: &ServiceSettings) -> BTreeMap<String, String> {
 }
 
 fn db(settings: &Settings, s: &ServiceSettings) -> CliResult<Db> {
-    let spec = s.safety.database.as_ref().ok_or_else(|| {
-        CliError::new(Code::Usage, format!("{} has no database", s.name))
-    })?;
+    let spec = s
+        .safety
+        .database
+        .as_ref()
+        .ok_or_else(|| CliError::new(Code::Usage, format!("{} has no database", s.name)))?;
     let target = cutover_safety::target::resolve(spec, &service_env(s))
         .map_err(|e| CliError::new(Code::Usage, e))?;
     Ok(Db {
@@ -104,7 +106,9 @@ fn record(settings: &Settings, service: &str, kind: EventKind, message: String) 
                 tracing::warn!(error = %e, "could not record the event in the daemon's state");
             }
         }
-        Err(e) => tracing::warn!(error = %e, "could not open the daemon's state to record the event"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not open the daemon's state to record the event")
+        }
     }
 }
 
@@ -144,7 +148,10 @@ pub fn release_order(s: &ServiceSettings) -> Option<String> {
     }
     order.push(format!("{} steps", s.rollout.strategy));
     if st.post_promote {
-        order.push(format!("after promotion {}", n(&h.post_promote, "post_promote")));
+        order.push(format!(
+            "after promotion {}",
+            n(&h.post_promote, "post_promote")
+        ));
     }
     let mut undo = Vec::new();
     if s.safety.database.is_some() {
@@ -195,7 +202,10 @@ fn block_on<F: std::future::Future<Output = CliResult>>(f: F) -> CliResult {
 
 pub fn run(settings: &Settings, cmd: &BackupCommand) -> CliResult {
     match cmd {
-        BackupCommand::Create { service: name, read } => {
+        BackupCommand::Create {
+            service: name,
+            read,
+        } => {
             let s = service(settings, name)?;
             let db = db(settings, s)?;
             block_on(async {
@@ -224,7 +234,10 @@ pub fn run(settings: &Settings, cmd: &BackupCommand) -> CliResult {
                 }
             })
         }
-        BackupCommand::List { service: name, read } => list(settings, name.as_deref(), read.json),
+        BackupCommand::List {
+            service: name,
+            read,
+        } => list(settings, name.as_deref(), read.json),
         BackupCommand::Verify {
             service: name,
             id,
@@ -321,10 +334,10 @@ fn list(settings: &Settings, name: Option<&str>, json: bool) -> CliResult {
     // What the policy says of each, per service.
     let tz = jiff::tz::TimeZone::system();
     let mut keep: BTreeMap<String, Vec<&str>> = BTreeMap::new();
-    let services: std::collections::BTreeSet<&str> = all.iter().map(|m| m.service.as_str()).collect();
+    let services: std::collections::BTreeSet<&str> =
+        all.iter().map(|m| m.service.as_str()).collect();
     for s in services {
-        let plan = ops::prune(&catalog, s, &settings.backups.keep, &tz, false)
-            .map_err(op_error)?;
+        let plan = ops::prune(&catalog, s, &settings.backups.keep, &tz, false).map_err(op_error)?;
         for (m, d) in plan {
             keep.insert(m.id, d.reasons);
         }
@@ -381,10 +394,14 @@ fn prune(settings: &Settings, dry_run: bool, json: bool) -> CliResult {
     let catalog = Catalog::new(&settings.backups.dir);
     let tz = jiff::tz::TimeZone::system();
     let mut report = Vec::new();
-    for s in settings.services.iter().filter(|s| s.safety.database.is_some()) {
+    for s in settings
+        .services
+        .iter()
+        .filter(|s| s.safety.database.is_some())
+    {
         let name = s.name.as_str();
-        let plan = ops::prune(&catalog, name, &settings.backups.keep, &tz, !dry_run)
-            .map_err(op_error)?;
+        let plan =
+            ops::prune(&catalog, name, &settings.backups.keep, &tz, !dry_run).map_err(op_error)?;
         let gone: Vec<&str> = plan
             .iter()
             .filter(|(_, d)| !d.keep())

@@ -146,7 +146,10 @@ pub fn validate(settings: &Settings, json: bool) -> CliResult {
             settings
                 .backups
                 .every
-                .map(|e| format!(", one every {} (verified, then pruned)", humantime::format_duration(e)))
+                .map(|e| format!(
+                    ", one every {} (verified, then pruned)",
+                    humantime::format_duration(e)
+                ))
                 .unwrap_or_default()
         ))?;
     }

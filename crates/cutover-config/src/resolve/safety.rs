@@ -42,11 +42,19 @@ fn argv(cx: &mut Ctx<'_>, v: &S<Vec<S<String>>>, key: &str) -> Option<Argv> {
 fn command<T>(cx: &mut Ctx<'_>, at: &S<T>, key: &str, mut args: Vec<String>) -> Option<Argv> {
     match args.first() {
         None => {
-            cx.err(at, key, "must name a program to run, e.g. [\"./ci/gate.sh\"]");
+            cx.err(
+                at,
+                key,
+                "must name a program to run, e.g. [\"./ci/gate.sh\"]",
+            );
             None
         }
         Some(p) if p.trim().is_empty() => {
-            cx.err(at, key, "must name a program to run, e.g. [\"./ci/gate.sh\"]");
+            cx.err(
+                at,
+                key,
+                "must name a program to run, e.g. [\"./ci/gate.sh\"]",
+            );
             None
         }
         Some(p) => {
@@ -64,7 +72,10 @@ fn hook_list(cx: &mut Ctx<'_>, v: Option<&S<Vec<S<RawArg>>>>, key: &str) -> Vec<
     if items.is_empty() {
         return Vec::new();
     }
-    let singles = items.iter().filter(|a| matches!(a.get_ref(), RawArg::One(_))).count();
+    let singles = items
+        .iter()
+        .filter(|a| matches!(a.get_ref(), RawArg::One(_)))
+        .count();
     if singles == items.len() {
         let args = items
             .iter()
@@ -107,7 +118,11 @@ fn hooks(cx: &mut Ctx<'_>, h: Option<&S<RawHooks>>, k: &dyn Fn(&str) -> String) 
     }
 }
 
-fn smoke(cx: &mut Ctx<'_>, list: Option<&S<Vec<S<RawSmoke>>>>, k: &dyn Fn(&str) -> String) -> Vec<SmokeCheck> {
+fn smoke(
+    cx: &mut Ctx<'_>,
+    list: Option<&S<Vec<S<RawSmoke>>>>,
+    k: &dyn Fn(&str) -> String,
+) -> Vec<SmokeCheck> {
     let Some(list) = list else {
         return Vec::new();
     };
@@ -117,15 +132,27 @@ fn smoke(cx: &mut Ctx<'_>, list: Option<&S<Vec<S<RawSmoke>>>>, k: &dyn Fn(&str) 
         let r = c.get_ref();
         let path = match &r.path {
             None => {
-                cx.err(c, format!("{sk}.path"), "is required: the path to ask the candidate for, e.g. \"/healthz\"");
+                cx.err(
+                    c,
+                    format!("{sk}.path"),
+                    "is required: the path to ask the candidate for, e.g. \"/healthz\"",
+                );
                 continue;
             }
             Some(p) if !p.get_ref().starts_with('/') => {
-                cx.err(p, format!("{sk}.path"), format!("{:?} must start with '/'", p.get_ref()));
+                cx.err(
+                    p,
+                    format!("{sk}.path"),
+                    format!("{:?} must start with '/'", p.get_ref()),
+                );
                 continue;
             }
             Some(p) if p.get_ref().contains(char::is_whitespace) => {
-                cx.err(p, format!("{sk}.path"), "must not contain spaces (percent-encode them)");
+                cx.err(
+                    p,
+                    format!("{sk}.path"),
+                    "must not contain spaces (percent-encode them)",
+                );
                 continue;
             }
             Some(p) => p.get_ref().clone(),
@@ -137,7 +164,11 @@ fn smoke(cx: &mut Ctx<'_>, list: Option<&S<Vec<S<RawSmoke>>>>, k: &dyn Fn(&str) 
                 if METHODS.contains(&up.as_str()) {
                     up
                 } else {
-                    cx.err(m, format!("{sk}.method"), format!("{:?} is not one of {}", m.get_ref(), METHODS.join(", ")));
+                    cx.err(
+                        m,
+                        format!("{sk}.method"),
+                        format!("{:?} is not one of {}", m.get_ref(), METHODS.join(", ")),
+                    );
                     "GET".to_owned()
                 }
             }
@@ -147,7 +178,11 @@ fn smoke(cx: &mut Ctx<'_>, list: Option<&S<Vec<S<RawSmoke>>>>, k: &dyn Fn(&str) 
             if (100..=599).contains(&n) {
                 u16::try_from(n).ok()
             } else {
-                cx.err(st, format!("{sk}.status"), format!("{n} is not an HTTP status (100-599)"));
+                cx.err(
+                    st,
+                    format!("{sk}.status"),
+                    format!("{n} is not an HTTP status (100-599)"),
+                );
                 None
             }
         });
@@ -155,9 +190,17 @@ fn smoke(cx: &mut Ctx<'_>, list: Option<&S<Vec<S<RawSmoke>>>>, k: &dyn Fn(&str) 
         if let Some(h) = &r.headers {
             for (name, value) in h.get_ref() {
                 if !header_name_ok(name) {
-                    cx.err(h, format!("{sk}.headers"), format!("{name:?} is not a header name"));
+                    cx.err(
+                        h,
+                        format!("{sk}.headers"),
+                        format!("{name:?} is not a header name"),
+                    );
                 } else if value.contains(['\r', '\n']) {
-                    cx.err(h, format!("{sk}.headers.{name}"), "a header value cannot contain a line break");
+                    cx.err(
+                        h,
+                        format!("{sk}.headers.{name}"),
+                        "a header value cannot contain a line break",
+                    );
                 } else {
                     headers.push((name.clone(), value.clone()));
                 }
@@ -169,25 +212,41 @@ fn smoke(cx: &mut Ctx<'_>, list: Option<&S<Vec<S<RawSmoke>>>>, k: &dyn Fn(&str) 
             status,
             body_contains: r.body_contains.as_ref().map(|b| b.get_ref().clone()),
             headers,
-            timeout: cx.duration(r.timeout.as_ref(), &format!("{sk}.timeout"), Duration::from_secs(10)),
+            timeout: cx.duration(
+                r.timeout.as_ref(),
+                &format!("{sk}.timeout"),
+                Duration::from_secs(10),
+            ),
         });
     }
     out
 }
 
-fn database(cx: &mut Ctx<'_>, d: &S<RawDatabase>, k: &dyn Fn(&str) -> String) -> Option<DatabaseSpec> {
+fn database(
+    cx: &mut Ctx<'_>,
+    d: &S<RawDatabase>,
+    k: &dyn Fn(&str) -> String,
+) -> Option<DatabaseSpec> {
     let at = d;
     let d = d.get_ref();
     let errors = cx.diags.len();
     let kind = match &d.kind {
         None => {
-            cx.err(at, k("database.kind"), "is required: \"postgres\" or \"sqlite\"");
+            cx.err(
+                at,
+                k("database.kind"),
+                "is required: \"postgres\" or \"sqlite\"",
+            );
             return None;
         }
         Some(v) => match DbKind::parse(v.get_ref()) {
             Some(kd) => kd,
             None => {
-                cx.err(v, k("database.kind"), format!("{:?} is not \"postgres\" or \"sqlite\"", v.get_ref()));
+                cx.err(
+                    v,
+                    k("database.kind"),
+                    format!("{:?} is not \"postgres\" or \"sqlite\"", v.get_ref()),
+                );
                 return None;
             }
         },
@@ -196,7 +255,11 @@ fn database(cx: &mut Ctx<'_>, d: &S<RawDatabase>, k: &dyn Fn(&str) -> String) ->
     let location = match kind {
         DbKind::Postgres => {
             if let Some(p) = &d.path {
-                cx.err(p, k("database.path"), "is for SQLite; PostgreSQL takes url or url_env");
+                cx.err(
+                    p,
+                    k("database.path"),
+                    "is for SQLite; PostgreSQL takes url or url_env",
+                );
             }
             match (&d.url, &d.url_env) {
                 (Some(u), Some(_)) => {
@@ -217,8 +280,14 @@ fn database(cx: &mut Ctx<'_>, d: &S<RawDatabase>, k: &dyn Fn(&str) -> String) ->
                 }
                 (None, Some(e)) => {
                     let name = e.get_ref();
-                    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                        cx.err(e, k("database.url_env"), format!("{name:?} is not an environment variable name"));
+                    if name.is_empty()
+                        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    {
+                        cx.err(
+                            e,
+                            k("database.url_env"),
+                            format!("{name:?} is not an environment variable name"),
+                        );
                         None
                     } else {
                         Some(DbLocation::UrlEnv(name.clone()))
@@ -230,12 +299,20 @@ fn database(cx: &mut Ctx<'_>, d: &S<RawDatabase>, k: &dyn Fn(&str) -> String) ->
         DbKind::Sqlite => {
             for (v, key) in [(&d.url, "database.url"), (&d.url_env, "database.url_env")] {
                 if let Some(v) = v {
-                    cx.err(v, k(key), "is for PostgreSQL; SQLite takes path = \"data/app.db\"");
+                    cx.err(
+                        v,
+                        k(key),
+                        "is for PostgreSQL; SQLite takes path = \"data/app.db\"",
+                    );
                 }
             }
             match &d.path {
                 None => {
-                    cx.err(at, k("database.path"), "is required for SQLite: the database file, e.g. \"data/shop.db\"");
+                    cx.err(
+                        at,
+                        k("database.path"),
+                        "is required for SQLite: the database file, e.g. \"data/shop.db\"",
+                    );
                     None
                 }
                 Some(p) if p.get_ref().trim().is_empty() => {
@@ -244,19 +321,36 @@ fn database(cx: &mut Ctx<'_>, d: &S<RawDatabase>, k: &dyn Fn(&str) -> String) ->
                 }
                 Some(p) => {
                     let path = PathBuf::from(p.get_ref());
-                    let abs = if path.is_absolute() { path } else { base.join(path) };
+                    let abs = if path.is_absolute() {
+                        path
+                    } else {
+                        base.join(path)
+                    };
                     Some(DbLocation::Path(std::path::absolute(&abs).unwrap_or(abs)))
                 }
             }
         }
     };
     let backup_before_deploy = d.backup_before_deploy.as_ref().is_none_or(|b| *b.get_ref());
-    let migrate = d.migrate.as_ref().and_then(|m| argv(cx, m, &k("database.migrate")));
-    let migrate_down = d.migrate_down.as_ref().and_then(|m| argv(cx, m, &k("database.migrate_down")));
+    let migrate = d
+        .migrate
+        .as_ref()
+        .and_then(|m| argv(cx, m, &k("database.migrate")));
+    let migrate_down = d
+        .migrate_down
+        .as_ref()
+        .and_then(|m| argv(cx, m, &k("database.migrate_down")));
     let on_rollback = match &d.on_rollback {
         None => DbRollback::Keep,
         Some(v) => DbRollback::parse(v.get_ref()).unwrap_or_else(|| {
-            cx.err(v, k("database.on_rollback"), format!("{:?} is not one of \"keep\", \"restore\", \"down\"", v.get_ref()));
+            cx.err(
+                v,
+                k("database.on_rollback"),
+                format!(
+                    "{:?} is not one of \"keep\", \"restore\", \"down\"",
+                    v.get_ref()
+                ),
+            );
             DbRollback::Keep
         }),
     };
@@ -278,21 +372,37 @@ fn database(cx: &mut Ctx<'_>, d: &S<RawDatabase>, k: &dyn Fn(&str) -> String) ->
     if let Some(m) = &d.migrate_down
         && on_rollback != DbRollback::Down
     {
-        cx.err(m, k("database.migrate_down"), "runs only with on_rollback = \"down\"; set that, or remove migrate_down");
+        cx.err(
+            m,
+            k("database.migrate_down"),
+            "runs only with on_rollback = \"down\"; set that, or remove migrate_down",
+        );
     }
     if let (Some(_), Some(b)) = (&d.migrate, &d.backup_before_deploy)
         && !*b.get_ref()
     {
-        cx.warn(b, k("database.backup_before_deploy"), "is false while migrate is set: a migration that fails half-way cannot be undone");
+        cx.warn(
+            b,
+            k("database.backup_before_deploy"),
+            "is false while migrate is set: a migration that fails half-way cannot be undone",
+        );
     }
     let bin_dir = d.bin_dir.as_ref().map(|b| {
         let p = PathBuf::from(b.get_ref());
         if p.is_absolute() { p } else { base.join(p) }
     });
     if let (Some(b), DbKind::Sqlite) = (&d.bin_dir, kind) {
-        cx.err(b, k("database.bin_dir"), "is where PostgreSQL's tools are; SQLite needs none");
+        cx.err(
+            b,
+            k("database.bin_dir"),
+            "is where PostgreSQL's tools are; SQLite needs none",
+        );
     }
-    let timeout = cx.duration(d.timeout.as_ref(), &k("database.timeout"), Duration::from_secs(30 * 60));
+    let timeout = cx.duration(
+        d.timeout.as_ref(),
+        &k("database.timeout"),
+        Duration::from_secs(30 * 60),
+    );
     if cx.diags.len() > errors {
         return None;
     }
@@ -320,7 +430,11 @@ pub(super) fn service(cx: &mut Ctx<'_>, name: &str, s: &RawService) -> SafetySpe
 
 /// `[backups]`, with `dir` resolved against the config's directory (default: `backups` in the
 /// state dir).
-pub(super) fn backups(cx: &mut Ctx<'_>, b: Option<&S<RawBackups>>, state_dir: &Path) -> BackupSettings {
+pub(super) fn backups(
+    cx: &mut Ctx<'_>,
+    b: Option<&S<RawBackups>>,
+    state_dir: &Path,
+) -> BackupSettings {
     let mut out = BackupSettings {
         dir: state_dir.join("backups"),
         ..BackupSettings::default()
@@ -332,12 +446,18 @@ pub(super) fn backups(cx: &mut Ctx<'_>, b: Option<&S<RawBackups>>, state_dir: &P
             cx.err(d, "backups.dir", "must not be empty");
         } else {
             let p = PathBuf::from(d.get_ref());
-            out.dir = if p.is_absolute() { p } else { config_dir(cx.file).join(p) };
+            out.dir = if p.is_absolute() {
+                p
+            } else {
+                config_dir(cx.file).join(p)
+            };
         }
     }
     if let Some(keep) = &b.keep {
         let r = keep.get_ref();
-        let mut n = |v: &Option<S<i64>>, key: &str| cx.count(v.as_ref(), &format!("backups.keep.{key}"), 0, 100_000, 0);
+        let mut n = |v: &Option<S<i64>>, key: &str| {
+            cx.count(v.as_ref(), &format!("backups.keep.{key}"), 0, 100_000, 0)
+        };
         let k = Keep {
             last: n(&r.last, "last"),
             hourly: n(&r.hourly, "hourly"),
@@ -346,12 +466,22 @@ pub(super) fn backups(cx: &mut Ctx<'_>, b: Option<&S<RawBackups>>, state_dir: &P
             monthly: n(&r.monthly, "monthly"),
             yearly: n(&r.yearly, "yearly"),
         };
-        if k == (Keep { last: 0, hourly: 0, daily: 0, weekly: 0, monthly: 0, yearly: 0 }) {
+        if k == (Keep {
+            last: 0,
+            hourly: 0,
+            daily: 0,
+            weekly: 0,
+            monthly: 0,
+            yearly: 0,
+        }) {
             cx.err(keep, "backups.keep", "keeps nothing; set at least one of last, hourly, daily, weekly, monthly, yearly above 0");
         }
         out.keep = k;
     }
-    out.every = b.every.as_ref().map(|e| cx.duration(Some(e), "backups.every", Duration::from_secs(3600)));
+    out.every = b
+        .every
+        .as_ref()
+        .map(|e| cx.duration(Some(e), "backups.every", Duration::from_secs(3600)));
     if let (Some(e), Some(d)) = (&b.every, out.every)
         && d < Duration::from_secs(1)
     {

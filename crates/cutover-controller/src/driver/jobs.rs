@@ -198,7 +198,10 @@ impl JobCtx {
         let db = match self.safety.db(&self.service) {
             Ok(db) => db,
             Err(e) => {
-                self.fact(EventKind::BackupFailed, format!("backup of {}: {e}", self.service));
+                self.fact(
+                    EventKind::BackupFailed,
+                    format!("backup of {}: {e}", self.service),
+                );
                 return (false, e, None);
             }
         };
@@ -238,7 +241,11 @@ impl JobCtx {
         let Some(spec) = self.safety.spec.database.as_ref() else {
             return (false, "no database is configured".into());
         };
-        let Some(argv) = (if down { &spec.migrate_down } else { &spec.migrate }) else {
+        let Some(argv) = (if down {
+            &spec.migrate_down
+        } else {
+            &spec.migrate
+        }) else {
             return (false, format!("database.{key} is not set"));
         };
         let target = match &self.safety.database {
@@ -585,7 +592,10 @@ async fn scheduled(
     let db = match safety.db(&service) {
         Ok(db) => db,
         Err(e) => {
-            fact(EventKind::BackupFailed, format!("scheduled backup of {service}: {e}"));
+            fact(
+                EventKind::BackupFailed,
+                format!("scheduled backup of {service}: {e}"),
+            );
             done();
             return;
         }
@@ -625,13 +635,7 @@ async fn scheduled(
     let keep = safety.backups.keep;
     let name = service.to_string();
     let pruned = tokio::task::spawn_blocking(move || {
-        cutover_safety::ops::prune(
-            &catalog,
-            &name,
-            &keep,
-            &jiff::tz::TimeZone::system(),
-            true,
-        )
+        cutover_safety::ops::prune(&catalog, &name, &keep, &jiff::tz::TimeZone::system(), true)
     })
     .await;
     match pruned {
@@ -653,8 +657,14 @@ async fn scheduled(
                 );
             }
         }
-        Ok(Err(e)) => fact(EventKind::BackupFailed, format!("pruning the backups of {service} failed: {e}")),
-        Err(e) => fact(EventKind::BackupFailed, format!("pruning the backups of {service} failed: {e}")),
+        Ok(Err(e)) => fact(
+            EventKind::BackupFailed,
+            format!("pruning the backups of {service} failed: {e}"),
+        ),
+        Err(e) => fact(
+            EventKind::BackupFailed,
+            format!("pruning the backups of {service} failed: {e}"),
+        ),
     }
     done();
 }

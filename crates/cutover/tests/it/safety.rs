@@ -79,7 +79,8 @@ elif version.startswith("more"):
     c.commit()
 "#;
 
-const GATE: &str = "#!/bin/sh\necho \"gate: $CUTOVER_SERVICE $CUTOVER_STABLE_VERSION -> $CUTOVER_VERSION\"\n";
+const GATE: &str =
+    "#!/bin/sh\necho \"gate: $CUTOVER_SERVICE $CUTOVER_STABLE_VERSION -> $CUTOVER_VERSION\"\n";
 
 const STEPS: &str = r#"[ { weight = 50, pause = "500ms", analysis = false }, { weight = 100 } ]"#;
 
@@ -90,8 +91,11 @@ fn sqlite_items(path: &Path, n: u32) {
     )
     .unwrap();
     for i in 0..n {
-        c.execute("INSERT INTO items (name) VALUES (?1)", [format!("item {i}")])
-            .unwrap();
+        c.execute(
+            "INSERT INTO items (name) VALUES (?1)",
+            [format!("item {i}")],
+        )
+        .unwrap();
     }
 }
 
@@ -174,7 +178,10 @@ fn sqlite_migration_promotes_and_a_half_failed_one_is_restored_under_the_live_ap
     let out = deploy_wait(&d, "v2", &["APP_USES_PRICE=1"]);
     assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
     assert_eq!(
-        sqlite_count(&db, "SELECT count(*) FROM pragma_table_info('items') WHERE name = 'price'"),
+        sqlite_count(
+            &db,
+            "SELECT count(*) FROM pragma_table_info('items') WHERE name = 'price'"
+        ),
         1
     );
     let (status, body) = http(d.web, "GET", "/api/menu", None, "");
@@ -193,17 +200,33 @@ fn sqlite_migration_promotes_and_a_half_failed_one_is_restored_under_the_live_ap
     assert_eq!(r["outcome"], "failed");
     let reason = r["reason"].as_str().unwrap();
     assert!(reason.contains("the migration for bad3 failed"), "{reason}");
-    assert!(reason.contains("UNIQUE constraint failed"), "the output's tail: {reason}");
-    assert!(reason.contains("database restored from backup web-"), "{reason}");
-    assert_eq!(sqlite_count(&db, "SELECT count(*) FROM items"), 100, "rows as before");
+    assert!(
+        reason.contains("UNIQUE constraint failed"),
+        "the output's tail: {reason}"
+    );
+    assert!(
+        reason.contains("database restored from backup web-"),
+        "{reason}"
+    );
+    assert_eq!(
+        sqlite_count(&db, "SELECT count(*) FROM items"),
+        100,
+        "rows as before"
+    );
     let kinds = event_kinds(&d, r["id"].as_i64().unwrap());
-    assert!(!kinds.iter().any(|k| k == "ready"), "no candidate started: {kinds:?}");
+    assert!(
+        !kinds.iter().any(|k| k == "ready"),
+        "no candidate started: {kinds:?}"
+    );
     assert!(kinds.iter().any(|k| k == "restored"), "{kinds:?}");
     // No traffic ever went to bad3, and the stable version kept answering.
     assert!(!tally.per_version.contains_key("bad3"), "{tally:?}");
     assert_eq!(tally.errors_except("bad3"), 0, "{tally:?}");
     let s = d.status();
-    assert_eq!((s["stable"].as_str(), s["phase"].as_str()), (Some("v2"), Some("stable")));
+    assert_eq!(
+        (s["stable"].as_str(), s["phase"].as_str()),
+        (Some("v2"), Some("stable"))
+    );
     // v2's instances kept their connection and see the restored rows.
     let (_, body) = http(d.web, "GET", "/", None, "");
     assert!(body.contains("\"items\": 100"), "{body}");
@@ -265,8 +288,11 @@ case "$CUTOVER_VERSION" in
 esac
 "#,
     );
-    std::fs::set_permissions(&migrate, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(
+        &migrate,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     d.spawn();
     d.wait_for("v1 healthy on 2 instances", |s| healthy(s, "v1") >= 2);
     d
@@ -318,8 +344,14 @@ fn postgres_migration_promotes_and_a_half_failed_one_is_restored() {
     let r = last_rollout(&d);
     assert_eq!(r["outcome"], "failed");
     let reason = r["reason"].as_str().unwrap();
-    assert!(reason.contains("step 2/3: index"), "the output's tail: {reason}");
-    assert!(reason.contains("database restored from backup web-"), "{reason}");
+    assert!(
+        reason.contains("step 2/3: index"),
+        "the output's tail: {reason}"
+    );
+    assert!(
+        reason.contains("database restored from backup web-"),
+        "{reason}"
+    );
     assert_eq!(pg.fingerprint("shop"), before, "the database is as it was");
     assert!(!tally.per_version.contains_key("bad3"), "{tally:?}");
     assert_eq!(tally.errors_except("bad3"), 0, "{tally:?}");
@@ -331,8 +363,16 @@ fn postgres_migration_promotes_and_a_half_failed_one_is_restored() {
     assert_eq!(backups.len(), 2, "{list:#}");
     assert_eq!(backups[0]["reason"], "before-deploy");
     assert_eq!(backups[0]["version"], "v2", "taken while v2 served");
-    assert_eq!(backups[0]["pinned"], false, "unpinned once the rollout ended");
-    assert!(backups[0]["tool"].as_str().unwrap().starts_with("pg_dump (PostgreSQL)"));
+    assert_eq!(
+        backups[0]["pinned"], false,
+        "unpinned once the rollout ended"
+    );
+    assert!(
+        backups[0]["tool"]
+            .as_str()
+            .unwrap()
+            .starts_with("pg_dump (PostgreSQL)")
+    );
 }
 
 /// (d) Analysis rolls a bad canary back; `on_rollback = "restore"` puts the database back
@@ -345,9 +385,10 @@ fn postgres_analysis_rollback_restores_the_backup() {
     let steps = r#"[ { weight = 50, pause = "30s" }, { weight = 100 } ]"#;
     // The smoke check asks only for the health path: the bad version must get as far as
     // traffic, for analysis to judge it (a smoke check of `/` would already catch it).
-    let safety = PG_SAFETY
-        .replace("ON_ROLLBACK", "restore")
-        .replace("path = \"/\"\nbody_contains = \"version\"", "path = \"/healthz\"");
+    let safety = PG_SAFETY.replace("ON_ROLLBACK", "restore").replace(
+        "path = \"/\"\nbody_contains = \"version\"",
+        "path = \"/healthz\"",
+    );
     let d = pg_daemon(&pg, &safety, steps);
     let load = Load::start(d.web, 4, Duration::from_millis(5));
     let out = deploy_wait(&d, "v3", &["DEMO_ERROR_RATE=0.2"]);
@@ -357,12 +398,22 @@ fn postgres_analysis_rollback_restores_the_backup() {
     assert_eq!(r["outcome"], "rolled-back");
     let reason = r["reason"].as_str().unwrap();
     assert!(reason.contains("analysis failed"), "{reason}");
-    assert!(reason.contains("writes made since it was taken"), "{reason}");
-    assert_eq!(pg.fingerprint("shop"), before, "the database equals the backup");
+    assert!(
+        reason.contains("writes made since it was taken"),
+        "{reason}"
+    );
+    assert_eq!(
+        pg.fingerprint("shop"),
+        before,
+        "the database equals the backup"
+    );
     let kinds = event_kinds(&d, r["id"].as_i64().unwrap());
     let rolled = kinds.iter().position(|k| k == "rolled-back").unwrap();
     let restored = kinds.iter().position(|k| k == "restored").unwrap();
-    assert!(rolled < restored, "traffic back first, then the restore: {kinds:?}");
+    assert!(
+        rolled < restored,
+        "traffic back first, then the restore: {kinds:?}"
+    );
 }
 
 /// (e) The daemon is killed (SIGKILL) while the migration runs. The migration dies with it
@@ -391,18 +442,27 @@ fn kill_9_during_the_migration_never_runs_it_twice() {
     d.kill9();
     let deadline = Instant::now() + Duration::from_secs(10);
     while pid_alive(pid) {
-        assert!(Instant::now() < deadline, "the migration outlived its daemon");
+        assert!(
+            Instant::now() < deadline,
+            "the migration outlived its daemon"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     d.spawn();
-    let s = d.wait_for("the rollout ended", |s| s["phase"] == "stable" && healthy(s, "v1") >= 2);
+    let s = d.wait_for("the rollout ended", |s| {
+        s["phase"] == "stable" && healthy(s, "v1") >= 2
+    });
     assert_eq!(s["stable"], "v1");
     let r = last_rollout(&d);
     assert_eq!(r["outcome"], "failed");
     let reason = r["reason"].as_str().unwrap();
     assert!(reason.contains("never run twice"), "{reason}");
     assert!(reason.contains("database restored from backup"), "{reason}");
-    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "slow5\n", "run once");
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap(),
+        "slow5\n",
+        "run once"
+    );
     assert_eq!(pg.fingerprint("shop"), before);
 }
 
@@ -432,13 +492,21 @@ keep = { last = 1 }
     // Verify the oldest: restored into a scratch copy, integrity_check, row counts.
     let out = d.cli(&["backup", "verify", "web", &ids[0]]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("PRAGMA integrity_check ok"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("PRAGMA integrity_check ok"),
+        "{}",
+        stdout(&out)
+    );
     let out = d.cli(&["backup", "list"]);
     let text = stdout(&out);
     assert!(text.contains(&ids[0]) && text.contains(" ok "), "{text}");
     // Prune keeps the newest (last = 1) and the only verified one.
     let out = d.cli(&["backup", "prune", "--dry-run"]);
-    assert!(stdout(&out).contains("web: 2 kept, would delete 1"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("web: 2 kept, would delete 1"),
+        "{}",
+        stdout(&out)
+    );
     let out = d.cli(&["backup", "prune"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = d.cli(&["backup", "list", "--json"]);
@@ -457,7 +525,11 @@ keep = { last = 1 }
         .unwrap();
     let out = d.cli(&["backup", "restore", "web", &ids[2]]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("run again with --yes"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("run again with --yes"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(sqlite_count(&db, "SELECT count(*) FROM items"), 7);
     let out = d.cli(&["backup", "restore", "web", &ids[2], "--yes"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -474,10 +546,24 @@ keep = { last = 1 }
     std::fs::write(&file, bytes).unwrap();
     let out = d.cli(&["backup", "restore", "web", &ids[2], "--yes"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("checksum mismatch"), "{}", stderr(&out));
-    assert!(stderr(&out).contains(&format!("{}.sqlite3", ids[2])), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("checksum mismatch"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains(&format!("{}.sqlite3", ids[2])),
+        "{}",
+        stderr(&out)
+    );
     // Mistakes: an unknown backup, a service without a database.
-    let out = d.cli(&["backup", "restore", "web", "web-19700101-000000-000", "--yes"]);
+    let out = d.cli(&[
+        "backup",
+        "restore",
+        "web",
+        "web-19700101-000000-000",
+        "--yes",
+    ]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let out = d.cli(&["backup", "create", "nope"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
