@@ -41,6 +41,9 @@ impl ReleaseSteps {
     }
 }
 
+// `kebab_enum!` declares the enum and derives no `Default`; the default lives here, with the
+// settings it is the default of.
+#[allow(clippy::derivable_impls)]
 impl Default for DbRollback {
     fn default() -> Self {
         DbRollback::Keep

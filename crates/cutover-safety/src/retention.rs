@@ -95,7 +95,7 @@ impl Bucket {
 pub fn select(items: &[Item], keep: &Keep, tz: &TimeZone) -> Vec<Decision> {
     let mut sorted: Vec<&Item> = items.iter().collect();
     // Newest first; equal times keep their given order (restic's sort is stable too).
-    sorted.sort_by(|a, b| b.taken_at.cmp(&a.taken_at));
+    sorted.sort_by_key(|i| std::cmp::Reverse(i.taken_at));
     let policy = [
         (Bucket::Last, keep.last),
         (Bucket::Hourly, keep.hourly),
