@@ -195,7 +195,9 @@ pub async fn tools(ctx: &Ctx) -> Result<Tools, String> {
     })
 }
 
-/// `pg_dump --format=custom` of the database into `dest`.
+/// `pg_dump --format=custom` of the database into `dest`, then read back with `pg_restore
+/// --list`: `pg_dump` has been seen to exit 0 over a file a failed write cut short (a full
+/// disk, a file size limit), and such a backup must never be recorded as good.
 pub async fn backup(ctx: &Ctx, tools: &Tools, dest: &Path) -> Result<(), String> {
     let c = ctx.cmd(vec![
         tools.bin("pg_dump"),
@@ -205,11 +207,23 @@ pub async fn backup(ctx: &Ctx, tools: &Tools, dest: &Path) -> Result<(), String>
         format!("--dbname={}", ctx.url.for_tools(ctx.url.dbname())),
     ]);
     let ran = command::run(&c).await;
-    if ran.ok() {
-        Ok(())
-    } else {
-        Err(ctx.fail("pg_dump", &ran))
+    if !ran.ok() {
+        return Err(ctx.fail("pg_dump", &ran));
     }
+    let mut check = ctx.cmd(vec![
+        tools.bin("pg_restore"),
+        "--list".into(),
+        dest.display().to_string(),
+    ]);
+    check.capture = true;
+    let read = command::run(&check).await;
+    if !read.ok() {
+        return Err(format!(
+            "pg_dump exited 0 but what it wrote does not read back (is the disk full?): {}",
+            ctx.fail("pg_restore --list", &read)
+        ));
+    }
+    Ok(())
 }
 
 /// The relations (tables, views, sequences) a dump holds, as `(kind, schema, name)`, and the

@@ -190,6 +190,41 @@ async fn postgres_failures_are_one_clear_sentence_and_leave_nothing_behind() {
     let e = old.backup(Meta::default()).await.unwrap_err().to_string();
     assert!(e.contains("is PostgreSQL 906 but the server at"), "{e}");
     assert!(e.contains("postgresql-client-"), "{e}");
+
+    // pg_dump missing.
+    std::fs::remove_file(&dump).unwrap();
+    let e = old.backup(Meta::default()).await.unwrap_err().to_string();
+    assert!(e.contains("pg_dump not found"), "{e}");
+    assert!(e.contains("install PostgreSQL's client tools"), "{e}");
+
+    // The disk fills up while the backup is written (a file size limit makes every write
+    // past 512 bytes fail as a full disk would): the partial file is removed, nothing is
+    // recorded.
+    pg.psql(
+        "shop",
+        "CREATE TABLE big AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 1000) g",
+    );
+    std::fs::write(
+        &dump,
+        format!(
+            "#!/bin/sh\ntrap '' XFSZ\nulimit -f 1\nexec {} \"$@\"\n",
+            pg.bin.join("pg_dump").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&dump, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let e = old.backup(Meta::default()).await.unwrap_err().to_string();
+    // pg_dump itself exits 0 over the cut-short file; reading it back catches it.
+    assert!(e.contains("does not read back (is the disk full?)"), "{e}");
+    assert!(e.contains("the partial backup was removed"), "{e}");
+    assert!(catalog.list(None).unwrap().is_empty());
+    let leftovers: Vec<_> = std::fs::read_dir(catalog.service_dir("shop"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| !n.to_string_lossy().starts_with(".lock"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
 #[tokio::test]
