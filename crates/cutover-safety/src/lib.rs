@@ -21,6 +21,7 @@ pub mod retention;
 pub mod smoke;
 pub mod sqlite;
 pub mod target;
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod testing;
 
