@@ -61,7 +61,9 @@ fn service<'a>(settings: &'a Settings, name: &str) -> CliResult<&'a ServiceSetti
 fn service_env(s: &ServiceSettings) -> BTreeMap<String, String> {
     match &s.runtime {
         RuntimeSettings::Process { env, .. } => env.clone(),
-        RuntimeSettings::Static { .. } => BTreeMap::new(),
+        // A static service runs nothing, so it has no env of its own; any other runtime
+        // that has one is looked up like a process's once it is added here.
+        _ => BTreeMap::new(),
     }
 }
 

@@ -678,7 +678,9 @@ struct SafetyBase {
 fn safety_setup(s: &ServiceSettings, base: &SafetyBase) -> SafetySetup {
     let env = match &s.runtime {
         RuntimeSettings::Process { env, .. } => env.clone(),
-        RuntimeSettings::Static { .. } => BTreeMap::new(),
+        // A static service runs nothing, so it has no env of its own; any other runtime
+        // that has one is looked up like a process's once it is added here.
+        _ => BTreeMap::new(),
     };
     let database = s.safety.database.as_ref().map(|d| {
         let t = cutover_safety::target::resolve(d, &env);
