@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cutover_core::{HealthSpec, RolloutSpec, ServiceName, Version};
+use cutover_core::{BackupSettings, HealthSpec, RolloutSpec, SafetySpec, ServiceName, Version};
 
 pub use resolve::{parse_duration, parse_memory};
 
@@ -31,6 +31,8 @@ pub struct Settings {
     pub notify: NotifySettings,
     /// `[dependencies.NAME]`, in the order of their names.
     pub dependencies: Vec<DependencySettings>,
+    /// `[backups]`: where the catalog is, what `prune` keeps, the schedule.
+    pub backups: BackupSettings,
     /// What is valid but probably not meant (an API reachable from other machines, say):
     /// `validate` prints these and `up` logs them.
     pub warnings: Vec<Diagnostic>,
@@ -75,6 +77,8 @@ pub struct ServiceSettings {
     pub synthetic: Option<SyntheticSettings>,
     /// Scheduled blackbox probes (`[[services.X.probe]]`).
     pub probes: Vec<ProbeSettings>,
+    /// Hooks, smoke checks and the database (CONTRACT §9); `rollout.steps` says which run.
+    pub safety: SafetySpec,
 }
 
 /// A TCP hop an app uses to reach a dependency, so that faults can reach it too.
@@ -256,3 +260,6 @@ pub mod fuzzing {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod safety_tests;

@@ -4,6 +4,8 @@
 //! fallback value, so a user fixes everything in one pass. It reads no files, binds no sockets
 //! and starts nothing; addresses are only compared with each other.
 
+mod safety;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -254,6 +256,7 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
     }
     services.sort_by(|a: &ServiceSettings, b| a.name.as_str().cmp(b.name.as_str()));
     let dependencies = chaos::dependencies(&mut cx, &raw, &mut listens);
+    let backups = safety::backups(&mut cx, raw.backups.as_ref(), &daemon.state_dir);
     if cx.diags.is_empty() {
         cx.warnings.sort_by_key(|d| (d.line, d.column));
         Ok(Settings {
@@ -262,6 +265,7 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
             services,
             notify,
             dependencies,
+            backups,
             warnings: cx.warnings,
         })
     } else {
@@ -740,7 +744,9 @@ fn service(
         }
     };
 
+    let safety = safety::service(cx, name, s);
     let rollout = RolloutSpec {
+        steps: safety.steps(),
         strategy,
         instances,
         canary_steps,
@@ -805,6 +811,7 @@ fn service(
         max_connections,
         synthetic,
         probes,
+        safety,
     })
 }
 

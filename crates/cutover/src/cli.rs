@@ -143,6 +143,9 @@ pub enum Command {
     /// Chaos experiments: steady-state hypothesis, method, rollbacks.
     #[command(subcommand)]
     Chaos(ChaosCommand),
+    /// Backups of the services' databases: take, list, verify, restore, prune ([backups]).
+    #[command(subcommand)]
+    Backup(BackupCommand),
     /// Started by `up`: waits for the daemon to die, then kills what its instances left.
     #[command(name = "__keeper", hide = true)]
     Keeper { state_dir: PathBuf },
@@ -230,6 +233,45 @@ pub enum StateCommand {
     Restore {
         /// A snapshot's name as `cutover state list` shows it, or its path.
         snapshot: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCommand {
+    /// Take a backup of SERVICE's database now (checksummed, in the catalog).
+    Create {
+        service: String,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
+    /// The backups in the catalog, newest first: size, verification, what `keep` says of each.
+    List {
+        service: Option<String>,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
+    /// Restore a backup into a scratch database and check it (the newest unless ID is given).
+    Verify {
+        service: String,
+        id: Option<String>,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
+    /// Restore backup ID into SERVICE's live database (replaces its content; needs --yes).
+    Restore {
+        service: String,
+        id: String,
+        /// Yes, replace the database's content with the backup's.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Delete the backups the `[backups] keep` policy does not keep.
+    Prune {
+        /// Say what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        read: ReadOpts,
     },
 }
 

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use cutover_api::ApiState;
 use cutover_config::{RuntimeSettings, ServiceSettings, Settings};
-use cutover_controller::{Controller, DriverParts, ServiceSetup, Shutdown};
+use cutover_controller::{Controller, DriverParts, SafetySetup, ServiceSetup, Shutdown};
 use cutover_core::{DataPlane, RouteTable, Version};
 use cutover_metrics::Metrics;
 use cutover_proxy::{ClientTimeouts, Proxy, ServiceProxySpec};
@@ -559,6 +559,16 @@ fn start_controller(
     let services: Vec<ServiceSettings> = settings.services.clone();
     let settings_for_docker = settings.clone();
     let state_dir = settings.daemon.state_dir.clone();
+    let safety_base = SafetyBase {
+        backups: settings.backups.clone(),
+        state_dir: cutover_runtime::canonical_state_dir(&state_dir),
+        workdir: settings
+            .file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(std::path::absolute)
+            .and_then(Result::ok),
+    };
     // Instances run where the config file is, like its relative paths resolve.
     let workdir = settings
         .file
@@ -638,7 +648,7 @@ fn start_controller(
         let handed = rt.block_on(async move {
             let setups = services
                 .iter()
-                .map(|s| service_setup(s, &runtime, containers.get(s.name.as_str())))
+                .map(|s| service_setup(s, &runtime, containers.get(s.name.as_str()), &safety_base))
                 .collect();
             let (mut driver, controller) = cutover_controller::driver(DriverParts {
                 services: setups,
@@ -689,10 +699,42 @@ fn start_controller(
     Ok((controller, stop_tx))
 }
 
+/// What every service's release-safety setup shares.
+struct SafetyBase {
+    backups: cutover_core::BackupSettings,
+    state_dir: std::path::PathBuf,
+    workdir: Option<std::path::PathBuf>,
+}
+
+fn safety_setup(s: &ServiceSettings, base: &SafetyBase) -> SafetySetup {
+    let env = match &s.runtime {
+        RuntimeSettings::Process { env, .. } => env.clone(),
+        RuntimeSettings::Docker(d) => d.env.clone(),
+        // A static service runs nothing, so it has no env of its own.
+        RuntimeSettings::Static { .. } => BTreeMap::new(),
+    };
+    let database = s.safety.database.as_ref().map(|d| {
+        let t = cutover_safety::target::resolve(d, &env);
+        if let Err(e) = &t {
+            tracing::warn!(service = %s.name, "{e}; its backups and migrations will fail until it is fixed");
+        }
+        t
+    });
+    SafetySetup {
+        spec: s.safety.clone(),
+        database,
+        backups: base.backups.clone(),
+        state_dir: Some(base.state_dir.clone()),
+        workdir: base.workdir.clone(),
+        groups: Default::default(),
+    }
+}
+
 fn service_setup(
     s: &ServiceSettings,
     process: &Arc<dyn Runtime>,
     docker: Option<&DockerRuntime>,
+    base: &SafetyBase,
 ) -> ServiceSetup {
     let (runtime, command, env, known) = match &s.runtime {
         RuntimeSettings::Process { command, env } => {
@@ -745,5 +787,6 @@ fn service_setup(
         env,
         known_versions: known,
         runtime,
+        safety: Arc::new(safety_setup(s, base)),
     }
 }

@@ -7,6 +7,7 @@
 // `println!` panics; clippy keeps it that way for every command added later.
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
+mod backup;
 mod chaos;
 mod cli;
 mod client;
@@ -99,6 +100,7 @@ fn run(cli: Cli) -> CliResult {
         Command::Reload => handover::ask(&load(&cli)?, handover::Ask::Reload),
         Command::DemoApp(a) => demo::demo_app(a),
         Command::Logs(a) => logs::run(&load(&cli)?, a),
+        Command::Backup(b) => backup::run(&load(&cli)?, b),
         Command::Keeper { state_dir } => {
             let swept = cutover_runtime::keeper_main(state_dir)
                 .map_err(|e| CliError::new(Code::Failure, format!("keeper: {e}")))?;

@@ -16,4 +16,5 @@ mod harness;
 mod processes;
 mod restart;
 mod rollouts;
+mod safety;
 mod state;
