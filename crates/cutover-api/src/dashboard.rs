@@ -54,7 +54,7 @@ a{color:var(--acc)}h1{font-size:1.3rem;margin:.3rem 0}h2{font-size:1.1rem;margin
 .card{background:var(--card);border-radius:10px;padding:.9rem;margin:.75rem 0}
 .phase{display:inline-block;padding:.1rem .55rem;border-radius:999px;font-weight:600;font-size:.85rem;background:#30363d}
 .phase-stable,.phase-promoted{background:#1f3d2a;color:var(--ok)}.phase-rolled-back,.phase-failed,.phase-aborted{background:#3d1f22;color:var(--bad)}
-.phase-paused,.phase-awaiting-approval{background:#3d321f;color:var(--warn)}.phase-progressing,.phase-starting,.phase-promoting{background:#1f2d3d;color:var(--acc)}
+.phase-paused,.phase-awaiting-approval{background:#3d321f;color:var(--warn)}.phase-progressing,.phase-starting,.phase-promoting,.phase-hooks,.phase-backing-up,.phase-migrating,.phase-smoke,.phase-restoring{background:#1f2d3d;color:var(--acc)}
 .bar{background:#30363d;border-radius:4px;height:.8rem;overflow:hidden;flex:1}.bar>span{display:block;height:100%}
 .wrow{display:flex;align-items:center;gap:.6rem;margin:.25rem 0}.wrow b{min-width:4.5rem}.wrow i{min-width:3rem;text-align:right;font-style:normal}
 table{width:100%;border-collapse:collapse;font-size:.88rem}td,th{padding:.3rem .4rem;border-bottom:1px solid #262b33;text-align:left;vertical-align:top}

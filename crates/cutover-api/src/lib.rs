@@ -10,6 +10,7 @@
 //! own and holds no state beyond the token and the dashboard's sessions.
 
 mod auth;
+mod chaos;
 mod dashboard;
 mod routes;
 pub mod wire;
@@ -31,6 +32,8 @@ pub struct ApiState {
     pub token: Arc<str>,
     /// The dashboard's logged-in browsers.
     pub sessions: Sessions,
+    /// Faults and experiments (`None`: those routes answer 503).
+    pub chaos: Option<cutover_chaos::Chaos>,
 }
 
 impl ApiState {
@@ -40,7 +43,14 @@ impl ApiState {
             metrics,
             token: Arc::from(token),
             sessions: Sessions::default(),
+            chaos: None,
         }
+    }
+
+    /// With faults and experiments.
+    pub fn with_chaos(mut self, chaos: cutover_chaos::Chaos) -> ApiState {
+        self.chaos = Some(chaos);
+        self
     }
 }
 

@@ -34,6 +34,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/events", get(events))
         .route("/api/v1/services/{name}/series", get(series))
         .route("/metrics", get(metrics))
+        .merge(crate::chaos::routes())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
@@ -124,7 +125,7 @@ async fn service(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResu
 /// a 400 naming what is wrong, not axum's plain-text rejection. A body must say it is JSON
 /// (`Content-Type: application/json`): a browser lets any page send `text/plain` or form bodies
 /// anywhere without asking, so reading those as JSON would let other pages act.
-fn body<T: for<'de> Deserialize<'de> + Default>(
+pub(crate) fn body<T: for<'de> Deserialize<'de> + Default>(
     headers: &HeaderMap,
     bytes: &[u8],
 ) -> Result<T, ApiError> {

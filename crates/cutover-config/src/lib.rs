@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cutover_core::{HealthSpec, RolloutSpec, ServiceName, Version};
+use cutover_core::{BackupSettings, HealthSpec, RolloutSpec, SafetySpec, ServiceName, Version};
 
 pub use resolve::{parse_duration, parse_memory};
 
@@ -29,6 +29,10 @@ pub struct Settings {
     /// In the order of their names.
     pub services: Vec<ServiceSettings>,
     pub notify: NotifySettings,
+    /// `[dependencies.NAME]`, in the order of their names.
+    pub dependencies: Vec<DependencySettings>,
+    /// `[backups]`: where the catalog is, what `prune` keeps, the schedule.
+    pub backups: BackupSettings,
     /// What is valid but probably not meant (an API reachable from other machines, say):
     /// `validate` prints these and `up` logs them.
     pub warnings: Vec<Diagnostic>,
@@ -69,6 +73,45 @@ pub struct ServiceSettings {
     /// together); beyond it the oldest idle one is closed, or the new one gets a 503. `None`:
     /// derived from the daemon's descriptor limit at start.
     pub max_connections: Option<u32>,
+    /// Probe traffic to a canary whose real traffic is too thin to judge.
+    pub synthetic: Option<SyntheticSettings>,
+    /// Scheduled blackbox probes (`[[services.X.probe]]`).
+    pub probes: Vec<ProbeSettings>,
+    /// Hooks, smoke checks and the database (CONTRACT §9); `rollout.steps` says which run.
+    pub safety: SafetySpec,
+}
+
+/// A TCP hop an app uses to reach a dependency, so that faults can reach it too.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DependencySettings {
+    pub name: ServiceName,
+    pub listen: SocketAddr,
+    pub upstream: SocketAddr,
+}
+
+/// `[services.X.analysis] synthetic = { rps, paths, headers }`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyntheticSettings {
+    /// Requests per second to the candidate (and as many to stable), at most.
+    pub rps: f64,
+    /// Asked in turn.
+    pub paths: Vec<String>,
+    pub headers: BTreeMap<String, String>,
+    /// Requests in flight at most, per version: a slow candidate never makes the rate grow.
+    pub concurrency: u32,
+}
+
+/// `[[services.X.probe]]`: a blackbox check through the service's listener, on a schedule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProbeSettings {
+    /// The `probe` label of its metrics: `name`, or the path.
+    pub name: String,
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// The expected status; `None`: any 2xx.
+    pub status: Option<u16>,
+    pub body_contains: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -217,3 +260,6 @@ pub mod fuzzing {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod safety_tests;

@@ -22,6 +22,39 @@ pub struct Raw {
     #[serde(default)]
     pub services: BTreeMap<S<String>, S<RawService>>,
     pub notify: Option<S<RawNotify>>,
+    /// `[dependencies.NAME]`: TCP hops that faults can reach.
+    #[serde(default)]
+    pub dependencies: BTreeMap<S<String>, S<RawDependency>>,
+    pub backups: Option<S<RawBackups>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDependency {
+    pub listen: Option<S<String>>,
+    pub upstream: Option<S<String>>,
+}
+
+/// `[[services.X.probe]]`: a scheduled blackbox probe.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProbe {
+    pub name: Option<S<String>>,
+    pub path: Option<S<String>>,
+    pub interval: Option<S<String>>,
+    pub timeout: Option<S<String>>,
+    pub status: Option<S<i64>>,
+    pub body_contains: Option<S<String>>,
+}
+
+/// `synthetic = { rps, paths, headers }` in `[services.X.analysis]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSynthetic {
+    pub rps: Option<S<f64>>,
+    pub paths: Option<S<Vec<S<String>>>>,
+    pub headers: Option<S<BTreeMap<String, String>>>,
+    pub concurrency: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -62,11 +95,15 @@ pub struct RawService {
     pub scale_down_delay: Option<S<String>>,
     pub analysis: Option<S<RawAnalysisOrOff>>,
     pub max_connections: Option<S<i64>>,
+    pub probe: Option<S<Vec<S<RawProbe>>>>,
     /// Docker services: the image (`{version}` filled in) and the port the app listens on
     /// inside its container.
     pub image: Option<S<String>>,
     pub port: Option<S<i64>>,
     pub docker: Option<S<RawDocker>>,
+    pub hooks: Option<S<RawHooks>>,
+    pub smoke: Option<S<Vec<S<RawSmoke>>>>,
+    pub database: Option<S<RawDatabase>>,
 }
 
 /// `[services.X.docker]`: how containers of a docker service are built and run.
@@ -82,6 +119,100 @@ pub struct RawDocker {
     pub network: Option<S<String>>,
     pub host: Option<S<String>>,
     pub labels: Option<S<BTreeMap<String, String>>>,
+}
+
+/// `[services.X.hooks]`: each hook point is one command (`["./gate.sh", "--strict"]`) or
+/// several (`[["./a.sh"], ["./b.sh"]]`), run in order.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHooks {
+    pub pre_deploy: Option<S<Vec<S<RawArg>>>>,
+    pub pre_traffic: Option<S<Vec<S<RawArg>>>>,
+    pub post_promote: Option<S<Vec<S<RawArg>>>>,
+    pub on_rollback: Option<S<Vec<S<RawArg>>>>,
+    pub timeout: Option<S<String>>,
+}
+
+/// One element of a hook list: an argument of a single command, or a whole command.
+pub enum RawArg {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for RawArg {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawArg;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string (an argument) or an array of strings (a command)")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(RawArg::One(v.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(x) = seq.next_element::<String>()? {
+                    out.push(x);
+                }
+                Ok(RawArg::Many(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One `[[services.X.smoke]]` check.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSmoke {
+    pub path: Option<S<String>>,
+    pub method: Option<S<String>>,
+    pub status: Option<S<i64>>,
+    pub body_contains: Option<S<String>>,
+    pub headers: Option<S<BTreeMap<String, String>>>,
+    pub timeout: Option<S<String>>,
+}
+
+/// `[services.X.database]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    pub kind: Option<S<String>>,
+    pub url: Option<S<String>>,
+    pub url_env: Option<S<String>>,
+    pub path: Option<S<String>>,
+    pub backup_before_deploy: Option<S<bool>>,
+    pub migrate: Option<S<Vec<S<String>>>>,
+    pub on_rollback: Option<S<String>>,
+    pub migrate_down: Option<S<Vec<S<String>>>>,
+    pub timeout: Option<S<String>>,
+    pub bin_dir: Option<S<String>>,
+}
+
+/// `[backups]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackups {
+    pub dir: Option<S<String>>,
+    pub keep: Option<S<RawKeep>>,
+    pub every: Option<S<String>>,
+    pub verify: Option<S<bool>>,
+}
+
+/// `[backups] keep = { ... }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeep {
+    pub last: Option<S<i64>>,
+    pub hourly: Option<S<i64>>,
+    pub daily: Option<S<i64>>,
+    pub weekly: Option<S<i64>>,
+    pub monthly: Option<S<i64>>,
+    pub yearly: Option<S<i64>>,
 }
 
 /// `analysis = false`, or an `[services.X.analysis]` table.
@@ -165,6 +296,7 @@ pub struct RawAnalysis {
     pub compare_to_stable: Option<S<bool>>,
     pub analysis_deadline: Option<S<String>>,
     pub on_no_evidence: Option<S<String>>,
+    pub synthetic: Option<S<RawSynthetic>>,
 }
 
 /// 1-based line and column of byte `offset` in `text`.

@@ -4,6 +4,8 @@
 //! fallback value, so a user fixes everything in one pass. It reads no files, binds no sockets
 //! and starts nothing; addresses are only compared with each other.
 
+mod safety;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -253,6 +255,8 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
         }
     }
     services.sort_by(|a: &ServiceSettings, b| a.name.as_str().cmp(b.name.as_str()));
+    let dependencies = chaos::dependencies(&mut cx, &raw, &mut listens);
+    let backups = safety::backups(&mut cx, raw.backups.as_ref(), &daemon.state_dir);
     if cx.diags.is_empty() {
         cx.warnings.sort_by_key(|d| (d.line, d.column));
         Ok(Settings {
@@ -260,6 +264,8 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
             daemon,
             services,
             notify,
+            dependencies,
+            backups,
             warnings: cx.warnings,
         })
     } else {
@@ -269,6 +275,8 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
         })
     }
 }
+
+mod chaos;
 
 fn claim(
     cx: &mut Ctx<'_>,
@@ -736,7 +744,9 @@ fn service(
         }
     };
 
+    let safety = safety::service(cx, name, s);
     let rollout = RolloutSpec {
+        steps: safety.steps(),
         strategy,
         instances,
         canary_steps,
@@ -774,6 +784,19 @@ fn service(
         .as_ref()
         .map(|v| cx.count(Some(v), &k("max_connections"), 1, 1_000_000, 1));
 
+    let synthetic = match s.analysis.as_ref().map(|a| a.get_ref()) {
+        Some(RawAnalysisOrOff::Table(a)) => a
+            .synthetic
+            .as_ref()
+            .and_then(|v| chaos::synthetic(cx, v, &k("analysis.synthetic"))),
+        _ => None,
+    };
+    let probes = s
+        .probe
+        .as_ref()
+        .map(|p| chaos::probes(cx, p, &k("probe")))
+        .unwrap_or_default();
+
     if cx.diags.len() > errors_before {
         return None;
     }
@@ -786,6 +809,9 @@ fn service(
         rollout,
         upstream_timeout,
         max_connections,
+        synthetic,
+        probes,
+        safety,
     })
 }
 

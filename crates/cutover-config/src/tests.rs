@@ -232,7 +232,7 @@ fn broken_configs_name_file_line_column_and_key() {
         // Found by serde while reading: unknown keys, wrong types, TOML syntax.
         (
             web("bogus = 1\n"),
-            "cutover.toml:4:1: services.web.bogus: unknown key `bogus`; allowed keys: `listen`, `version`, `runtime`, `command`, `env`, `reads_port_env`, `upstreams`, `instances`, `strategy`, `progress_deadline`, `drain_timeout`, `stop_timeout`, `upstream_timeout`, `health`, `canary`, `blue_green`, `rolling`, `scale_down_delay`, `analysis`, `max_connections`, `image`, `port`, `docker`",
+            "cutover.toml:4:1: services.web.bogus: unknown key `bogus`; allowed keys: `listen`, `version`, `runtime`, `command`, `env`, `reads_port_env`, `upstreams`, `instances`, `strategy`, `progress_deadline`, `drain_timeout`, `stop_timeout`, `upstream_timeout`, `health`, `canary`, `blue_green`, `rolling`, `scale_down_delay`, `analysis`, `max_connections`, `probe`, `image`, `port`, `docker`, `hooks`, `smoke`, `database`",
         ),
         (
             web("[services.web.canary]\nsteps = [ { weight = 10, wait = \"5s\" }, { weight = 100 } ]\n"),
@@ -240,7 +240,7 @@ fn broken_configs_name_file_line_column_and_key() {
         ),
         (
             "[demon]\napi = \"127.0.0.1:7070\"\n".to_owned(),
-            "cutover.toml:1:2: demon: unknown key `demon`; allowed keys: `daemon`, `services`, `notify`",
+            "cutover.toml:1:2: demon: unknown key `demon`; allowed keys: `daemon`, `services`, `notify`, `dependencies`, `backups`",
         ),
         (
             web("instances = \"two\"\n"),
@@ -694,6 +694,67 @@ fn load_reads_the_file_and_resolves_state_dir_beside_it() {
     );
 }
 
+/// `[dependencies]`, `analysis.synthetic` and `[[probe]]`: read when right, and each mistake
+/// named at its place.
+#[test]
+fn chaos_keys_are_read_and_checked() {
+    let good = web(
+        "[services.web.analysis]\nmin_requests = 20\nsynthetic = { rps = 20, paths = [\"/\", \"/api\"], headers = { X-Probe = \"1\" } }\n\
+         [[services.web.probe]]\npath = \"/healthz\"\ninterval = \"5s\"\nstatus = 200\n\
+         [[services.web.probe]]\nname = \"home\"\npath = \"/\"\nbody_contains = \"version\"\n\
+         [dependencies.db]\nlisten = \"127.0.0.1:15432\"\nupstream = \"127.0.0.1:5432\"\n",
+    );
+    let s = parse(&good, Path::new("cutover.toml")).expect("valid");
+    let web = s.service("web").expect("web");
+    let syn = web.synthetic.as_ref().expect("synthetic");
+    assert_eq!(syn.rps, 20.0);
+    assert_eq!(syn.paths, ["/", "/api"]);
+    assert_eq!(syn.concurrency, 20);
+    assert_eq!(web.probes.len(), 2);
+    assert_eq!(web.probes[0].name, "/healthz");
+    assert_eq!(web.probes[0].interval, Duration::from_secs(5));
+    assert_eq!(web.probes[1].body_contains.as_deref(), Some("version"));
+    assert_eq!(s.dependencies.len(), 1);
+    assert_eq!(s.dependencies[0].listen.port(), 15432);
+    let cases: Vec<(String, &str)> = vec![
+        (
+            web_with("[services.web.analysis]\nsynthetic = { rps = 0 }\n"),
+            "cutover.toml:5:21: services.web.analysis.synthetic.rps: 0 is not between 0 (excluded) and 1000 requests per second",
+        ),
+        (
+            web_with("[services.web.analysis]\nsynthetic = { rps = 5, paths = [\"api\"] }\n"),
+            "cutover.toml:5:33: services.web.analysis.synthetic.paths[0]: \"api\" must start with '/'",
+        ),
+        (
+            web_with("[[services.web.probe]]\ninterval = \"5s\"\n"),
+            "cutover.toml:4:1: services.web.probe[0].path: is required, e.g. path = \"/healthz\"",
+        ),
+        (
+            web_with("[[services.web.probe]]\npath = \"/\"\nstatus = 700\n"),
+            "cutover.toml:6:10: services.web.probe[0].status: 700 is not an HTTP status",
+        ),
+        (
+            web_with(
+                "[dependencies.web]\nlisten = \"127.0.0.1:15432\"\nupstream = \"127.0.0.1:5432\"\n",
+            ),
+            "cutover.toml:4:15: dependencies.web: a service has this name too; faults and experiments name either, so give the dependency another",
+        ),
+        (
+            web_with(
+                "[dependencies.db]\nlisten = \"127.0.0.1:8080\"\nupstream = \"127.0.0.1:5432\"\n",
+            ),
+            "cutover.toml:5:10: dependencies.db.listen: 127.0.0.1:8080 is already used by services.web.listen",
+        ),
+        (
+            web_with("[dependencies.db]\nlisten = \"127.0.0.1:15432\"\n"),
+            "cutover.toml:4:1: dependencies.db.upstream: is required: the dependency's real address, e.g. \"127.0.0.1:5432\"",
+        ),
+    ];
+    for (text, want) in cases {
+        check(&text, want);
+    }
+}
+
 const DOCKER_SERVICE: &str = "[services.shop]\nlisten = \"127.0.0.1:8080\"\nruntime = \"docker\"\nimage = \"shop:{version}\"\nport = 8080\n";
 
 #[test]
@@ -768,6 +829,10 @@ fn broken_docker_configs_name_file_line_column_and_key() {
     for (text, want) in cases {
         check(&text, want);
     }
+}
+
+fn web_with(rest: &str) -> String {
+    web(rest)
 }
 
 #[test]

@@ -7,16 +7,18 @@
 use std::time::Duration;
 
 use cutover_core::{
-    AnalysisSpec, BlueGreenSpec, CanaryStep, NoEvidence, RollingSpec, RolloutOutcome, RolloutSpec,
-    ServiceName, StrategyKind, Timestamp, Version, Weight,
+    AnalysisSpec, BlueGreenSpec, CanaryStep, DbRollback, NoEvidence, ReleaseSteps, RollingSpec,
+    RolloutOutcome, RolloutSpec, ServiceName, StrategyKind, Timestamp, Version, Weight,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::fsm::{Gate, Rollout, Stage, Verdict};
+use crate::fsm::{BackupRef, Gate, Revert, Rollout, Stage, Verdict};
 
 /// 2 added the evidence gate, the healthy count and the blue-green preview stage; a format-1
-/// checkpoint reads with an empty gate (its stage waits for a new verdict).
-const FORMAT: u32 = 2;
+/// checkpoint reads with an empty gate (its stage waits for a new verdict). 3 added the
+/// release-safety stages, the rollout's backup and its steps; an older checkpoint reads with
+/// no backup, no steps, and as having changed something (it was past its start).
+const FORMAT: u32 = 3;
 
 #[derive(Serialize, Deserialize)]
 struct Checkpoint {
@@ -35,6 +37,32 @@ struct Checkpoint {
     /// rollout, never for one under way. Absent in older checkpoints (the config's is used).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     spec: Option<CpSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    backup: Option<CpBackup>,
+    #[serde(default = "yes")]
+    touched: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Serialize, Deserialize)]
+struct CpBackup {
+    id: String,
+    taken_at: u64,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct CpSteps {
+    pre_deploy: bool,
+    backup: bool,
+    migrate: bool,
+    smoke: bool,
+    post_promote: bool,
+    on_rollback_hooks: bool,
+    on_rollback: String,
+    migrate_down: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -60,6 +88,8 @@ struct CpSpec {
     stop_timeout_ms: u64,
     scale_down_delay_ms: u64,
     runs_instances: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    safety: Option<CpSteps>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -115,6 +145,17 @@ fn spec_out(s: &RolloutSpec) -> CpSpec {
         stop_timeout_ms: ms(s.stop_timeout),
         scale_down_delay_ms: ms(s.scale_down_delay),
         runs_instances: s.runs_instances,
+        // Absent when nothing is configured, so such checkpoints read as before.
+        safety: s.steps.any().then(|| CpSteps {
+            pre_deploy: s.steps.pre_deploy,
+            backup: s.steps.backup,
+            migrate: s.steps.migrate,
+            smoke: s.steps.smoke,
+            post_promote: s.steps.post_promote,
+            on_rollback_hooks: s.steps.on_rollback_hooks,
+            on_rollback: s.steps.on_rollback.as_str().to_owned(),
+            migrate_down: s.steps.migrate_down,
+        }),
     }
 }
 
@@ -170,6 +211,20 @@ fn spec_in(c: CpSpec) -> Result<RolloutSpec, CheckpointError> {
         stop_timeout: d(c.stop_timeout_ms),
         scale_down_delay: d(c.scale_down_delay_ms),
         runs_instances: c.runs_instances,
+        steps: match c.safety {
+            None => ReleaseSteps::default(),
+            Some(st) => ReleaseSteps {
+                pre_deploy: st.pre_deploy,
+                backup: st.backup,
+                migrate: st.migrate,
+                smoke: st.smoke,
+                post_promote: st.post_promote,
+                on_rollback_hooks: st.on_rollback_hooks,
+                on_rollback: DbRollback::parse(&st.on_rollback)
+                    .ok_or_else(|| unknown("on_rollback", &st.on_rollback))?,
+                migrate_down: st.migrate_down,
+            },
+        },
     })
 }
 
@@ -212,6 +267,27 @@ enum CpStage {
         outcome: String,
         reason: String,
     },
+    PreDeploy,
+    BackingUp,
+    Migrating,
+    Smoke,
+    PostPromote {
+        reason: String,
+    },
+    Reverting {
+        outcome: String,
+        reason: String,
+        /// `restore`, `down` or `hooks`.
+        work: String,
+    },
+}
+
+fn revert_name(r: Revert) -> &'static str {
+    match r {
+        Revert::Restore => "restore",
+        Revert::Down => "down",
+        Revert::Hooks => "hooks",
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +327,11 @@ fn encode_text(r: &Rollout, spec: Option<&RolloutSpec>) -> String {
         healthy: r.healthy,
         stage: stage_out(&r.stage),
         spec: spec.map(spec_out),
+        backup: r.backup.as_ref().map(|b| CpBackup {
+            id: b.id.clone(),
+            taken_at: b.taken_at.0,
+        }),
+        touched: r.touched,
     };
     // Serialising plain strings and numbers cannot fail; an empty checkpoint would only make
     // the rollout roll back after a restart, never corrupt anything.
@@ -313,6 +394,11 @@ pub fn decode_with_spec(
         },
         healthy: cp.healthy,
         stage: stage_in(cp.stage)?,
+        backup: cp.backup.map(|b| BackupRef {
+            id: b.id,
+            taken_at: Timestamp(b.taken_at),
+        }),
+        touched: cp.touched,
     };
     Ok((rollout, spec))
 }
@@ -347,6 +433,22 @@ fn stage_out(s: &Stage) -> CpStage {
         Stage::Done { outcome, reason } => CpStage::Done {
             outcome: outcome.as_str().to_owned(),
             reason: reason.clone(),
+        },
+        Stage::PreDeploy => CpStage::PreDeploy,
+        Stage::BackingUp => CpStage::BackingUp,
+        Stage::Migrating => CpStage::Migrating,
+        Stage::Smoke => CpStage::Smoke,
+        Stage::PostPromote { reason } => CpStage::PostPromote {
+            reason: reason.clone(),
+        },
+        Stage::Reverting {
+            outcome,
+            reason,
+            work,
+        } => CpStage::Reverting {
+            outcome: outcome.as_str().to_owned(),
+            reason: reason.clone(),
+            work: revert_name(*work).to_owned(),
         },
     }
 }
@@ -393,6 +495,29 @@ fn stage_in(s: CpStage) -> Result<Stage, CheckpointError> {
                 value: outcome,
             })?,
             reason,
+        },
+        CpStage::PreDeploy => Stage::PreDeploy,
+        CpStage::BackingUp => Stage::BackingUp,
+        CpStage::Migrating => Stage::Migrating,
+        CpStage::Smoke => Stage::Smoke,
+        CpStage::PostPromote { reason } => Stage::PostPromote { reason },
+        CpStage::Reverting {
+            outcome,
+            reason,
+            work,
+        } => Stage::Reverting {
+            outcome: RolloutOutcome::parse(&outcome).ok_or(CheckpointError::Unknown {
+                what: "outcome",
+                value: outcome,
+            })?,
+            reason,
+            work: [Revert::Restore, Revert::Down, Revert::Hooks]
+                .into_iter()
+                .find(|r| revert_name(*r) == work)
+                .ok_or(CheckpointError::Unknown {
+                    what: "revert step",
+                    value: work,
+                })?,
         },
     })
 }

@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use cutover_core::{
-    CanaryStep, NoEvidence, Phase, RolloutOutcome, RolloutSpec, ServiceName, StrategyKind,
-    Timestamp, Version, Weight,
+    CanaryStep, DbRollback, NoEvidence, Phase, RolloutOutcome, RolloutSpec, ServiceName,
+    StrategyKind, Timestamp, Version, Weight,
 };
 
 /// One rollout of a service from `stable` to `candidate`, and where it stands.
@@ -34,6 +34,76 @@ pub struct Rollout {
     /// once its instances are healthy *and* its traffic passed analysis, which arrive apart.
     pub healthy: u32,
     pub stage: Stage,
+    /// The backup taken before this rollout changed anything: what a restore goes back to.
+    pub backup: Option<BackupRef>,
+    /// The rollout changed something (its migration started or its candidate did): only then
+    /// does ending it unpromoted run `on_rollback` hooks and database steps.
+    pub touched: bool,
+}
+
+/// A backup a rollout took, as its restore needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupRef {
+    /// The catalog's id of the backup.
+    pub id: String,
+    pub taken_at: Timestamp,
+}
+
+/// Release-safety work the driver runs off the controller loop (it may take minutes); its
+/// result comes back as [`Event::JobDone`]. Each belongs to exactly one stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Job {
+    /// `pre_deploy` hooks, in order; the first failure ends them.
+    PreDeploy,
+    /// A backup of the database, checksummed and put in the catalog.
+    Backup,
+    /// `migrate`, once.
+    Migrate,
+    /// Smoke checks against every healthy candidate instance, then `pre_traffic` hooks.
+    Smoke,
+    /// `post_promote` hooks (their failure is recorded, never rolled back).
+    PostPromote,
+    /// The rollout's backup restored into the live database.
+    Restore,
+    /// `migrate_down`.
+    MigrateDown,
+    /// `on_rollback` hooks.
+    OnRollback,
+}
+
+impl Job {
+    /// How the job is named in messages.
+    pub fn label(self) -> &'static str {
+        match self {
+            Job::PreDeploy => "pre_deploy hooks",
+            Job::Backup => "the backup",
+            Job::Migrate => "the migration",
+            Job::Smoke => "smoke checks and pre_traffic hooks",
+            Job::PostPromote => "post_promote hooks",
+            Job::Restore => "the restore",
+            Job::MigrateDown => "migrate_down",
+            Job::OnRollback => "on_rollback hooks",
+        }
+    }
+}
+
+/// What is left to do for a rollout that ends without promotion, in this order: the database
+/// (per `on_rollback`, or a restore after a failed migration), then the `on_rollback` hooks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Revert {
+    Restore,
+    Down,
+    Hooks,
+}
+
+impl Revert {
+    fn job(self) -> Job {
+        match self {
+            Revert::Restore => Job::Restore,
+            Revert::Down => Job::MigrateDown,
+            Revert::Hooks => Job::OnRollback,
+        }
+    }
 }
 
 /// What analysis has said at the current stage. A stage that takes analysis advances only
@@ -64,8 +134,18 @@ impl Gate {
 /// Where a rollout is. Each variant carries only what is valid in it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Stage {
+    /// `pre_deploy` hooks run; nothing has changed yet.
+    PreDeploy,
+    /// The database is backed up; nothing has changed yet.
+    BackingUp,
+    /// `migrate` runs. It runs once per rollout: a restarted daemon that finds a rollout here
+    /// never runs it again (it may have half-run), it restores the backup and fails.
+    Migrating,
     /// Candidate instances are starting; they must all be healthy before `deadline`.
     Starting { deadline: Timestamp },
+    /// The candidate is healthy and takes no traffic; smoke checks and `pre_traffic` hooks run
+    /// against it alone.
+    Smoke,
     /// Canary step `step` is applied: the candidate gets `weight`, held at least until
     /// `hold_until` and until analysis passed at this weight.
     Canary {
@@ -93,6 +173,15 @@ pub enum Stage {
     /// promoted on its first pass (at once without analysis, at `scale_down_at` without a
     /// verdict); the old version stays warm until `scale_down_at` either way.
     Promoting { scale_down_at: Timestamp },
+    /// Promoted, with `reason`; the `post_promote` hooks run before the rollout ends.
+    PostPromote { reason: String },
+    /// Decided against (`outcome`, `reason`): traffic is back on stable and the candidate
+    /// stops; `work` runs before the rollout ends.
+    Reverting {
+        outcome: RolloutOutcome,
+        reason: String,
+        work: Revert,
+    },
     /// The rollout ended.
     Done {
         outcome: RolloutOutcome,
@@ -147,6 +236,14 @@ pub enum Event {
     Resume,
     /// The daemon restarted and found this rollout in progress in its state.
     Resumed,
+    /// A job the current stage ran has finished; `detail` says what happened (with durations
+    /// and, on failure, the end of the output), `backup` is what a backup job took.
+    JobDone {
+        job: Job,
+        ok: bool,
+        detail: String,
+        backup: Option<BackupRef>,
+    },
 }
 
 /// An effect for the driver, which runs them in order after persisting the new state.
@@ -164,6 +261,10 @@ pub enum Command {
     Retire { version: Version, at: Timestamp },
     /// Record a decision in the event log.
     Record { kind: EventKind, message: String },
+    /// Run `job` off the controller loop and report back with [`Event::JobDone`]. A job the
+    /// rollout's stage no longer calls for is stopped by the driver, except that nothing
+    /// interrupts a migration or a restore (no event leaves those stages but their result).
+    Run(Job),
 }
 
 /// The kinds of events the controller records (in `cutover-core`, with their names).
@@ -184,6 +285,18 @@ impl Rollout {
         candidate: Version,
         now: Timestamp,
     ) -> (Rollout, Vec<Command>) {
+        let steps = &spec.steps;
+        let stage = if steps.pre_deploy {
+            Stage::PreDeploy
+        } else if steps.backup {
+            Stage::BackingUp
+        } else if steps.migrate {
+            Stage::Migrating
+        } else {
+            Stage::Starting {
+                deadline: now.plus(spec.progress_deadline),
+            }
+        };
         let rollout = Rollout {
             id,
             service,
@@ -194,22 +307,43 @@ impl Rollout {
             failures: 0,
             gate: Gate::new(now),
             healthy: 0,
-            stage: Stage::Starting {
-                deadline: now.plus(spec.progress_deadline),
-            },
+            touched: matches!(stage, Stage::Starting { .. } | Stage::Migrating),
+            stage,
+            backup: None,
         };
         let mut cmds = rollout.world(spec);
+        let first: Vec<&str> = [
+            (steps.pre_deploy, "pre_deploy hooks"),
+            (steps.backup, "a database backup"),
+            (steps.migrate, "the migration"),
+        ]
+        .into_iter()
+        .filter_map(|(on, what)| on.then_some(what))
+        .collect();
+        let then = match first.as_slice() {
+            [] => "waiting for {n} candidate instance(s) to pass health checks".to_owned(),
+            [one] => {
+                format!("first {one}, then {{n}} candidate instance(s) must pass health checks")
+            }
+            [rest @ .., last] => format!(
+                "first {} and {last}, then {{n}} candidate instance(s) must pass health checks",
+                rest.join(", ")
+            ),
+        }
+        .replace("{n}", &rollout.instances_to_start(spec).to_string());
         cmds.push(Command::Record {
             kind: EventKind::Started,
             message: format!(
-                "{} rollout {} → {} started; waiting for {} candidate instance(s) to pass health checks (deadline {})",
+                "{} rollout {} → {} started; {then} (deadline {})",
                 rollout.strategy,
                 rollout.stable,
                 rollout.candidate,
-                rollout.instances_to_start(spec),
                 fmt_duration(spec.progress_deadline)
             ),
         });
+        if let Some(job) = rollout.job() {
+            cmds.push(Command::Run(job));
+        }
         (rollout, cmds)
     }
 
@@ -231,9 +365,45 @@ impl Rollout {
         }
     }
 
+    /// The job the current stage runs, if any: the driver keeps exactly this one running.
+    pub fn job(&self) -> Option<Job> {
+        match &self.stage {
+            Stage::PreDeploy => Some(Job::PreDeploy),
+            Stage::BackingUp => Some(Job::Backup),
+            Stage::Migrating => Some(Job::Migrate),
+            Stage::Smoke => Some(Job::Smoke),
+            Stage::PostPromote { .. } => Some(Job::PostPromote),
+            Stage::Reverting { work, .. } => Some(work.job()),
+            _ => None,
+        }
+    }
+
+    /// How a rollout that is ending unpromoted ends, while its last work runs: the outcome
+    /// and the reason so far. `on_rollback` hooks are told these.
+    pub fn ending(&self) -> Option<(RolloutOutcome, &str)> {
+        match &self.stage {
+            Stage::Reverting {
+                outcome, reason, ..
+            } => Some((*outcome, reason)),
+            Stage::PostPromote { reason } => Some((RolloutOutcome::Promoted, reason)),
+            Stage::Done { outcome, reason } => Some((*outcome, reason)),
+            _ => None,
+        }
+    }
+
     /// The phase the contract names for this rollout.
     pub fn phase(&self) -> Phase {
         match &self.stage {
+            Stage::PreDeploy => Phase::Hooks,
+            Stage::BackingUp => Phase::BackingUp,
+            Stage::Migrating => Phase::Migrating,
+            Stage::Smoke => Phase::Smoke,
+            Stage::PostPromote { .. } => Phase::Promoting,
+            Stage::Reverting { work, .. } => match work {
+                Revert::Restore => Phase::Restoring,
+                Revert::Down => Phase::Migrating,
+                Revert::Hooks => Phase::Hooks,
+            },
             Stage::Starting { .. } => Phase::Starting,
             Stage::Canary { .. } | Stage::Rolling { .. } | Stage::Preview => Phase::Progressing,
             Stage::AwaitingApproval { .. } => Phase::AwaitingApproval,
@@ -277,7 +447,14 @@ impl Rollout {
     pub fn judging(&self, spec: &RolloutSpec) -> bool {
         spec.analysis.enabled
             && match &self.stage {
-                Stage::Starting { .. } | Stage::Done { .. } => false,
+                Stage::Starting { .. }
+                | Stage::Done { .. }
+                | Stage::PreDeploy
+                | Stage::BackingUp
+                | Stage::Migrating
+                | Stage::Smoke
+                | Stage::PostPromote { .. }
+                | Stage::Reverting { .. } => false,
                 Stage::Paused { prior, .. } => self.stage_judged(prior, spec),
                 s => self.stage_judged(s, spec),
             }
@@ -291,7 +468,10 @@ impl Rollout {
         self.strategy == StrategyKind::BlueGreen
             && matches!(
                 stage,
-                Stage::Starting { .. } | Stage::Preview | Stage::AwaitingApproval { .. }
+                Stage::Starting { .. }
+                    | Stage::Smoke
+                    | Stage::Preview
+                    | Stage::AwaitingApproval { .. }
             )
     }
 
@@ -304,7 +484,7 @@ impl Rollout {
             s => s,
         };
         spec.analysis.enabled
-            && !matches!(stage, Stage::Starting { .. })
+            && !matches!(stage, Stage::Starting { .. } | Stage::Smoke)
             && self.previewing_stage(stage)
     }
 
@@ -340,7 +520,12 @@ impl Rollout {
         // share of traffic and stay warm, so a rollback at any point, and within
         // `scale_down_delay` after the switch, is an instant switch back.
         let (candidate, stable) = match &self.stage {
-            Stage::Starting { .. } => (self.instances_to_start(spec), n),
+            Stage::Starting { .. } | Stage::Smoke => (self.instances_to_start(spec), n),
+            // Before the migration ran, the candidate is not started (and a version kept warm
+            // after a promotion is left as it is); the stable version serves everything.
+            Stage::PreDeploy | Stage::BackingUp | Stage::Migrating => (0, n),
+            Stage::PostPromote { .. } => (n, 0),
+            Stage::Reverting { .. } => (0, n),
             Stage::Rolling { ready } => ((*ready + rolling_batch(spec)).min(n), n),
             Stage::Paused { prior, .. } => match prior.as_ref() {
                 Stage::Rolling { ready } => (*ready, n),
@@ -366,7 +551,17 @@ impl Rollout {
         // Order matters for zero-downtime: grow before shifting traffic, shift traffic before
         // shrinking, so no version ever has weight without instances to serve it.
         match &self.stage {
+            Stage::PreDeploy | Stage::BackingUp | Stage::Migrating => {
+                vec![scale(&self.stable, stable), route]
+            }
+            // The old version was retired (kept warm) when the promotion was decided.
+            Stage::PostPromote { .. } => vec![scale(&self.candidate, candidate), route],
             Stage::Done { outcome, .. } if *outcome != RolloutOutcome::Promoted => vec![
+                route,
+                scale(&self.stable, stable),
+                scale(&self.candidate, candidate),
+            ],
+            Stage::Reverting { .. } => vec![
                 route,
                 scale(&self.stable, stable),
                 scale(&self.candidate, candidate),
@@ -466,24 +661,81 @@ impl Transition<'_> {
                     "candidate {} could not start: {reason}",
                     self.next.candidate
                 );
-                if matches!(self.next.stage, Stage::Starting { .. }) {
-                    self.finish(RolloutOutcome::Failed, EventKind::Failed, reason);
-                } else {
-                    self.finish(RolloutOutcome::RolledBack, EventKind::RolledBack, reason);
+                match self.next.stage {
+                    Stage::Starting { .. } | Stage::Smoke => self.finish(
+                        RolloutOutcome::Failed,
+                        EventKind::Failed,
+                        format!("{reason}; traffic never moved"),
+                    ),
+                    Stage::Canary { .. }
+                    | Stage::Rolling { .. }
+                    | Stage::Preview
+                    | Stage::AwaitingApproval { .. }
+                    | Stage::Paused { .. }
+                    | Stage::Promoting { .. } => {
+                        self.finish(RolloutOutcome::RolledBack, EventKind::RolledBack, reason);
+                    }
+                    // No candidate is meant to run yet, or the rollout is already decided.
+                    Stage::PreDeploy
+                    | Stage::BackingUp
+                    | Stage::Migrating
+                    | Stage::PostPromote { .. }
+                    | Stage::Reverting { .. }
+                    | Stage::Done { .. } => {}
                 }
             }
             Event::Promote { full, force } => return self.promote(*full, *force),
+            Event::Abort | Event::Rollback if self.uninterruptible().is_some() => {
+                return Err(Refusal(self.uninterruptible().unwrap_or_default()));
+            }
             Event::Abort => self.finish(
                 RolloutOutcome::Aborted,
                 EventKind::Aborted,
-                "aborted by user".into(),
+                match self.next.stage {
+                    Stage::PreDeploy | Stage::BackingUp => {
+                        "aborted by user before anything changed".into()
+                    }
+                    _ => "aborted by user".into(),
+                },
             ),
             Event::Rollback => self.rollback_requested(),
             Event::Pause => return self.pause(),
             Event::Resume => return self.resume(),
             Event::Resumed => self.resumed(),
+            Event::JobDone {
+                job,
+                ok,
+                detail,
+                backup,
+            } => self.job_done(*job, *ok, detail, backup.clone()),
         }
         Ok(())
+    }
+
+    /// Why the rollout cannot be aborted or rolled back now, if it cannot: a migration is
+    /// never interrupted half-way, and a rollout that is already ending (or promoted and
+    /// running its `post_promote` hooks) has nothing left to stop.
+    fn uninterruptible(&self) -> Option<String> {
+        let (cand, svc) = (&self.next.candidate, &self.next.service);
+        match &self.next.stage {
+            Stage::Migrating => Some(format!(
+                "the migration for {cand} is running, and a migration is never interrupted half-way; abort once it has finished (database.timeout bounds it)"
+            )),
+            Stage::Reverting { outcome, work, .. } => Some(format!(
+                "rollout {} is already ending as {outcome}; {} {} running",
+                self.next.id,
+                work.job().label(),
+                if matches!(work, Revert::Hooks) {
+                    "are"
+                } else {
+                    "is"
+                }
+            )),
+            Stage::PostPromote { .. } => Some(format!(
+                "{cand} is promoted and its post_promote hooks are running; run `cutover rollback {svc}` once they have finished"
+            )),
+            _ => None,
+        }
     }
 
     fn record(&mut self, kind: EventKind, message: String) {
@@ -497,12 +749,241 @@ impl Transition<'_> {
         self.next.gate = Gate::new(self.now);
         self.cmds.extend(self.next.world(self.spec));
         self.cmds.push(Command::ResetAnalysis);
+        if let Some(job) = self.next.job() {
+            self.cmds.push(Command::Run(job));
+        }
     }
 
+    /// Ends the rollout unpromoted: traffic back on stable and the candidate stopped at once,
+    /// then (for a rollout that changed something) the database per `on_rollback` and the
+    /// `on_rollback` hooks, and only then `Done`. The decision is recorded now, saying what
+    /// follows; the final reason gathers what each step did.
     fn finish(&mut self, outcome: RolloutOutcome, kind: EventKind, reason: String) {
+        let (db, mut note) = self.database_revert();
+        let work = db.or_else(|| self.hooks_revert());
+        if let Some(w) = work {
+            let what = match w {
+                Revert::Restore => format!(
+                    "restoring the database from backup {}",
+                    self.next.backup.as_ref().map_or("?", |b| b.id.as_str())
+                ),
+                Revert::Down => "running migrate_down".to_owned(),
+                Revert::Hooks => "running on_rollback hooks".to_owned(),
+            };
+            note.push_str(&format!("; {what}"));
+        }
+        let reason = format!("{reason}{note}");
         self.record(kind, reason.clone());
-        self.next.stage = Stage::Done { outcome, reason };
+        self.next.stage = match work {
+            None => Stage::Done { outcome, reason },
+            Some(work) => Stage::Reverting {
+                outcome,
+                reason,
+                work,
+            },
+        };
         self.cmds.extend(self.next.world(self.spec));
+        if let Some(job) = self.next.job() {
+            self.cmds.push(Command::Run(job));
+        }
+    }
+
+    /// What an unpromoted end does to the database, with a note when it cannot do what
+    /// `on_rollback` asks. A failed (or interrupted) migration is always undone from the
+    /// backup; otherwise `on_rollback` decides, and only for a rollout that changed something.
+    fn database_revert(&self) -> (Option<Revert>, String) {
+        let steps = &self.spec.steps;
+        let backup = self.next.backup.is_some();
+        if matches!(self.next.stage, Stage::Migrating) {
+            return if backup {
+                (Some(Revert::Restore), String::new())
+            } else {
+                (
+                    None,
+                    "; no backup to restore (backup_before_deploy = false): the database is as the migration left it".to_owned(),
+                )
+            };
+        }
+        if !self.next.touched {
+            return (None, String::new());
+        }
+        match steps.on_rollback {
+            DbRollback::Keep => (None, String::new()),
+            DbRollback::Restore if backup => (Some(Revert::Restore), String::new()),
+            DbRollback::Restore => (
+                None,
+                "; on_rollback = \"restore\" but this rollout took no backup: the database is kept as it is".to_owned(),
+            ),
+            DbRollback::Down if steps.migrate && steps.migrate_down => {
+                (Some(Revert::Down), String::new())
+            }
+            DbRollback::Down => (None, String::new()),
+        }
+    }
+
+    fn hooks_revert(&self) -> Option<Revert> {
+        (self.next.touched && self.spec.steps.on_rollback_hooks).then_some(Revert::Hooks)
+    }
+
+    /// The stage after `pre_deploy` hooks, the backup or the migration: the next configured
+    /// one, and finally the candidate's start.
+    fn after_preparation(&mut self, done: Job) {
+        let steps = self.spec.steps;
+        let next = match done {
+            Job::PreDeploy if steps.backup => Some(Stage::BackingUp),
+            Job::PreDeploy | Job::Backup if steps.migrate => Some(Stage::Migrating),
+            _ => None,
+        };
+        match next {
+            Some(stage) => {
+                if matches!(stage, Stage::Migrating) {
+                    self.next.touched = true;
+                }
+                self.enter(stage);
+            }
+            None => self.start_candidate(),
+        }
+    }
+
+    fn start_candidate(&mut self) {
+        self.next.touched = true;
+        let want = self.next.instances_to_start(self.spec);
+        self.record(
+            EventKind::Step,
+            format!(
+                "starting {want} candidate instance(s) of {}; they must pass health checks within {}",
+                self.next.candidate,
+                fmt_duration(self.spec.progress_deadline)
+            ),
+        );
+        self.enter(Stage::Starting {
+            deadline: self.now.plus(self.spec.progress_deadline),
+        });
+    }
+
+    fn job_done(&mut self, job: Job, ok: bool, detail: &str, backup: Option<BackupRef>) {
+        // A result for another stage (one left since, or from before a restart) is stale.
+        if self.next.job() != Some(job) {
+            return;
+        }
+        let cand = self.next.candidate.clone();
+        match job {
+            Job::PreDeploy | Job::Backup | Job::Migrate if ok => {
+                if job == Job::Backup {
+                    self.next.backup = backup;
+                }
+                self.after_preparation(job);
+            }
+            Job::PreDeploy => self.finish(
+                RolloutOutcome::Failed,
+                EventKind::Failed,
+                format!("pre_deploy hook failed: {detail}; nothing changed"),
+            ),
+            Job::Backup => self.finish(
+                RolloutOutcome::Failed,
+                EventKind::Failed,
+                format!(
+                    "the backup before the deploy failed: {detail}; nothing changed, so the deploy is refused"
+                ),
+            ),
+            Job::Migrate => self.finish(
+                RolloutOutcome::Failed,
+                EventKind::Failed,
+                format!("the migration for {cand} failed: {detail}; no candidate instance was started"),
+            ),
+            Job::Smoke if ok => {
+                self.record(
+                    EventKind::Step,
+                    format!("{cand} passed its smoke checks and pre_traffic hooks at 0%: {detail}"),
+                );
+                self.traffic_begins();
+            }
+            Job::Smoke => self.finish(
+                RolloutOutcome::Failed,
+                EventKind::Failed,
+                format!("smoke check failed: {detail}; traffic never moved to {cand}"),
+            ),
+            Job::PostPromote => {
+                let Stage::PostPromote { reason } = self.next.stage.clone() else {
+                    return;
+                };
+                let reason = if ok {
+                    reason
+                } else {
+                    format!("{reason}; a post_promote hook failed (recorded, not rolled back): {detail}")
+                };
+                self.next.stage = Stage::Done {
+                    outcome: RolloutOutcome::Promoted,
+                    reason,
+                };
+            }
+            Job::Restore | Job::MigrateDown | Job::OnRollback => self.revert_done(job, ok, detail),
+        }
+    }
+
+    /// One piece of an unpromoted end finished: note it in the reason, then the next piece,
+    /// or the end.
+    fn revert_done(&mut self, job: Job, ok: bool, detail: &str) {
+        let Stage::Reverting {
+            outcome,
+            mut reason,
+            work,
+        } = self.next.stage.clone()
+        else {
+            return;
+        };
+        let svc = &self.next.service;
+        match (job, ok) {
+            (Job::Restore, true) => {
+                let (id, ago) = self.backup_age();
+                reason.push_str(&format!(
+                    "; database restored from backup {id} ({detail}): writes made since it was taken {ago} ago are lost"
+                ));
+            }
+            (Job::Restore, false) => {
+                let (id, _) = self.backup_age();
+                reason.push_str(&format!(
+                    "; RESTORING THE DATABASE FAILED: {detail}; it is as the rollout left it; try `cutover backup restore {svc} {id} --yes`"
+                ));
+            }
+            (Job::MigrateDown, true) => reason.push_str(&format!("; migrate_down ran: {detail}")),
+            (Job::MigrateDown, false) => {
+                reason.push_str(&format!("; MIGRATE_DOWN FAILED: {detail}"));
+            }
+            (_, true) => reason.push_str("; on_rollback hooks ran"),
+            (_, false) => reason.push_str(&format!("; an on_rollback hook failed: {detail}")),
+        }
+        let next = match work {
+            Revert::Restore | Revert::Down => self.hooks_revert(),
+            Revert::Hooks => None,
+        };
+        match next {
+            Some(work) => {
+                self.next.stage = Stage::Reverting {
+                    outcome,
+                    reason,
+                    work,
+                };
+                self.cmds.push(Command::Run(work.job()));
+            }
+            None => self.next.stage = Stage::Done { outcome, reason },
+        }
+    }
+
+    /// The rollout's backup id and how long before now it was taken (`12 min`, `40s`).
+    fn backup_age(&self) -> (String, String) {
+        match &self.next.backup {
+            Some(b) => {
+                let age = self.now.since(b.taken_at);
+                let text = if age.as_secs() >= 120 {
+                    format!("{} min", age.as_secs() / 60)
+                } else {
+                    fmt_duration(Duration::from_secs(age.as_secs()))
+                };
+                (b.id.clone(), text)
+            }
+            None => ("?".to_owned(), "?".to_owned()),
+        }
     }
 
     fn tick(&mut self) {
@@ -658,9 +1139,13 @@ impl Transition<'_> {
         };
         let reason = format!("promoted {cand} ({why}): all traffic on it{warm}");
         self.record(EventKind::Promoted, reason.clone());
-        self.next.stage = Stage::Done {
-            outcome: RolloutOutcome::Promoted,
-            reason,
+        self.next.stage = if self.spec.steps.post_promote {
+            Stage::PostPromote { reason }
+        } else {
+            Stage::Done {
+                outcome: RolloutOutcome::Promoted,
+                reason,
+            }
         };
         let n = self.spec.instances;
         self.cmds.push(Command::Scale {
@@ -675,6 +1160,9 @@ impl Transition<'_> {
             version: old,
             at: scale_down_at,
         });
+        if let Some(job) = self.next.job() {
+            self.cmds.push(Command::Run(job));
+        }
     }
 
     /// `analysis_deadline` passed at a stage that was due to advance but had no passing verdict.
@@ -753,7 +1241,25 @@ impl Transition<'_> {
                     self.after_ready();
                 }
             }
-            Stage::Done { .. } => {}
+            Stage::Done { .. }
+            | Stage::PreDeploy
+            | Stage::BackingUp
+            | Stage::Migrating
+            | Stage::PostPromote { .. }
+            | Stage::Reverting { .. } => {}
+            Stage::Smoke if h.candidate_unhealthy > 0 => {
+                let reason = format!(
+                    "health check failed at 0% during smoke checks: {} of candidate {}'s instances unhealthy{}; traffic never moved",
+                    h.candidate_unhealthy,
+                    self.next.candidate,
+                    h.detail
+                        .as_deref()
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
+                );
+                self.record(EventKind::HealthFailed, reason.clone());
+                self.finish(RolloutOutcome::Failed, EventKind::Failed, reason);
+            }
             _ if h.candidate_unhealthy > 0 => {
                 let reason = format!(
                     "health check failed: {} of candidate {}'s instances unhealthy{}",
@@ -772,8 +1278,25 @@ impl Transition<'_> {
         }
     }
 
-    /// The candidate passed its health checks: the strategy decides what comes next.
+    /// The candidate passed its health checks: smoke checks first when there are any, else
+    /// the strategy decides what comes next.
     fn after_ready(&mut self) {
+        if self.spec.steps.smoke {
+            self.record(
+                EventKind::Step,
+                format!(
+                    "smoke checks and pre_traffic hooks run against {} alone before any traffic moves",
+                    self.next.candidate
+                ),
+            );
+            self.enter(Stage::Smoke);
+            return;
+        }
+        self.traffic_begins();
+    }
+
+    /// The candidate is ready for traffic: the strategy decides what comes next.
+    fn traffic_begins(&mut self) {
         match self.next.strategy {
             StrategyKind::Canary => self.canary_step(0),
             StrategyKind::BlueGreen => {
@@ -952,6 +1475,19 @@ impl Transition<'_> {
                     self.next.candidate
                 )));
             }
+            Stage::PreDeploy | Stage::BackingUp | Stage::Migrating | Stage::Smoke => {
+                return Err(Refusal(format!(
+                    "the rollout of {} is at {} and the candidate takes no traffic yet; promote once it does",
+                    self.next.candidate,
+                    self.next.phase()
+                )));
+            }
+            Stage::PostPromote { .. } | Stage::Reverting { .. } => {
+                return Err(Refusal(format!(
+                    "rollout {} is already decided; nothing to promote",
+                    self.next.id
+                )));
+            }
             Stage::Promoting { .. } => {
                 return Err(Refusal("the rollout is already promoting".into()));
             }
@@ -1020,7 +1556,13 @@ impl Transition<'_> {
             Stage::Starting { .. }
             | Stage::Promoting { .. }
             | Stage::Paused { .. }
-            | Stage::Done { .. } => {}
+            | Stage::Done { .. }
+            | Stage::PreDeploy
+            | Stage::BackingUp
+            | Stage::Migrating
+            | Stage::Smoke
+            | Stage::PostPromote { .. }
+            | Stage::Reverting { .. } => {}
         }
         Ok(())
     }
@@ -1053,7 +1595,16 @@ impl Transition<'_> {
                     "the candidate is still starting; pause once it takes traffic".into(),
                 ));
             }
-            Stage::Promoting { .. } | Stage::Done { .. } => {
+            Stage::PreDeploy | Stage::BackingUp | Stage::Migrating | Stage::Smoke => {
+                return Err(Refusal(format!(
+                    "the rollout is at {} and the candidate takes no traffic yet; pause once it does",
+                    self.next.phase()
+                )));
+            }
+            Stage::Reverting { .. } => {
+                return Err(Refusal("the rollout is already ending".into()));
+            }
+            Stage::Promoting { .. } | Stage::PostPromote { .. } | Stage::Done { .. } => {
                 return Err(Refusal(
                     "the rollout is promoting; nothing left to pause".into(),
                 ));
@@ -1091,8 +1642,63 @@ impl Transition<'_> {
     /// After a daemon restart: timers restart from now, instances and traffic are re-applied.
     /// The gate starts anew too: the metrics that backed its verdicts died with the daemon.
     fn resumed(&mut self) {
+        let cand = self.next.candidate.clone();
+        match self.next.stage.clone() {
+            // The migration may have half-run: it is never run again. The backup undoes
+            // whatever it did (`finish` restores it), and the rollout fails, saying why.
+            Stage::Migrating => {
+                self.record(
+                    EventKind::Restarted,
+                    format!("daemon restarted during the migration for {cand}"),
+                );
+                self.finish(
+                    RolloutOutcome::Failed,
+                    EventKind::Failed,
+                    format!(
+                        "the daemon stopped while the migration for {cand} was running; it may have half-run and a migration is never run twice for one rollout; deploy again to retry it"
+                    ),
+                );
+                return;
+            }
+            // The same holds for migrate_down; a restore is redone instead (below).
+            Stage::Reverting {
+                outcome,
+                mut reason,
+                work: Revert::Down,
+            } => {
+                let svc = self.next.service.clone();
+                self.record(
+                    EventKind::Restarted,
+                    format!("daemon restarted during migrate_down for {cand}"),
+                );
+                reason.push_str(&format!(
+                    "; the daemon stopped while migrate_down ran: it is not run twice, so check the database{}",
+                    self.next
+                        .backup
+                        .as_ref()
+                        .map(|b| format!(" (or restore backup {}: `cutover backup restore {svc} {} --yes`)", b.id, b.id))
+                        .unwrap_or_default()
+                ));
+                self.cmds.extend(self.next.world(self.spec));
+                match self.hooks_revert() {
+                    Some(work) => {
+                        self.next.stage = Stage::Reverting {
+                            outcome,
+                            reason,
+                            work,
+                        };
+                        self.cmds.push(Command::Run(work.job()));
+                    }
+                    None => self.next.stage = Stage::Done { outcome, reason },
+                }
+                return;
+            }
+            _ => {}
+        }
         let restart = |stage: &Stage, now: Timestamp, spec: &RolloutSpec| match stage {
-            Stage::Starting { .. } => Stage::Starting {
+            // A candidate being smoke-tested starts again like any other: it must be healthy
+            // again before its checks run again.
+            Stage::Starting { .. } | Stage::Smoke => Stage::Starting {
                 deadline: now.plus(spec.progress_deadline),
             },
             Stage::Canary {
@@ -1142,7 +1748,14 @@ fn step_pause(spec: &RolloutSpec, step: usize) -> Option<Duration> {
 
 fn stage_weight(stage: &Stage, spec: &RolloutSpec) -> Weight {
     match stage {
-        Stage::Starting { .. } | Stage::Preview => Weight::ZERO,
+        Stage::Starting { .. }
+        | Stage::Preview
+        | Stage::PreDeploy
+        | Stage::BackingUp
+        | Stage::Migrating
+        | Stage::Smoke
+        | Stage::Reverting { .. } => Weight::ZERO,
+        Stage::PostPromote { .. } => Weight::FULL,
         Stage::Canary { weight, .. } | Stage::AwaitingApproval { weight, .. } => *weight,
         Stage::Rolling { ready } => {
             let n = spec.instances.max(1);

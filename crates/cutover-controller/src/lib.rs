@@ -15,7 +15,9 @@ pub mod plan;
 mod probe;
 pub mod view;
 
-pub use driver::{Controller, Driver, DriverParts, HandedOver, ServiceSetup, Shutdown, driver};
+pub use driver::{
+    Controller, Driver, DriverParts, HandedOver, SafetySetup, ServiceSetup, Shutdown, driver,
+};
 pub use view::{
     Action, ControlError, DeployRequest, EventView, InstanceView, Notice, RolloutView, ServiceView,
 };

@@ -70,6 +70,9 @@ pub fn rollback_spec(service_spec: &RolloutSpec) -> RolloutSpec {
     spec.blue_green.auto_promote = true;
     spec.scale_down_delay = Duration::ZERO;
     spec.analysis.enabled = false;
+    // Going back to what served before is an instant switch: no hooks, no backup, no
+    // migration, no smoke checks, and the database is left as it is.
+    spec.steps = cutover_core::ReleaseSteps::default();
     spec
 }
 
@@ -134,5 +137,14 @@ mod tests {
         assert!(!s.analysis.enabled);
         assert_eq!(s.scale_down_delay, Duration::ZERO);
         assert_eq!(s.instances, base.instances);
+        let guarded = RolloutSpec {
+            steps: cutover_core::ReleaseSteps {
+                pre_deploy: true,
+                migrate: true,
+                ..Default::default()
+            },
+            ..base
+        };
+        assert!(!rollback_spec(&guarded).steps.any());
     }
 }

@@ -18,7 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cutover_controller::{
-    Action, Controller, DeployRequest, DriverParts, ServiceSetup, ServiceView, Shutdown,
+    Action, Controller, DeployRequest, DriverParts, SafetySetup, ServiceSetup, ServiceView,
+    Shutdown,
 };
 use cutover_core::{
     CanaryStep, DataPlane, EventKind, Health, HealthChange, InstanceId, Phase, RolloutOutcome,
@@ -311,6 +312,22 @@ struct Daemon {
 
 impl Daemon {
     fn start(world: &Arc<World>, store: Store, outlives_daemon: bool) -> Daemon {
+        Daemon::start_with(
+            world,
+            store,
+            outlives_daemon,
+            spec(),
+            SafetySetup::default(),
+        )
+    }
+
+    fn start_with(
+        world: &Arc<World>,
+        store: Store,
+        outlives_daemon: bool,
+        spec: RolloutSpec,
+        safety: SafetySetup,
+    ) -> Daemon {
         let (health, health_rx) = mpsc::unbounded_channel();
         let (exits, exits_rx) = mpsc::unbounded_channel();
         let runtime = FakeRuntime {
@@ -322,12 +339,13 @@ impl Daemon {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             preview_listen: None,
             initial_version: Version::new("v1"),
-            spec: spec(),
+            spec,
             probe_paths: vec!["/".into()],
             command: vec!["app".into()],
             env: BTreeMap::new(),
             known_versions: None,
             runtime: Arc::new(runtime),
+            safety: Arc::new(safety),
         };
         let (driver, c) = cutover_controller::driver(DriverParts {
             services: vec![setup],
@@ -662,5 +680,301 @@ async fn after_a_crash_processes_are_gone_and_started_again() {
         .await;
     assert_eq!(world.starts(), 4, "{:?}", world.log());
     assert_eq!(v.instances.len(), 2, "the dead ones are forgotten");
+    d.shut_down().await;
+}
+
+// Release safety (CONTRACT §9) through the driver: jobs run real commands and real SQLite,
+// so these tests run in real time (paused time would jump to a command's timeout while the
+// process works); the fake runtime keeps them fast.
+
+/// A spec that promotes as soon as the candidate is healthy (one 100% step, no analysis).
+fn quick(steps: cutover_core::ReleaseSteps) -> RolloutSpec {
+    let mut s = spec();
+    s.canary_steps = vec![CanaryStep::SetWeight {
+        weight: Weight::FULL,
+        pause: None,
+        analysis: false,
+    }];
+    s.scale_down_delay = Duration::from_millis(100);
+    s.drain_timeout = Duration::from_millis(500);
+    s.steps = steps;
+    s
+}
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), script.into()]
+}
+
+/// A SQLite database with `rows` rows in `items`.
+fn sqlite_db(path: &std::path::Path, rows: u32) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.execute_batch("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)")
+        .unwrap();
+    for i in 0..rows {
+        c.execute("INSERT INTO items (name) VALUES (?1)", [i.to_string()])
+            .unwrap();
+    }
+}
+
+fn count(path: &std::path::Path, sql: &str) -> i64 {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .query_row(sql, [], |r| r.get(0))
+        .unwrap()
+}
+
+fn safety_with_sqlite(
+    dir: &std::path::Path,
+    migrate: Vec<String>,
+    on_rollback: cutover_core::DbRollback,
+) -> SafetySetup {
+    let db = dir.join("shop.db");
+    let spec = cutover_core::DatabaseSpec {
+        kind: cutover_core::DbKind::Sqlite,
+        location: cutover_core::DbLocation::Path(db.clone()),
+        backup_before_deploy: true,
+        migrate: Some(migrate),
+        on_rollback,
+        migrate_down: None,
+        timeout: Duration::from_secs(30),
+        bin_dir: None,
+    };
+    SafetySetup {
+        spec: cutover_core::SafetySpec {
+            database: Some(spec),
+            ..Default::default()
+        },
+        database: Some(Ok(cutover_safety::Target::Sqlite { path: db })),
+        backups: cutover_core::BackupSettings {
+            dir: dir.join("backups"),
+            ..Default::default()
+        },
+        state_dir: None,
+        workdir: Some(dir.to_owned()),
+        groups: Default::default(),
+    }
+}
+
+async fn rollout_events(d: &Daemon, id: i64) -> Vec<(EventKind, String)> {
+    d.c.rollout(id)
+        .await
+        .unwrap()
+        .events
+        .into_iter()
+        .map(|e| (e.kind, e.message))
+        .collect()
+}
+
+async fn ended(d: &Daemon) -> cutover_controller::RolloutView {
+    for _ in 0..300 {
+        d.world.probe(&d.health);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let h = d.c.history(Some("web"), 1).await.unwrap();
+        if h.first()
+            .is_some_and(|r| r.outcome != RolloutOutcome::InProgress)
+        {
+            return h.into_iter().next().unwrap();
+        }
+    }
+    panic!("the rollout did not end: {:#?}", d.view().await);
+}
+
+#[tokio::test]
+async fn a_failing_pre_deploy_hook_fails_the_rollout_before_anything_starts() {
+    let world = Arc::new(World::default());
+    let safety = SafetySetup {
+        spec: cutover_core::SafetySpec {
+            hooks: cutover_core::Hooks {
+                pre_deploy: vec![sh("echo 'gate: 3 critical findings' >&2; exit 3")],
+                on_rollback: vec![sh("exit 0")],
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let steps = safety.spec.steps();
+    let d = Daemon::start_with(
+        &world,
+        Store::open_in_memory().unwrap(),
+        false,
+        quick(steps),
+        safety,
+    );
+    d.until("v1 healthy", |v| healthy_of(v, "v1") == 2).await;
+    d.deploy("v2").await;
+    let r = ended(&d).await;
+    assert_eq!(r.outcome, RolloutOutcome::Failed);
+    let reason = r.reason.clone().unwrap();
+    assert!(reason.contains("pre_deploy hook failed"), "{reason}");
+    assert!(reason.contains("exited with code 3"), "{reason}");
+    assert!(reason.contains("gate: 3 critical findings"), "{reason}");
+    assert!(reason.contains("nothing changed"), "{reason}");
+    assert!(world.running_of("v2").is_empty());
+    assert_eq!(world.starts(), 2, "only v1 ever started: {:?}", world.log());
+    let kinds: Vec<EventKind> = rollout_events(&d, r.id)
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert!(kinds.contains(&EventKind::HookFailed), "{kinds:?}");
+    assert!(
+        !kinds.contains(&EventKind::Hook),
+        "no on_rollback hook: nothing changed"
+    );
+    d.shut_down().await;
+}
+
+#[tokio::test]
+async fn a_failed_sqlite_migration_is_restored_and_no_candidate_starts() {
+    let world = Arc::new(World::default());
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("shop.db");
+    sqlite_db(&db, 100);
+    // Deletes half the rows and adds a column, then fails.
+    let migrate = vec![
+        "python3".into(),
+        "-c".into(),
+        "import os, sqlite3, sys\nc = sqlite3.connect(os.environ['DATABASE_PATH'])\nc.execute('ALTER TABLE items ADD COLUMN price INTEGER')\nc.execute('DELETE FROM items WHERE id > 50')\nc.commit()\nprint('step 2 of 3: unique index on items.name')\nsys.exit('ERROR: could not create unique index: duplicate key')".into(),
+    ];
+    let safety = safety_with_sqlite(dir.path(), migrate, cutover_core::DbRollback::Keep);
+    let steps = safety.spec.steps();
+    let d = Daemon::start_with(
+        &world,
+        Store::open_in_memory().unwrap(),
+        false,
+        quick(steps),
+        safety,
+    );
+    d.until("v1 healthy", |v| healthy_of(v, "v1") == 2).await;
+    d.deploy("v2").await;
+    let r = ended(&d).await;
+    assert_eq!(r.outcome, RolloutOutcome::Failed, "{r:#?}");
+    let reason = r.reason.clone().unwrap();
+    assert!(reason.contains("the migration for v2 failed"), "{reason}");
+    assert!(reason.contains("duplicate key"), "{reason}");
+    assert!(
+        reason.contains("database restored from backup web-"),
+        "{reason}"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM items"), 100);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM pragma_table_info('items') WHERE name = 'price'"
+        ),
+        0
+    );
+    assert_eq!(
+        world.starts(),
+        2,
+        "no candidate instance: {:?}",
+        world.log()
+    );
+    let kinds: Vec<EventKind> = rollout_events(&d, r.id)
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    for k in [
+        EventKind::Backup,
+        EventKind::MigrateFailed,
+        EventKind::Failed,
+        EventKind::Restored,
+    ] {
+        assert!(kinds.contains(&k), "{k:?} in {kinds:?}");
+    }
+    // The backup is in the catalog, unpinned now that the rollout is over.
+    let catalog = cutover_safety::Catalog::new(dir.path().join("backups"));
+    let list = catalog.list(Some("web")).unwrap();
+    assert_eq!(list.len(), 1);
+    assert!(!list[0].pinned);
+    assert_eq!(list[0].rollout_id, Some(r.id));
+    d.shut_down().await;
+}
+
+#[tokio::test]
+async fn a_long_migration_runs_off_the_loop_and_a_good_one_promotes() {
+    let world = Arc::new(World::default());
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("shop.db");
+    sqlite_db(&db, 10);
+    let migrate = sh(
+        "sleep 1.5; python3 -c \"import os,sqlite3; c=sqlite3.connect(os.environ['DATABASE_PATH']); c.execute('ALTER TABLE items ADD COLUMN price INTEGER'); c.commit()\"",
+    );
+    let safety = safety_with_sqlite(dir.path(), migrate, cutover_core::DbRollback::Restore);
+    let steps = safety.spec.steps();
+    let d = Daemon::start_with(
+        &world,
+        Store::open_in_memory().unwrap(),
+        false,
+        quick(steps),
+        safety,
+    );
+    d.until("v1 healthy", |v| healthy_of(v, "v1") == 2).await;
+    d.deploy("v2").await;
+    d.until("migrating", |v| v.phase == Phase::Migrating).await;
+    // The controller answers while the migration runs, and refuses an abort.
+    let t0 = std::time::Instant::now();
+    let v = d.view().await;
+    assert!(t0.elapsed() < Duration::from_millis(200));
+    assert_eq!(v.phase, Phase::Migrating);
+    let e =
+        d.c.act("web", Action::Abort, "test".into())
+            .await
+            .unwrap_err();
+    assert!(e.to_string().contains("never interrupted half-way"), "{e}");
+    let r = ended(&d).await;
+    assert_eq!(r.outcome, RolloutOutcome::Promoted, "{r:#?}");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM pragma_table_info('items') WHERE name = 'price'"
+        ),
+        1
+    );
+    d.shut_down().await;
+}
+
+#[tokio::test]
+async fn scheduled_backups_are_taken_verified_and_pruned() {
+    let world = Arc::new(World::default());
+    let dir = tempfile::tempdir().unwrap();
+    sqlite_db(&dir.path().join("shop.db"), 10);
+    let mut safety = safety_with_sqlite(dir.path(), sh("true"), cutover_core::DbRollback::Keep);
+    safety.backups.every = Some(Duration::from_millis(300));
+    safety.backups.keep = cutover_core::Keep {
+        last: 2,
+        hourly: 0,
+        daily: 0,
+        weekly: 0,
+        monthly: 0,
+        yearly: 0,
+    };
+    let d = Daemon::start_with(
+        &world,
+        Store::open_in_memory().unwrap(),
+        false,
+        quick(Default::default()),
+        safety,
+    );
+    let v = d
+        .until("a backup pruned", |v| {
+            v.recent_events
+                .iter()
+                .any(|e| e.kind == EventKind::BackupPruned)
+        })
+        .await;
+    assert!(
+        v.recent_events.iter().any(
+            |e| e.kind == EventKind::BackupVerified && e.message.contains("integrity_check ok")
+        ),
+        "{:#?}",
+        v.recent_events
+    );
+    let catalog = cutover_safety::Catalog::new(dir.path().join("backups"));
+    let list = catalog.list(Some("web")).unwrap();
+    assert!(list.len() <= 3, "pruned to the policy: {}", list.len());
+    assert!(list.iter().all(|m| m.verified() == Some(true)));
     d.shut_down().await;
 }

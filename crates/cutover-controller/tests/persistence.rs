@@ -82,6 +82,7 @@ fn setup() -> ServiceSetup {
         env: BTreeMap::new(),
         known_versions: Some(vec![Version::new("v1"), Version::new("v2")]),
         runtime: Arc::new(StaticRuntime::new(upstreams)),
+        safety: Default::default(),
     }
 }
 

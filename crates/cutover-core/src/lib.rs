@@ -12,14 +12,21 @@ mod health;
 mod names;
 mod phase;
 mod route;
+mod safety;
 mod spec;
 mod stats;
 mod time;
 
 pub use health::{Health, HealthChange, HealthSpec};
 pub use names::{BadVersion, InstanceId, MAX_VERSION_LEN, ServiceName, Version};
-pub use phase::{EventKind, NoEvidence, Phase, RolloutOutcome, StrategyKind, Tone};
+pub use phase::{
+    DbKind, DbRollback, EventKind, NoEvidence, Phase, RolloutOutcome, StrategyKind, Tone,
+};
 pub use route::{Backend, DataPlane, RouteTable, RouteVersion, Weight, WeightError};
+pub use safety::{
+    Argv, BackupSettings, DatabaseSpec, DbLocation, Hooks, Keep, ReleaseSteps, SafetySpec,
+    SmokeCheck,
+};
 pub use spec::{AnalysisSpec, BlueGreenSpec, CanaryStep, RollingSpec, RolloutSpec};
 pub use stats::{LatencyDist, UpstreamErrorKind, WindowStats};
 pub use time::Timestamp;

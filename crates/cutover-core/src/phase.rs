@@ -51,8 +51,21 @@ kebab_enum!(
         Paused => "paused",
         /// Waiting for `cutover promote`.
         AwaitingApproval => "awaiting-approval",
-        /// The candidate has all traffic; the old version drains and stops.
+        /// The candidate has all traffic; the old version drains and stops (and the
+        /// `post_promote` hooks run).
         Promoting => "promoting",
+        /// `pre_deploy` hooks run before anything changes, or `on_rollback` hooks after the
+        /// rollout was decided against.
+        Hooks => "hooks",
+        /// The service's database is backed up before anything changes.
+        BackingUp => "backing-up",
+        /// `migrate` runs (once per rollout), or `migrate_down` after a rollback.
+        Migrating => "migrating",
+        /// The candidate is healthy at 0% and smoke checks and `pre_traffic` hooks run against
+        /// it alone.
+        Smoke => "smoke",
+        /// The database is restored from the rollout's backup; traffic is already on stable.
+        Restoring => "restoring",
         Promoted => "promoted",
         RolledBack => "rolled-back",
         Aborted => "aborted",
@@ -146,6 +159,60 @@ kebab_enum!(
         Aborted => "aborted",
         Failed => "failed",
         Restarted => "restarted",
+        /// A fault was injected (`cutover fault add`, or an experiment's action).
+        FaultAdded => "fault-added",
+        /// A fault was cleared before its end.
+        FaultCleared => "fault-cleared",
+        /// A fault reached its end.
+        FaultExpired => "fault-expired",
+        /// A chaos experiment started, ran an action, or ended (with its verdict).
+        Experiment => "experiment",
+        /// A scheduled probe started or stopped failing.
+        Probe => "probe",
+        /// Synthetic traffic to a quiet canary started or stopped.
+        Synthetic => "synthetic",
+        /// A hook ran and passed (its duration in the message).
+        Hook => "hook",
+        /// A hook exited non-zero, timed out or could not start (with its output's end).
+        HookFailed => "hook-failed",
+        /// A smoke check passed against a candidate instance.
+        Smoke => "smoke",
+        SmokeFailed => "smoke-failed",
+        /// A backup was taken: size, duration, sha256.
+        Backup => "backup",
+        BackupFailed => "backup-failed",
+        /// A backup was restored into a scratch database and checked.
+        BackupVerified => "backup-verified",
+        /// Backups the `keep` policy no longer wants were deleted.
+        BackupPruned => "backup-pruned",
+        /// `migrate` (or `migrate_down`) ran to its end.
+        Migrated => "migrated",
+        MigrateFailed => "migrate-failed",
+        /// The database was restored from a backup.
+        Restored => "restored",
+        RestoreFailed => "restore-failed",
+    }
+);
+
+kebab_enum!(
+    /// What a rollout that ends without promotion does to the service's database
+    /// (`[services.X.database] on_rollback`).
+    DbRollback {
+        /// Leave it as the migration made it: the old version must run on the new schema
+        /// (expand/contract). The default.
+        Keep => "keep",
+        /// Restore the backup taken before the deploy; writes since it are lost.
+        Restore => "restore",
+        /// Run `migrate_down`.
+        Down => "down",
+    }
+);
+
+kebab_enum!(
+    /// The kind of database a service uses.
+    DbKind {
+        Postgres => "postgres",
+        Sqlite => "sqlite",
     }
 );
 
@@ -165,9 +232,14 @@ impl EventKind {
         match self {
             Started | Step => Some(Tone::Neutral),
             Promoting | Promoted => Some(Tone::Good),
-            RolledBack | Aborted | Failed | AnalysisFailed | HealthFailed => Some(Tone::Bad),
+            RolledBack | Aborted | Failed | AnalysisFailed | HealthFailed | HookFailed
+            | SmokeFailed | BackupFailed | MigrateFailed | RestoreFailed => Some(Tone::Bad),
+            Migrated | Restored => Some(Tone::Neutral),
             Ready | Paused | Resumed | AwaitingApproval | Approved | AnalysisPassed | Holding
-            | NoEvidence | Health | InstanceExit | StartFailed | Recovered | Restarted => None,
+            | NoEvidence | Health | InstanceExit | StartFailed | Recovered | Restarted | Hook
+            | Smoke | Backup | BackupVerified | BackupPruned => None,
+            FaultAdded => Some(Tone::Bad),
+            FaultCleared | FaultExpired | Experiment | Probe | Synthetic => None,
         }
     }
 }

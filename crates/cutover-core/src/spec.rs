@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::{NoEvidence, StrategyKind, Weight};
+use crate::{NoEvidence, ReleaseSteps, StrategyKind, Weight};
 
 /// One step of a canary rollout (`[services.X.canary] steps`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,6 +124,9 @@ pub struct RolloutSpec {
     /// cutover runs the instances (false for `runtime = "static"`, whose addresses something
     /// else runs): messages then say "stopped" rather than "gets no more traffic".
     pub runs_instances: bool,
+    /// The release-safety steps around the rollout (hooks, backup, migration, smoke checks);
+    /// none by default.
+    pub steps: ReleaseSteps,
 }
 
 impl Default for RolloutSpec {
@@ -158,6 +161,7 @@ impl Default for RolloutSpec {
             stop_timeout: Duration::from_secs(10),
             scale_down_delay: Duration::from_secs(30),
             runs_instances: true,
+            steps: ReleaseSteps::default(),
         }
     }
 }

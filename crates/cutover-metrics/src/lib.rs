@@ -29,6 +29,10 @@ pub mod names {
     // The proxy's client connections per service (docs/reference.md, `max_connections`).
     pub const CONNECTIONS_OPEN: &str = "cutover_connections_open";
     pub const CONNECTIONS_REJECTED: &str = "cutover_connections_rejected_total";
+    // Faults, synthetic traffic and probes (docs/reference.md, "Chaos experiments").
+    pub const FAULTS_ACTIVE: &str = "cutover_faults_active";
+    pub const PROBE_SUCCESS: &str = "cutover_probe_success";
+    pub const PROBE_DURATION: &str = "cutover_probe_duration_seconds";
 }
 
 /// Upper bounds of the Prometheus histogram buckets, in seconds.
@@ -70,6 +74,10 @@ struct VersionMetrics {
     classes: [AtomicU64; 5],
     upstream_errors: [AtomicU64; 3],
     latency: Mutex<Histogram<u64>>,
+    /// Cutover's own probe traffic (`analysis.synthetic`), kept apart from users' requests:
+    /// the judge counts both, while the users' series and counters never include it.
+    synthetic_classes: [AtomicU64; 5],
+    synthetic_latency: Mutex<Histogram<u64>>,
 }
 
 impl VersionMetrics {
@@ -78,8 +86,20 @@ impl VersionMetrics {
             classes: Default::default(),
             upstream_errors: Default::default(),
             latency: Mutex::new(new_histogram()),
+            synthetic_classes: Default::default(),
+            synthetic_latency: Mutex::new(new_histogram()),
         }
     }
+}
+
+fn class_of(status: u16) -> usize {
+    usize::from((status / 100).clamp(1, 5) - 1)
+}
+
+fn micros(latency: Duration) -> u64 {
+    u64::try_from(latency.as_micros())
+        .unwrap_or(MAX_MICROS)
+        .clamp(1, MAX_MICROS)
 }
 
 /// Records answers of one version of one service. Cheap to clone.
@@ -93,8 +113,7 @@ impl VersionRecorder {
         latency: Duration,
         upstream_error: Option<UpstreamErrorKind>,
     ) {
-        let class = usize::from((status / 100).clamp(1, 5) - 1);
-        self.0.classes[class].fetch_add(1, Ordering::Relaxed);
+        self.0.classes[class_of(status)].fetch_add(1, Ordering::Relaxed);
         if let Some(kind) = upstream_error {
             let i = match kind {
                 UpstreamErrorKind::Connect => 0,
@@ -103,10 +122,14 @@ impl VersionRecorder {
             };
             self.0.upstream_errors[i].fetch_add(1, Ordering::Relaxed);
         }
-        let us = u64::try_from(latency.as_micros())
-            .unwrap_or(MAX_MICROS)
-            .clamp(1, MAX_MICROS);
-        let _ = lock(&self.0.latency).record(us);
+        let _ = lock(&self.0.latency).record(micros(latency));
+    }
+
+    /// Records an answer to cutover's own synthetic traffic: seen by the judge, counted with
+    /// `source="synthetic"`, never in the users' numbers.
+    pub fn record_synthetic(&self, status: u16, latency: Duration) {
+        self.0.synthetic_classes[class_of(status)].fetch_add(1, Ordering::Relaxed);
+        let _ = lock(&self.0.synthetic_latency).record(micros(latency));
     }
 }
 
@@ -130,6 +153,20 @@ impl VersionSnapshot {
             errors: classes[4],
             latency: lock(&m.latency).clone(),
         }
+    }
+
+    /// What the judge reads: users' answers and cutover's synthetic ones together.
+    fn judged(m: &VersionMetrics) -> Self {
+        let mut s = VersionSnapshot::of(m);
+        let synthetic: Vec<u64> = m
+            .synthetic_classes
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        s.requests += synthetic.iter().sum::<u64>();
+        s.errors += synthetic[4];
+        let _ = s.latency.add(&*lock(&m.synthetic_latency));
+        s
     }
 
     /// What happened between `earlier` (or the start) and this snapshot.
@@ -216,6 +253,9 @@ struct Inner {
     rollouts: Mutex<BTreeMap<(ServiceName, &'static str), u64>>,
     series: Mutex<HashMap<Key, Series>>,
     connections: Mutex<BTreeMap<ServiceName, Arc<ConnectionCounts>>>,
+    faults: Mutex<BTreeMap<ServiceName, u64>>,
+    /// Per service and probe name: the last result and how long it took, in seconds.
+    probes: Mutex<BTreeMap<(ServiceName, String), (bool, f64)>>,
 }
 
 /// The daemon's metrics registry. Cheap to clone; all clones share the numbers.
@@ -253,8 +293,31 @@ impl Metrics {
         VersionRecorder(self.version(service, version))
     }
 
+    /// What the judge reads of a version: users' and synthetic requests together.
     pub fn snapshot(&self, service: &ServiceName, version: &Version) -> VersionSnapshot {
-        VersionSnapshot::of(&self.version(service, version))
+        VersionSnapshot::judged(&self.version(service, version))
+    }
+
+    /// Users' requests answered by a version so far (synthetic ones not included).
+    pub fn user_requests(&self, service: &ServiceName, version: &Version) -> u64 {
+        self.version(service, version)
+            .classes
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// How many faults are active on a service (or dependency) now.
+    pub fn set_faults_active(&self, service: &ServiceName, n: u64) {
+        lock(&self.inner.faults).insert(service.clone(), n);
+    }
+
+    /// The last result of a scheduled probe.
+    pub fn set_probe(&self, service: &ServiceName, probe: &str, success: bool, took: Duration) {
+        lock(&self.inner.probes).insert(
+            (service.clone(), probe.to_owned()),
+            (success, took.as_secs_f64()),
+        );
     }
 
     /// The client connection counts of `service`, shared with whoever keeps them (the proxy).
@@ -379,7 +442,8 @@ impl Metrics {
     /// The Prometheus text exposition format (version 0.0.4).
     pub fn render_prometheus(&self) -> String {
         let mut out = String::new();
-        let versions: Vec<(Key, VersionSnapshot, [u64; 5], [u64; 3])> = self
+        #[allow(clippy::type_complexity)]
+        let versions: Vec<(Key, VersionSnapshot, [u64; 5], [u64; 3], [u64; 5])> = self
             .inner
             .versions
             .read()
@@ -388,7 +452,9 @@ impl Metrics {
             .map(|(k, m)| {
                 let classes = std::array::from_fn(|i| m.classes[i].load(Ordering::Relaxed));
                 let errs = std::array::from_fn(|i| m.upstream_errors[i].load(Ordering::Relaxed));
-                (k.clone(), VersionSnapshot::of(m), classes, errs)
+                let synthetic =
+                    std::array::from_fn(|i| m.synthetic_classes[i].load(Ordering::Relaxed));
+                (k.clone(), VersionSnapshot::of(m), classes, errs, synthetic)
             })
             .collect();
         let labels = |s: &ServiceName, v: &Version| {
@@ -405,7 +471,7 @@ impl Metrics {
             "counter",
             "Requests answered, by status class.",
         );
-        for ((s, v), _, classes, _) in &versions {
+        for ((s, v), _, classes, _, synthetic) in &versions {
             for (i, n) in classes.iter().enumerate() {
                 let _ = writeln!(
                     out,
@@ -415,6 +481,18 @@ impl Metrics {
                     i + 1
                 );
             }
+            // Cutover's own probe traffic, apart: only once there has been some.
+            if synthetic.iter().any(|n| *n > 0) {
+                for (i, n) in synthetic.iter().enumerate() {
+                    let _ = writeln!(
+                        out,
+                        "{}{{{},code=\"{}xx\",source=\"synthetic\"}} {n}",
+                        names::REQUESTS,
+                        labels(s, v),
+                        i + 1
+                    );
+                }
+            }
         }
         header(
             &mut out,
@@ -422,7 +500,7 @@ impl Metrics {
             "histogram",
             "Request latency through the proxy, in seconds.",
         );
-        for ((s, v), snap, _, _) in &versions {
+        for ((s, v), snap, _, _, _) in &versions {
             let h = &snap.latency;
             let recorded = recorded(h);
             // One pass: buckets are sorted by latency, and so are the bounds.
@@ -509,7 +587,7 @@ impl Metrics {
             "counter",
             "Failed exchanges with upstream instances, by kind.",
         );
-        for ((s, v), _, _, errs) in &versions {
+        for ((s, v), _, _, errs, _) in &versions {
             for (kind, n) in UpstreamErrorKind::ALL.iter().zip(errs) {
                 let _ = writeln!(
                     out,
@@ -552,6 +630,52 @@ impl Metrics {
                 names::CONNECTIONS_REJECTED,
                 esc(s.as_str()),
                 c.rejected_total()
+            );
+        }
+        header(
+            &mut out,
+            names::FAULTS_ACTIVE,
+            "gauge",
+            "Faults injected now, per service or dependency.",
+        );
+        for (s, n) in lock(&self.inner.faults).iter() {
+            let _ = writeln!(
+                out,
+                "{}{{service=\"{}\"}} {n}",
+                names::FAULTS_ACTIVE,
+                esc(s.as_str())
+            );
+        }
+        let probes = lock(&self.inner.probes).clone();
+        header(
+            &mut out,
+            names::PROBE_SUCCESS,
+            "gauge",
+            "Whether a scheduled probe's last run passed (1) or not (0).",
+        );
+        for ((s, p), (ok, _)) in &probes {
+            let _ = writeln!(
+                out,
+                "{}{{service=\"{}\",probe=\"{}\"}} {}",
+                names::PROBE_SUCCESS,
+                esc(s.as_str()),
+                esc(p),
+                u8::from(*ok)
+            );
+        }
+        header(
+            &mut out,
+            names::PROBE_DURATION,
+            "gauge",
+            "How long a scheduled probe's last run took, in seconds.",
+        );
+        for ((s, p), (_, took)) in &probes {
+            let _ = writeln!(
+                out,
+                "{}{{service=\"{}\",probe=\"{}\"}} {took}",
+                names::PROBE_DURATION,
+                esc(s.as_str()),
+                esc(p),
             );
         }
         out

@@ -7,7 +7,8 @@
 //! plus `X-Forwarded-*`, with the body bytes that came with it. The rest of the body and the
 //! answer are relayed as they arrive, delimited by Content-Length, by chunked framing (passed
 //! on verbatim, followed by [`Chunk`]) or, for an answer, by the upstream closing. Routing,
-//! accounting, error texts and draining are `forward.rs`'s, shared.
+//! the retry decision, accounting, error texts and draining are the exchange's
+//! (`exchange.rs`), shared with hyper's path.
 //!
 //! It takes only what it fully understands: HTTP/1.1, an origin-form target, one Host, a body
 //! delimited by one Content-Length or by chunked, no Upgrade, no Expect other than
@@ -37,7 +38,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::forward::{self, Conn, Failed, Routed};
+use crate::exchange::{self, Conn, Error, MALFORMED, Routed};
+use crate::fault::Outcome;
 
 #[doc(hidden)]
 pub mod fuzzing;
@@ -86,7 +88,7 @@ pub(crate) async fn serve(
     let mut run = std::pin::pin!(run(conn, client, &idle, &closing, (&parking, admitted)));
     tokio::select! {
         r = run.as_mut() => r,
-        _ = forward::stopped(&mut stop) => {
+        _ = exchange::stopped(&mut stop) => {
             if conn.ctx.proxy.handing_over() {
                 parking.store(true, Ordering::Relaxed);
                 admitted.slot.wake.notify_one();
@@ -366,7 +368,7 @@ fn last_coding_is_chunked(value: &[u8]) -> bool {
 /// Whether a header stays on its side of the proxy: hop-by-hop by name (the list hyper's path
 /// strips), or named by the message's Connection header.
 fn hop_by_hop(name: &str, tokens: &[&[u8]]) -> bool {
-    forward::HOP_BY_HOP.iter().any(|n| is(name, n.as_str())) || named_by(tokens, name)
+    exchange::is_hop_by_hop(name) || named_by(tokens, name)
 }
 
 fn named_by(tokens: &[&[u8]], name: &str) -> bool {
@@ -546,23 +548,6 @@ fn write_lines(out: &mut Vec<u8>, buf: &[u8], lines: &[Line]) {
     }
 }
 
-/// A plain-text answer of the proxy's own, as bytes.
-fn plain(out: &mut Vec<u8>, status: StatusCode, msg: &str, close: bool) {
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ");
-    out.extend_from_slice((msg.len() + 1).to_string().as_bytes());
-    if close {
-        out.extend_from_slice(b"\r\nconnection: close");
-    }
-    out.extend_from_slice(b"\r\n\r\n");
-    out.extend_from_slice(msg.as_bytes());
-    out.push(b'\n');
-}
-
 /// Serves one request; whether the client connection stays open.
 async fn proxy(
     conn: &Conn,
@@ -586,30 +571,40 @@ async fn proxy(
         .pin
         .clone()
         .and_then(|r| std::str::from_utf8(slice(input, r)).ok());
-    let (table, index, lease) = match forward::route(conn, pinned, started) {
+    let (table, index, lease) = match exchange::route(conn, pinned, started) {
         Ok(Routed {
             table,
             index,
             lease,
         }) => (table, index, lease),
-        Err(msg) => {
+        Err(miss) => {
             // The body was not read: the connection cannot go on after this answer.
             close |= !complete;
             let consumed = (head.len + first).min(b.input.len());
             b.input.advance(consumed);
-            return answer(
-                client,
-                &mut b.out,
-                StatusCode::SERVICE_UNAVAILABLE,
-                &msg,
-                close,
-            )
-            .await;
+            return send_answer(client, &mut b.out, &exchange::refused(conn, &miss), close).await;
         }
     };
     let Some(cv) = table.versions.get(index) else {
         return false;
     };
+    // Faults (off: one relaxed load). An injected answer, reset or blackhole ends the request
+    // here, before anything is sent, and the instance keeps nothing in flight for it.
+    let mut paced = None;
+    if let Some(inj) = exchange::faults(conn, cv, lease.backend()) {
+        if !inj.delay.is_zero() {
+            tokio::time::sleep(inj.delay).await;
+        }
+        paced = inj.bytes_per_sec;
+        if inj.outcome != Outcome::Forward {
+            drop(lease);
+            // The body was not read: the connection cannot go on after this.
+            close |= !complete;
+            let consumed = (head.len + first).min(b.input.len());
+            b.input.advance(consumed);
+            return injected(conn, cv, inj.outcome, started, client, b, close).await;
+        }
+    }
     // The request has somewhere to go: the client may send its body (RFC 9110 §10.1.1). Not
     // asked of the upstream, whose early answer would come after the body anyway; if the body
     // came already, the client did not wait and needs no go-ahead.
@@ -638,43 +633,26 @@ async fn proxy(
         body_pause: conn.ctx.client.body,
     };
     let mut result = ex.run(&lease.backend().pool, b, client).await;
-    if let Err(Failure::NotSent(why)) = &result {
+    if let Err(e) = &result
+        && let Some(other) = exchange::retry_elsewhere(conn, cv, &lease, e)
+    {
         // Nothing was sent, so another instance of the same version may have it.
-        forward::passive_failure(conn, lease.backend(), why);
-        if let Some(other) = cv.pick(Some(lease.backend())) {
-            lease = other;
-            result = ex.run(&lease.backend().pool, b, client).await;
-        }
+        lease = other;
+        result = ex.run(&lease.backend().pool, b, client).await;
     }
     let backend = lease.backend().clone();
     conn.remember(&backend);
     let (mut upstream, answer, sent) = match result {
         Ok(r) => r,
-        Err(Failure::Body(why)) => {
-            // The client's fault, not the upstream's: no upstream error is counted.
-            tracing::debug!(why, "request body broke off");
-            cv.recorder.record(400, started.elapsed(), None);
-            return answer(client, &mut b.out, StatusCode::BAD_REQUEST, MALFORMED, true).await;
-        }
-        Err(Failure::Stalled) => {
-            cv.recorder.record(408, started.elapsed(), None);
-            let msg = "408 Request Timeout: the request body stopped arriving";
-            return answer(client, &mut b.out, StatusCode::REQUEST_TIMEOUT, msg, true).await;
-        }
-        Err(f) => {
-            let failed = match &f {
-                Failure::NotSent(why) => Failed::NotSent(why),
-                Failure::Timeout => Failed::Timeout,
-                Failure::Reset(why) | Failure::Body(why) => Failed::Reset(why),
-                Failure::Stalled => Failed::Reset("the client stopped sending its body"),
-            };
-            let (status, msg) = forward::failure(conn, cv, &backend, failed, started);
-            // A body not read to its end leaves the connection unusable.
-            close |= !ex.consumed;
-            return answer(client, &mut b.out, status, &msg, close).await;
+        Err(e) => {
+            let a = exchange::failed(conn, cv, &backend, &e, started);
+            // A client's failure, or a body not read to its end, leaves the connection
+            // unusable.
+            close |= e.side() == exchange::Side::Client || !ex.consumed;
+            return send_answer(client, &mut b.out, &a, close).await;
         }
     };
-    forward::answered(conn, cv, &backend, answer.status, started);
+    exchange::answered(conn, cv, &backend, answer.status, started);
     // An answer that came before the whole body was sent (say a 413) ends the exchange: the
     // rest of the body is never read, so neither connection can carry another request.
     close |= matches!(answer.framing, Framing::Close)
@@ -682,7 +660,7 @@ async fn proxy(
         || backend.removed.load(Ordering::Relaxed)
         || closing.load(Ordering::Relaxed);
     write_response(&answer, &b.upstream, &b.lines, close, &mut b.out);
-    match relay(answer, &mut upstream, client, b).await {
+    match relay(answer, &mut upstream, client, b, paced).await {
         Ok(true) if sent => backend.pool.put_raw(upstream),
         Ok(_) => {}
         Err(()) => return false,
@@ -691,8 +669,45 @@ async fn proxy(
     !close
 }
 
-/// The answer to a request whose body breaks its own framing (or ends early).
-const MALFORMED: &str = "400 Bad Request: the request body is malformed";
+/// Ends a request as an injected fault says: the proxy's own error answer, a reset of the
+/// client connection, or no answer until the blackhole ends or the client gives up. Whether the
+/// connection stays open.
+async fn injected(
+    conn: &Conn,
+    cv: &crate::table::CompiledVersion,
+    outcome: Outcome,
+    started: Instant,
+    client: &mut TcpStream,
+    b: &mut Bufs,
+    close: bool,
+) -> bool {
+    match outcome {
+        Outcome::Error(status) => {
+            let a = exchange::failed_injected(conn, cv, status, started);
+            send_answer(client, &mut b.out, &a, close).await
+        }
+        Outcome::Reset => {
+            exchange::dropped(cv, outcome, started);
+            // A zero linger turns the close into a reset.
+            crate::fault::reset_on_close(client);
+            false
+        }
+        Outcome::Blackhole(until) => {
+            let mut sink = [0u8; 1024];
+            let hold = tokio::time::sleep_until(until.into());
+            tokio::pin!(hold);
+            loop {
+                tokio::select! {
+                    _ = &mut hold => break,
+                    r = client.read(&mut sink) => if matches!(r, Ok(0) | Err(_)) { break },
+                }
+            }
+            exchange::dropped(cv, outcome, started);
+            false
+        }
+        Outcome::Forward => !close,
+    }
+}
 
 /// Sends an answer of the proxy's own; whether the connection stays open after it.
 async fn answer(
@@ -702,19 +717,18 @@ async fn answer(
     msg: &str,
     close: bool,
 ) -> bool {
-    plain(out, status, msg, close);
-    client.write_all(out).await.is_ok() && !close
+    send_answer(client, out, &exchange::Answer::new(status, msg), close).await
 }
 
-/// Why an exchange brought no response head.
-enum Failure {
-    NotSent(String),
-    Timeout,
-    Reset(String),
-    /// The client's body broke its framing or ended early.
-    Body(String),
-    /// The client stopped sending its body.
-    Stalled,
+/// Sends an answer of the proxy's own; whether the connection stays open after it.
+async fn send_answer(
+    client: &mut TcpStream,
+    out: &mut Vec<u8>,
+    a: &exchange::Answer,
+    close: bool,
+) -> bool {
+    a.write(out, close);
+    client.write_all(out).await.is_ok() && !close
 }
 
 /// How a body is delimited.
@@ -885,11 +899,11 @@ impl Exchange<'_> {
         pool: &Pool,
         b: &mut Bufs,
         client: &mut TcpStream,
-    ) -> Result<(TcpStream, Answer, bool), Failure> {
+    ) -> Result<(TcpStream, Answer, bool), Error> {
         loop {
             let (mut s, reused) = match pool.take_raw() {
                 Some(s) => (s, true),
-                None => (pool.dial().await.map_err(Failure::NotSent)?, false),
+                None => (pool.dial().await.map_err(Error::Connect)?, false),
             };
             b.upstream.clear();
             if !self.complete {
@@ -898,20 +912,21 @@ impl Exchange<'_> {
                     if reused {
                         continue;
                     }
-                    return Err(Failure::Reset(e.to_string()));
+                    return Err(Error::Reset(e.to_string()));
                 }
                 return self.stream(s, b, client).await;
             }
             match tokio::time::timeout(self.timeout, send(&mut s, self.head.is_head, b)).await {
-                Err(_) => return Err(Failure::Timeout),
+                Err(_) => return Err(Error::Timeout),
                 Ok(Ok(answer)) => return Ok((s, answer, true)),
                 // A kept-alive connection the upstream closed just as it was taken: nothing
                 // came back, so the request did not get an answer; try again on another
                 // connection if sending it twice is harmless, or if it never left.
                 Ok(Err(Broke { why, unsent })) => {
+                    let e = Error::Reset(why);
                     let harmless = self.head.idempotent && b.upstream.is_empty();
-                    if !(reused && (unsent || harmless)) {
-                        return Err(Failure::Reset(why));
+                    if !e.retry().decide_reuse(reused, unsent, harmless) {
+                        return Err(e);
                     }
                 }
             }
@@ -926,7 +941,7 @@ impl Exchange<'_> {
         mut s: TcpStream,
         b: &mut Bufs,
         client: &mut TcpStream,
-    ) -> Result<(TcpStream, Answer, bool), Failure> {
+    ) -> Result<(TcpStream, Answer, bool), Error> {
         let is_head = self.head.is_head;
         let (mut ur, mut uw) = s.split();
         let Bufs {
@@ -950,8 +965,8 @@ impl Exchange<'_> {
                         relaying = false;
                         match r {
                             Ok(()) => self.consumed = true,
-                            Err(BodyError::Client(why)) => return Err(Failure::Body(why)),
-                            Err(BodyError::Stalled) => return Err(Failure::Stalled),
+                            Err(BodyError::Client(why)) => return Err(Error::ClientBody(why)),
+                            Err(BodyError::Stalled) => return Err(Error::ClientStalled),
                             // The upstream stopped reading: its answer may still come.
                             Err(BodyError::Upstream(why)) => {
                                 tracing::debug!(why, "upstream stopped reading the body");
@@ -959,13 +974,13 @@ impl Exchange<'_> {
                         }
                         deadline.as_mut().reset(tokio::time::Instant::now() + self.timeout);
                     }
-                    _ = &mut deadline, if !relaying => return Err(Failure::Timeout),
+                    _ = &mut deadline, if !relaying => return Err(Error::Timeout),
                 }
             }
         };
         match answer {
             Ok(a) => Ok((s, a, self.consumed)),
-            Err(Broke { why, .. }) => Err(Failure::Reset(why)),
+            Err(Broke { why, .. }) => Err(Error::Reset(why)),
         }
     }
 }
@@ -1076,6 +1091,7 @@ async fn relay(
     upstream: &mut TcpStream,
     client: &mut TcpStream,
     b: &mut Bufs,
+    paced: Option<u64>,
 ) -> Result<bool, ()> {
     let mut framing = answer.framing;
     b.upstream.advance(answer.len);
@@ -1083,6 +1099,9 @@ async fn relay(
     b.out
         .extend_from_slice(b.upstream.get(..take).unwrap_or_default());
     client.write_all(&b.out).await.map_err(|_| ())?;
+    if let Some(rate) = paced {
+        tokio::time::sleep(crate::fault::pace(b.out.len(), rate)).await;
+    }
     while !done {
         b.upstream.clear();
         b.upstream.reserve(BUF);
@@ -1096,6 +1115,10 @@ async fn relay(
             .write_all(b.upstream.get(..take).unwrap_or_default())
             .await
             .map_err(|_| ())?;
+        // A bandwidth fault: the next read waits as long as these bytes take at its rate.
+        if let Some(rate) = paced {
+            tokio::time::sleep(crate::fault::pace(take, rate)).await;
+        }
         (done, extra) = (d, e);
     }
     Ok(answer.reusable && !extra)

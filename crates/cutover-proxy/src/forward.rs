@@ -1,5 +1,6 @@
-//! The request path: accept, choose, forward, answer; hyper's general path, and what it shares
-//! with the fast path (`fast.rs`).
+//! hyper's general request path: what the fast path (`fast.rs`) does not take. Routing, the
+//! retry decision, accounting and the proxy's own answers are the exchange's (`exchange.rs`),
+//! shared with the fast path; this module only moves requests and answers through hyper.
 //!
 //! Every connection starts on the fast path, which serves HTTP/1.1 requests itself and hands
 //! the connection to hyper (here) at the first request it does not take (an upgrade, an
@@ -8,16 +9,13 @@
 //! Content-Lengths, bad chunk sizes, obs-fold, oversized headers) are answered by hyper itself
 //! with 400/431 before this code runs, so they never reach an upstream. Bodies are streamed both ways, never buffered.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use cutover_core::{Health, HealthChange, UpstreamErrorKind};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri};
@@ -25,162 +23,31 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::backend::{BackendState, Lease};
-use crate::table::{Compiled, CompiledVersion};
+use crate::backend::Lease;
+use crate::exchange::{self, Answer, Conn, Error, HOP_BY_HOP, Routed, describe, stopped};
+use crate::fault::Outcome;
 use crate::upstream::{SendError, Sender};
-use crate::{Proxy, ServiceState};
 
 pub(crate) type ReqBody = Either<Watched, Empty<Bytes>>;
 type RespBody = Either<Watched, Full<Bytes>>;
 
-/// Consecutive connect failures after which real traffic ejects an instance.
-const PASSIVE_EJECT_AFTER: u32 = 3;
-/// Consecutive failed answers (5xx, resets, timeouts) after which real traffic ejects an
-/// instance. High enough that a canary with a 20% error rate is judged by analysis, not ejected
-/// (ten in a row at 20% is a one-in-ten-million run), low enough that a broken instance of a
-/// healthy version stops taking traffic within a handful of requests.
-const EJECT_AFTER_FAILED_ANSWERS: u32 = 10;
 // Header names as statics: a `&str` key is parsed and hashed into a name on every lookup.
 static PIN_HEADER: HeaderName = HeaderName::from_static("x-cutover-version");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-#[derive(Clone)]
-pub(crate) struct Ctx {
-    pub(crate) state: Arc<ServiceState>,
-    pub(crate) proxy: Proxy,
-    pub(crate) upstream_timeout: Duration,
-    pub(crate) client: crate::ClientTimeouts,
-    pub(crate) limit: Arc<crate::limit::Limit>,
-}
-
-/// One client connection.
-pub(crate) struct Conn {
-    pub(crate) ctx: Ctx,
-    pub(crate) peer: SocketAddr,
-    pub(crate) preview: bool,
-    /// The client's address as an X-Forwarded-For value, formatted once per connection.
-    pub(crate) peer_ip: Option<HeaderValue>,
-    /// The instance that served this connection's last request: if it has since left the
-    /// table, the next response asks the client to reconnect (`Connection: close`).
-    last: Mutex<Option<Arc<BackendState>>>,
-}
-
-pub(crate) async fn accept_loop(
-    listener: TcpListener,
-    ctx: Ctx,
-    preview: bool,
-    mut stop: watch::Receiver<bool>,
-    adopted: Vec<std::net::TcpStream>,
-) {
-    // Every connection task holds a clone of `alive`; when the last is dropped, `all_done`
-    // resolves: that is how shutdown waits for requests in flight.
-    let (alive, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
-    // Connections a previous daemon handed over are served first, as if just accepted.
-    for s in adopted {
-        let taken = s
-            .set_nonblocking(true)
-            .and_then(|()| tokio::net::TcpStream::from_std(s))
-            .and_then(|s| s.peer_addr().map(|p| (s, p)));
-        match taken {
-            // Already open, so counted whatever the limit: new ones make room for them.
-            Ok((stream, peer)) => match ctx.limit.admit(true) {
-                Some(a) => spawn_conn(&ctx, preview, stream, peer, &alive, &stop, a),
-                None => refuse(&ctx.limit, stream),
-            },
-            Err(e) => tracing::warn!(error = %e, "could not take over a client connection"),
-        }
-    }
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of descriptors and the like: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = stopped(&mut stop) => break,
-        };
-        match ctx.limit.admit(false) {
-            Some(a) => spawn_conn(&ctx, preview, stream, peer, &alive, &stop, a),
-            None => refuse(&ctx.limit, stream),
-        }
-    }
-    drop(listener);
-    drop(alive);
-    let _ = all_done.recv().await;
-}
-
-/// Answers a connection beyond `max_connections`, none of them idle, with a fixed 503 and
-/// closes it, right in the accept loop: it costs a few system calls and no task, so a flood
-/// of connections cannot make the proxy do more per connection than this.
-fn refuse(limit: &crate::limit::Limit, stream: tokio::net::TcpStream) {
-    use std::io::{Read, Write};
-    // Plain non-blocking calls on the socket: tokio's `try_*` would say "not ready" for a
-    // socket its reactor has not polled yet.
-    let Ok(mut s) = stream.into_std() else {
-        return;
-    };
-    // What the client already sent is read and dropped first: closing a socket with unread
-    // bytes sends a reset, which can destroy the answer on its way.
-    let mut sink = [0u8; 2048];
-    for _ in 0..8 {
-        match s.read(&mut sink) {
-            Ok(n) if n > 0 => {}
-            _ => break,
-        }
-    }
-    let _ = s.write(limit.refusal());
-    let _ = s.shutdown(std::net::Shutdown::Write);
-}
-
-/// Serves one client connection in a task of its own; its place under the limit is given
-/// back when the task ends.
-fn spawn_conn(
-    ctx: &Ctx,
-    preview: bool,
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    alive: &tokio::sync::mpsc::Sender<()>,
-    stop: &watch::Receiver<bool>,
-    admitted: crate::limit::Admitted,
-) {
-    let _ = stream.set_nodelay(true);
-    let conn = Arc::new(Conn {
-        ctx: ctx.clone(),
-        peer,
-        preview,
-        peer_ip: HeaderValue::from_str(&peer.ip().to_string()).ok(),
-        last: Mutex::new(None),
-    });
-    let (alive, stop) = (alive.clone(), stop.clone());
-    tokio::spawn(async move {
-        match crate::fast::serve(&conn, stream, stop.clone(), &admitted).await {
-            crate::fast::Served::Done => {}
-            crate::fast::Served::Hyper(rest) => serve_hyper(conn, rest, stop).await,
-            crate::fast::Served::Parked(s) => conn.ctx.proxy.park(&conn.ctx.state.name, preview, s),
-        }
-        drop(admitted);
-        drop(alive);
-    });
-}
-
 /// Serves a client connection with hyper until it closes or the proxy stops.
-async fn serve_hyper<I>(conn: Arc<Conn>, io: I, mut stop: watch::Receiver<bool>)
+pub(crate) async fn serve_hyper<I>(conn: Arc<Conn>, io: I, mut stop: watch::Receiver<bool>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service_conn = conn.clone();
     let service = hyper::service::service_fn(move |req| {
         let conn = service_conn.clone();
-        async move { Ok::<_, Infallible>(handle(&conn, req).await) }
+        async move { handle(&conn, req).await }
     });
     let head_timeout = conn.ctx.client.head;
     let served = hyper::server::conn::http1::Builder::new()
@@ -202,32 +69,19 @@ where
     }
 }
 
-/// Resolves once the stop signal is set (or its sender is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
-fn plain(status: StatusCode, msg: String, close: bool) -> Response<RespBody> {
-    let mut r = Response::new(Either::Right(Full::new(Bytes::from(msg + "\n"))));
-    *r.status_mut() = status;
+/// An answer of the proxy's own as a hyper response (the fast path writes the same as bytes).
+fn plain(a: Answer, close: bool) -> Response<RespBody> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from(a.text + "\n"))));
+    *r.status_mut() = a.status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
+        HeaderValue::from_static(exchange::TEXT_PLAIN),
     );
     if close {
         r.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     r
-}
-
-/// The innermost cause of a client error, in words.
-pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
 }
 
 fn is_upgrade(h: &HeaderMap) -> bool {
@@ -240,20 +94,6 @@ fn is_upgrade(h: &HeaderMap) -> bool {
                     .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
             })
 }
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1) that never cross the proxy. A `static`, not a `const`:
-/// a const array of header names is built and dropped again at every use.
-pub(crate) static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::UPGRADE,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-];
 
 /// Removes hop-by-hop headers, including those the Connection header names. One pass over the
 /// (usually few) headers finds them; removing blindly by name cost more than the rest of the
@@ -276,13 +116,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         .map(str::trim)
         // `Connection: keep-alive` (most upstream answers) names a header that is hop-by-hop
         // anyway and already in `found` if present; skipping it spares building a name.
-        .filter(|t| {
-            !HOP_BY_HOP
-                .iter()
-                .any(|n| n.as_str().eq_ignore_ascii_case(t))
-        })
+        .filter(|t| !exchange::is_hop_by_hop(t))
         // `Connection: host` must not take the request's Host away from the instance.
-        .filter(|t| !t.eq_ignore_ascii_case("host"))
+        .filter(|t| exchange::connection_may_name(t))
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for n in found.into_iter().chain(named) {
@@ -293,95 +129,6 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     if keep_upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-}
-
-impl Conn {
-    pub(crate) fn take_close(&self) -> bool {
-        self.last
-            .lock()
-            .ok()
-            .and_then(|l| l.as_ref().map(|b| b.removed.load(Ordering::Relaxed)))
-            .unwrap_or(false)
-    }
-
-    pub(crate) fn remember(&self, b: &Arc<BackendState>) {
-        if let Ok(mut l) = self.last.lock() {
-            *l = Some(b.clone());
-        }
-    }
-}
-
-/// Why no instance could be chosen for a request.
-enum Miss {
-    NoPreview,
-    NotRunning,
-    NoHealthy,
-    /// The chosen version (by index) has no routable instance, and nothing could stand in.
-    NoInstanceOf(usize),
-}
-
-/// The version and instance for a request: the preview version on the preview listener, the
-/// pinned version when the request names one, else the next in the weighted schedule (falling
-/// back to another version if the scheduled one just lost its last instance).
-fn choose(t: &Compiled, pinned: Option<&str>, preview: bool) -> Result<(usize, Lease), Miss> {
-    let i = if preview {
-        t.preview.ok_or(Miss::NoPreview)?
-    } else if let Some(p) = pinned {
-        t.index(p).ok_or(Miss::NotRunning)?
-    } else {
-        t.next_index().ok_or(Miss::NoHealthy)?
-    };
-    let cv = t.versions.get(i).ok_or(Miss::NoHealthy)?;
-    if let Some(lease) = cv.pick(None) {
-        return Ok((i, lease));
-    }
-    if preview || pinned.is_some() {
-        return Err(Miss::NoInstanceOf(i));
-    }
-    t.fallback(i).ok_or(Miss::NoInstanceOf(i))
-}
-
-/// A request's place: the table it was routed by, its version's index there, and its instance.
-pub(crate) struct Routed {
-    pub(crate) table: Arc<Compiled>,
-    pub(crate) index: usize,
-    pub(crate) lease: Lease,
-}
-
-/// Routes a request (see [`choose`]), or says in words why it gets a 503.
-pub(crate) fn route(conn: &Conn, pinned: Option<&str>, started: Instant) -> Result<Routed, String> {
-    let state = &conn.ctx.state;
-    let mut table = state.table.load_full();
-    let mut chosen = choose(&table, pinned, conn.preview);
-    if chosen.is_err() {
-        // A newer table may have been stored since ours was loaded (an instance left and its
-        // replacement arrived): the answer must come from the newest one.
-        let newest = state.table.load_full();
-        if !Arc::ptr_eq(&newest, &table) {
-            table = newest;
-            chosen = choose(&table, pinned, conn.preview);
-        }
-    }
-    let why = match chosen {
-        Ok((index, lease)) => {
-            return Ok(Routed {
-                table,
-                index,
-                lease,
-            });
-        }
-        Err(Miss::NoPreview) => "no version is in preview".to_owned(),
-        Err(Miss::NotRunning) => format!("version {:?} is not running", pinned.unwrap_or("")),
-        Err(Miss::NoInstanceOf(i)) => match table.versions.get(i) {
-            Some(cv) => {
-                cv.recorder.record(503, started.elapsed(), None);
-                format!("no healthy instance of {}", cv.version)
-            }
-            None => "no healthy instance".to_owned(),
-        },
-        Err(Miss::NoHealthy) => "no healthy instance".to_owned(),
-    };
-    Err(format!("503 Service Unavailable: {}: {why}", state.name))
 }
 
 /// What is wrong with a request's Host headers, if anything (RFC 9112 §3.2): HTTP/1.1 needs
@@ -397,10 +144,22 @@ fn host_problem(req: &Request<Incoming>) -> Option<&'static str> {
     }
 }
 
-async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
+/// A request a fault ended without an answer: hyper closes its connection.
+#[derive(Debug, thiserror::Error)]
+#[error("the connection was dropped by an injected fault")]
+pub(crate) struct Dropped;
+
+async fn handle(conn: &Conn, req: Request<Incoming>) -> Result<Response<RespBody>, Dropped> {
     if let Some(why) = host_problem(&req) {
-        return plain(StatusCode::BAD_REQUEST, why.to_owned(), true);
+        return Ok(plain(Answer::new(StatusCode::BAD_REQUEST, why), true));
     }
+    serve_request(conn, req).await
+}
+
+async fn serve_request(
+    conn: &Conn,
+    mut req: Request<Incoming>,
+) -> Result<Response<RespBody>, Dropped> {
     let started = Instant::now();
     let close = conn.take_close();
     let pinned = req
@@ -408,19 +167,50 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
         .get(&PIN_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let routed = match route(conn, pinned.as_deref(), started) {
+    let routed = match exchange::route(conn, pinned.as_deref(), started) {
         Ok(r) => r,
-        Err(msg) => return plain(StatusCode::SERVICE_UNAVAILABLE, msg, close),
+        Err(miss) => return Ok(plain(exchange::refused(conn, &miss), close)),
     };
     let Routed {
         table,
         index,
         lease,
     } = routed;
-    // `choose` took the index from this table; the fallback only keeps this path panic-free.
+    // `route` took the index from this table; the fallback only keeps this path panic-free.
     let Some(cv) = table.versions.get(index) else {
-        return plain(StatusCode::SERVICE_UNAVAILABLE, "503".into(), close);
+        return Ok(plain(
+            Answer::new(StatusCode::SERVICE_UNAVAILABLE, "503"),
+            close,
+        ));
     };
+    // Faults (off: one relaxed load). Bandwidth caps are the fast path's alone: this path
+    // streams through hyper's bodies and does not pace them.
+    if let Some(inj) = exchange::faults(conn, cv, lease.backend()) {
+        if !inj.delay.is_zero() {
+            tokio::time::sleep(inj.delay).await;
+        }
+        match inj.outcome {
+            Outcome::Forward => {}
+            Outcome::Error(status) => {
+                drop(lease);
+                return Ok(plain(
+                    exchange::failed_injected(conn, cv, status, started),
+                    close,
+                ));
+            }
+            Outcome::Reset => {
+                drop(lease);
+                exchange::dropped(cv, inj.outcome, started);
+                return Err(Dropped);
+            }
+            Outcome::Blackhole(until) => {
+                drop(lease);
+                tokio::time::sleep_until(until.into()).await;
+                exchange::dropped(cv, inj.outcome, started);
+                return Err(Dropped);
+            }
+        }
+    }
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -433,19 +223,16 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
     };
     let upstream_req = Request::from_parts(parts, body);
     let (lease, result) = match forward(conn, upstream_req, &lease).await {
-        // Nothing was sent, so the request can go to another instance of the same version.
-        Err(Failure::NotSent(req, why)) => {
-            passive_failure(conn, lease.backend(), &why);
-            match cv.pick(Some(lease.backend())) {
-                Some(other) => {
-                    // The first instance no longer has this request in flight.
-                    drop(lease);
-                    let r = forward(conn, *req, &other).await;
-                    (other, r)
-                }
-                None => (lease, Err(Failure::NotSent(req, why))),
+        Err((e, Some(req))) => match exchange::retry_elsewhere(conn, cv, &lease, &e) {
+            // Nothing was sent, so the request goes to another instance of the same version;
+            // the first no longer has it in flight.
+            Some(next) => {
+                drop(lease);
+                let r = forward(conn, *req, &next).await;
+                (next, r)
             }
-        }
+            None => (lease, Err((e, None))),
+        },
         other => (lease, other),
     };
     // A broken request body (bad chunking, a client that hung up) is the client's fault, not the
@@ -455,19 +242,18 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
             .as_ref()
             .is_some_and(|x| x.load(Ordering::Relaxed) == FAILED)
     {
-        cv.recorder.record(400, started.elapsed(), None);
-        return plain(
-            StatusCode::BAD_REQUEST,
-            "400 Bad Request: the request body is malformed".into(),
+        let broken = Error::ClientBody("the request body broke off".into());
+        return Ok(plain(
+            exchange::failed(conn, cv, lease.backend(), &broken, started),
             true,
-        );
+        ));
     }
     let backend = lease.backend().clone();
     conn.remember(&backend);
     match result {
         Ok((mut resp, sender)) => {
             let status = resp.status();
-            answered(conn, cv, &backend, status, started);
+            exchange::answered(conn, cv, &backend, status, started);
             if status == StatusCode::SWITCHING_PROTOCOLS
                 && let Some(client_side) = client_upgrade
             {
@@ -485,7 +271,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
                 strip_hop_by_hop(&mut parts.headers, true);
                 // The connection now belongs to the tunnel: it never goes back to the pool.
                 let body = Watched::response(body, lease, None, exchange);
-                return Response::from_parts(parts, Either::Left(body));
+                return Ok(Response::from_parts(parts, Either::Left(body)));
             }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers, false);
@@ -495,154 +281,12 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             let body = Watched::response(body, lease, Some(sender), exchange);
-            Response::from_parts(parts, Either::Left(body))
+            Ok(Response::from_parts(parts, Either::Left(body)))
         }
-        Err(f) => {
-            let failed = match &f {
-                Failure::NotSent(_, why) => Failed::NotSent(why),
-                Failure::Timeout => Failed::Timeout,
-                Failure::Reset(why) => Failed::Reset(why),
-            };
-            let (status, msg) = failure(conn, cv, &backend, failed, started);
-            plain(status, msg, close)
-        }
-    }
-}
-
-enum Failure {
-    /// Nothing was sent (no connection could be made): the request is back, to retry.
-    NotSent(Box<Request<ReqBody>>, String),
-    Timeout,
-    Reset(String),
-}
-
-/// Why an exchange with an instance brought no answer (both paths).
-pub(crate) enum Failed<'a> {
-    /// No connection could be made (after the retry on another instance, if there was one).
-    NotSent(&'a str),
-    /// No response head within the upstream timeout.
-    Timeout,
-    /// The connection broke before a response head came, or the head was not HTTP.
-    Reset(&'a str),
-}
-
-/// Accounts for an answer from an instance: the version's metrics and the instance's counts of
-/// failures in a row (a 5xx adds to them, anything else resets them).
-pub(crate) fn answered(
-    conn: &Conn,
-    cv: &CompiledVersion,
-    b: &BackendState,
-    status: StatusCode,
-    started: Instant,
-) {
-    b.connect_failures.store(0, Ordering::Relaxed);
-    cv.recorder.record(status.as_u16(), started.elapsed(), None);
-    if status.is_server_error() {
-        failed_answer(conn, cv, b, &format!("answered {status}"));
-    } else {
-        b.failed_answers.store(0, Ordering::Relaxed);
-    }
-}
-
-/// Accounts for a failed exchange and gives the status and text the client gets for it.
-pub(crate) fn failure(
-    conn: &Conn,
-    cv: &CompiledVersion,
-    b: &BackendState,
-    failed: Failed<'_>,
-    started: Instant,
-) -> (StatusCode, String) {
-    let name = &conn.ctx.state.name;
-    let elapsed = started.elapsed();
-    match failed {
-        Failed::NotSent(why) => {
-            cv.recorder
-                .record(502, elapsed, Some(UpstreamErrorKind::Connect));
-            (
-                StatusCode::BAD_GATEWAY,
-                format!(
-                    "502 Bad Gateway: {name}: cannot connect to {} ({}): {why}",
-                    b.id, b.addr
-                ),
-            )
-        }
-        Failed::Timeout => {
-            cv.recorder
-                .record(504, elapsed, Some(UpstreamErrorKind::Timeout));
-            failed_answer(conn, cv, b, "timed out");
-            (
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "504 Gateway Timeout: {name}: {} did not answer within {}ms",
-                    b.id,
-                    conn.ctx.upstream_timeout.as_millis()
-                ),
-            )
-        }
-        Failed::Reset(why) => {
-            cv.recorder
-                .record(502, elapsed, Some(UpstreamErrorKind::Reset));
-            failed_answer(conn, cv, b, why);
-            (
-                StatusCode::BAD_GATEWAY,
-                format!("502 Bad Gateway: {name}: {} broke off: {why}", b.id),
-            )
-        }
-    }
-}
-
-/// Counts a connect failure by real traffic; after a few in a row the instance is ejected until
-/// the active probe admits it again.
-pub(crate) fn passive_failure(conn: &Conn, b: &BackendState, why: &str) {
-    let n = b.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
-    if n >= PASSIVE_EJECT_AFTER {
-        eject(
-            conn,
-            b,
-            format!("ejected after {n} consecutive connection failures: {why}"),
-        );
-    }
-}
-
-/// Counts a failed answer by real traffic; after a burst of them the instance is ejected until
-/// the active probe admits it again, unless it is the last routable instance of its version.
-/// That one keeps its traffic: a 503 from the proxy would serve nobody better than the
-/// instance's own answers, and for a canary those answers are the judge's evidence.
-fn failed_answer(conn: &Conn, cv: &CompiledVersion, b: &BackendState, why: &str) {
-    let n = b.failed_answers.fetch_add(1, Ordering::Relaxed) + 1;
-    if n < EJECT_AFTER_FAILED_ANSWERS {
-        return;
-    }
-    let others = cv
-        .backends
-        .iter()
-        .any(|o| !std::ptr::eq(o.as_ref(), b) && o.routable());
-    if others {
-        eject(
-            conn,
-            b,
-            format!("ejected after {n} consecutive failed answers (the last {why})"),
-        );
-    }
-}
-
-/// Takes a healthy instance out of traffic and reports why.
-fn eject(conn: &Conn, b: &BackendState, reason: String) {
-    let changed = b.update_health(|h| {
-        if h.health == Health::Healthy {
-            h.health = Health::Unhealthy;
-            h.passes = 0;
-        }
-    });
-    if changed == Some(Health::Unhealthy) {
-        conn.ctx.proxy.report(HealthChange {
-            service: conn.ctx.state.name.clone(),
-            version: b.version.clone(),
-            instance: b.id.clone(),
-            health: Health::Unhealthy,
-            reason,
-        });
-        conn.ctx.proxy.recompile(&conn.ctx.state);
+        Err((e, _)) => Ok(plain(
+            exchange::failed(conn, cv, &backend, &e, started),
+            close,
+        )),
     }
 }
 
@@ -681,12 +325,12 @@ fn prepare(conn: &Conn, parts: &mut http::request::Parts, upgrade: bool) {
     }
 }
 
+/// An exchange on hyper's path: the response head and the connection it came on, or why not,
+/// with the request given back when nothing of it was sent (for a retry elsewhere).
+type Sent = Result<(Response<Incoming>, Sender), (Error, Option<Box<Request<ReqBody>>>)>;
+
 /// Sends one request to the leased instance and waits for its response head.
-async fn forward(
-    conn: &Conn,
-    mut req: Request<ReqBody>,
-    lease: &Lease,
-) -> Result<(Response<Incoming>, Sender), Failure> {
+async fn forward(conn: &Conn, mut req: Request<ReqBody>, lease: &Lease) -> Sent {
     let b = lease.backend();
     // HTTP/1.0 clients may send no Host; the upstream gets the instance's address then.
     if !req.headers().contains_key(header::HOST)
@@ -695,10 +339,10 @@ async fn forward(
         req.headers_mut().insert(header::HOST, v);
     }
     match tokio::time::timeout(conn.ctx.upstream_timeout, b.pool.send(req)).await {
-        Err(_) => Err(Failure::Timeout),
+        Err(_) => Err((Error::Timeout, None)),
         Ok(Ok(r)) => Ok(r),
-        Ok(Err(SendError::NotSent(req, why))) => Err(Failure::NotSent(req, why)),
-        Ok(Err(SendError::Failed(e))) => Err(Failure::Reset(describe(&e))),
+        Ok(Err(SendError::NotSent(req, why))) => Err((Error::Connect(why), Some(req))),
+        Ok(Err(SendError::Failed(e))) => Err((Error::Reset(describe(&e)), None)),
     }
 }
 

@@ -28,7 +28,7 @@ pub(crate) async fn run(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = crate::forward::stopped(&mut stop) => return,
+            _ = crate::exchange::stopped(&mut stop) => return,
         }
         let mut set = tokio::task::JoinSet::new();
         let now = std::time::Instant::now();
@@ -70,7 +70,7 @@ async fn probe(b: &BackendState, path: &str, timeout: Duration) -> Result<(), St
         let (resp, sender) = match b.pool.send(req).await {
             Ok(r) => r,
             Err(SendError::NotSent(_, why)) => return Err(why),
-            Err(SendError::Failed(e)) => return Err(crate::forward::describe(&e)),
+            Err(SendError::Failed(e)) => return Err(crate::exchange::describe(&e)),
         };
         let status = resp.status();
         // Read the (small) body to its end so the connection can serve traffic afterwards.

@@ -11,14 +11,19 @@
 //! It depends on the core and the metrics only: never on the controller, store, API or runtime.
 //! If nobody publishes a new table, it keeps serving the last one.
 
+mod accept;
 mod backend;
+mod exchange;
 mod fast;
+mod fault;
 mod forward;
 mod health;
+mod hop;
 mod limit;
 mod table;
 mod upstream;
 
+pub use fault::{Draw, Fault, FaultKind, FaultTarget, Injection, Outcome, decide};
 pub use limit::{FD_RESERVE, MIN_DEFAULT_CONNECTIONS, default_max_connections};
 
 /// The hand-written HTTP/1.1 parsers with their invariants checked, for the fuzz targets
@@ -92,6 +97,8 @@ pub(crate) struct ServiceState {
     /// The last published table, kept to recompile when health changes.
     pub(crate) source: std::sync::Mutex<RouteTable>,
     pub(crate) timeouts: std::sync::Mutex<(Duration, Duration)>,
+    /// Faults injected into this service's requests (shared with the registry's updates).
+    pub(crate) faults: Arc<fault::FaultSlot>,
 }
 
 struct Inner {
@@ -102,6 +109,9 @@ struct Inner {
     /// instead of closing them.
     handing_over: std::sync::atomic::AtomicBool,
     parked: std::sync::Mutex<Vec<ParkedConn>>,
+    /// Each service's and dependency's faults, by name; created on first use by whichever
+    /// comes first, the service or a fault set for it.
+    faults: RwLock<HashMap<ServiceName, Arc<fault::FaultSlot>>>,
 }
 
 /// A client connection between requests, parked for the daemon that takes over.
@@ -135,6 +145,7 @@ impl Proxy {
                 services: RwLock::new(HashMap::new()),
                 handing_over: std::sync::atomic::AtomicBool::new(false),
                 parked: std::sync::Mutex::new(Vec::new()),
+                faults: RwLock::new(HashMap::new()),
             }),
         }
     }
@@ -178,6 +189,41 @@ impl Proxy {
             .unwrap_or_default()
     }
 
+    /// Replaces every fault of a service or dependency with `faults` (empty: none). Each fault
+    /// also stops applying at its own deadline.
+    pub fn set_faults(&self, name: &ServiceName, faults: Vec<Fault>) {
+        self.fault_slot(name).set(faults);
+    }
+
+    fn fault_slot(&self, name: &ServiceName) -> Arc<fault::FaultSlot> {
+        if let Some(s) = self
+            .inner
+            .faults
+            .read()
+            .ok()
+            .and_then(|f| f.get(name).cloned())
+        {
+            return s;
+        }
+        let mut f = match self.inner.faults.write() {
+            Ok(f) => f,
+            Err(p) => p.into_inner(),
+        };
+        f.entry(name.clone()).or_default().clone()
+    }
+
+    /// Relays TCP connections accepted on `listener` to `upstream` until `shutdown` resolves: a
+    /// dependency hop (`[dependencies.NAME]`) that the faults set for `name` can slow or cut.
+    pub async fn serve_dependency(
+        &self,
+        name: ServiceName,
+        listener: TcpListener,
+        upstream: std::net::SocketAddr,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) {
+        hop::serve(self.fault_slot(&name), listener, upstream, shutdown).await;
+    }
+
     fn service(&self, name: &ServiceName) -> Option<Arc<ServiceState>> {
         self.inner
             .services
@@ -196,6 +242,7 @@ impl Proxy {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
+        let faults = self.fault_slot(&table.service);
         services
             .entry(table.service.clone())
             .or_insert_with(|| {
@@ -215,6 +262,7 @@ impl Proxy {
                         Duration::from_secs(30),
                         Duration::from_secs(2),
                     )),
+                    faults,
                 })
             })
             .clone()
@@ -264,7 +312,7 @@ impl Proxy {
             self.clone(),
             stop_rx.clone(),
         ));
-        let ctx = forward::Ctx {
+        let ctx = exchange::Ctx {
             state: state.clone(),
             proxy: self.clone(),
             upstream_timeout: spec.upstream_timeout,
@@ -276,7 +324,7 @@ impl Proxy {
             )),
         };
         let preview_task = preview.map(|l| {
-            tokio::spawn(forward::accept_loop(
+            tokio::spawn(accept::accept_loop(
                 l,
                 ctx.clone(),
                 true,
@@ -284,7 +332,7 @@ impl Proxy {
                 adopted.preview,
             ))
         });
-        let main = tokio::spawn(forward::accept_loop(
+        let main = tokio::spawn(accept::accept_loop(
             listener,
             ctx,
             false,

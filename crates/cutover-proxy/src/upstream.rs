@@ -140,7 +140,7 @@ impl Pool {
             Err(mut e) => match e.take_message() {
                 Some(back) => Err(SendError::NotSent(
                     Box::new(back),
-                    crate::forward::describe(e.error()),
+                    crate::exchange::describe(e.error()),
                 )),
                 None => Err(SendError::Failed(e.into_error())),
             },
@@ -191,7 +191,7 @@ impl Pool {
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| crate::forward::describe(&e))?;
+            .map_err(|e| crate::exchange::describe(&e))?;
         // Upgrades (WebSocket) hand the connection's IO over to the tunnel when they happen.
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {

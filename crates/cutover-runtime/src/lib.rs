@@ -27,7 +27,8 @@ use std::time::Duration;
 use cutover_core::{InstanceId, ServiceName, Version};
 
 pub use contain::{
-    CGROUPS_ENV, Registered, STATE_DIR_ENV, Swept, registered, safe_component, sweep_leftovers,
+    CGROUPS_ENV, Registered, STATE_DIR_ENV, Swept, canonical_state_dir, registered, safe_component,
+    sweep_leftovers,
 };
 pub use logs::LogLimits;
 pub use process::{Inherited, KEEPER_COMMAND, ProcessOptions, ProcessRuntime, keeper_main};

@@ -136,9 +136,91 @@ pub enum Command {
     },
     /// Print the output of a service's instances, from the files in the state dir.
     Logs(LogsArgs),
+    /// Faults injected into a service's requests or a dependency's connections; each ends by
+    /// itself (`--for`).
+    #[command(subcommand)]
+    Fault(FaultCommand),
+    /// Chaos experiments: steady-state hypothesis, method, rollbacks.
+    #[command(subcommand)]
+    Chaos(ChaosCommand),
+    /// Backups of the services' databases: take, list, verify, restore, prune ([backups]).
+    #[command(subcommand)]
+    Backup(BackupCommand),
     /// Started by `up`: waits for the daemon to die, then kills what its instances left.
     #[command(name = "__keeper", hide = true)]
     Keeper { state_dir: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FaultCommand {
+    /// Inject a fault; prints its id.
+    Add(FaultAddArgs),
+    /// The faults set now.
+    List(ReadOpts),
+    /// Clear a service's or dependency's faults, one fault by id, or all.
+    Clear {
+        /// A service, a dependency, or a fault's id.
+        #[arg(required_unless_present = "all")]
+        target: Option<String>,
+        #[arg(long, conflicts_with = "target")]
+        all: bool,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("effect").required(true).args(["latency", "error_rate", "reset_rate", "bandwidth", "blackhole"])))]
+pub struct FaultAddArgs {
+    /// A service or a dependency.
+    pub service: String,
+    /// Only requests to this version.
+    #[arg(long, conflicts_with = "instance")]
+    pub version: Option<String>,
+    /// Only requests to this instance (as `status` names it).
+    #[arg(long)]
+    pub instance: Option<String>,
+    /// How long it lasts (required), e.g. 5m: a forgotten fault cannot outlive its experiment.
+    #[arg(long = "for", value_name = "DUR", required = true)]
+    pub duration: String,
+    /// Delay every request (or chunk, for a dependency) this long.
+    #[arg(long, value_name = "DUR")]
+    pub latency: Option<String>,
+    /// With --latency: add up to this much more, at random.
+    #[arg(long, value_name = "DUR", requires = "latency")]
+    pub jitter: Option<String>,
+    /// Answer this share of requests (0 to 1) with an error, without asking the instance.
+    #[arg(long, value_name = "F")]
+    pub error_rate: Option<f64>,
+    /// With --error-rate: the status (default 500).
+    #[arg(long, value_name = "N", requires = "error_rate")]
+    pub status: Option<u16>,
+    /// Reset this share (0 to 1) of client connections (of dependency chunks).
+    #[arg(long, value_name = "F")]
+    pub reset_rate: Option<f64>,
+    /// Let answers flow at most this many bytes per second.
+    #[arg(long, value_name = "BYTES/s")]
+    pub bandwidth: Option<u64>,
+    /// Accept requests and never answer them, until the fault ends.
+    #[arg(long)]
+    pub blackhole: bool,
+    /// Print the fault as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ChaosCommand {
+    /// Run an experiment file (cutover's TOML or Chaos Toolkit's JSON); exit 0 when the
+    /// steady state held before and after, 1 when not.
+    Run {
+        file: PathBuf,
+        /// Print what would be done; do nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -151,6 +233,45 @@ pub enum StateCommand {
     Restore {
         /// A snapshot's name as `cutover state list` shows it, or its path.
         snapshot: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCommand {
+    /// Take a backup of SERVICE's database now (checksummed, in the catalog).
+    Create {
+        service: String,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
+    /// The backups in the catalog, newest first: size, verification, what `keep` says of each.
+    List {
+        service: Option<String>,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
+    /// Restore a backup into a scratch database and check it (the newest unless ID is given).
+    Verify {
+        service: String,
+        id: Option<String>,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
+    /// Restore backup ID into SERVICE's live database (replaces its content; needs --yes).
+    Restore {
+        service: String,
+        id: String,
+        /// Yes, replace the database's content with the backup's.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Delete the backups the `[backups] keep` policy does not keep.
+    Prune {
+        /// Say what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        read: ReadOpts,
     },
 }
 

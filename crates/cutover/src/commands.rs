@@ -104,6 +104,7 @@ pub fn validate(settings: &Settings, json: bool) -> CliResult {
                     "strategy": s.rollout.strategy.as_str(),
                     "instances": s.rollout.instances,
                     "runtime": runtime,
+                    "release": crate::backup::release_order(s),
                 })
             })
             .collect();
@@ -164,6 +165,27 @@ pub fn validate(settings: &Settings, json: bool) -> CliResult {
         out(format_args!(
             "service {} on {}: {} {}, rollouts by {}",
             s.name, s.listen, s.version, what, s.rollout.strategy
+        ))?;
+        if let Some(order) = crate::backup::release_order(s) {
+            out(format_args!("  each rollout: {order}"))?;
+        }
+    }
+    if settings
+        .services
+        .iter()
+        .any(|s| s.safety.database.is_some())
+    {
+        out(format_args!(
+            "backups in {}{}",
+            settings.backups.dir.display(),
+            settings
+                .backups
+                .every
+                .map(|e| format!(
+                    ", one every {} (verified, then pruned)",
+                    humantime::format_duration(e)
+                ))
+                .unwrap_or_default()
         ))?;
     }
     Ok(())

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use cutover_api::ApiState;
 use cutover_config::{RuntimeSettings, ServiceSettings, Settings};
-use cutover_controller::{Controller, DriverParts, ServiceSetup, Shutdown};
+use cutover_controller::{Controller, DriverParts, SafetySetup, ServiceSetup, Shutdown};
 use cutover_core::{DataPlane, RouteTable, Version};
 use cutover_metrics::Metrics;
 use cutover_proxy::{ClientTimeouts, Proxy, ServiceProxySpec};
@@ -102,6 +102,8 @@ struct Listeners {
     api: TcpListener,
     metrics: Option<TcpListener>,
     services: Vec<(TcpListener, Option<TcpListener>)>,
+    /// `[dependencies.NAME]` hops, in the config's order.
+    dependencies: Vec<TcpListener>,
     /// A duplicate of each, kept for a planned restart to hand over by number.
     keep: Vec<(String, OwnedFd)>,
 }
@@ -185,10 +187,16 @@ async fn bind_all(
         };
         services.push((main, preview));
     }
+    let mut dependencies = Vec::new();
+    for d in &settings.dependencies {
+        let key = format!("dependencies.{}.listen", d.name);
+        dependencies.push(listener(d.listen, &key, &key, inherited, &mut keep).await?);
+    }
     Ok(Listeners {
         api,
         metrics,
         services,
+        dependencies,
         keep,
     })
 }
@@ -320,8 +328,19 @@ async fn run(settings: Settings, reset_state: bool, main: MainThread) -> CliResu
             }
         }
     }
+    // Dependency hops, then faults, experiments, synthetic traffic and probes.
+    for (d, l) in settings.dependencies.iter().zip(listeners.dependencies) {
+        let p = proxy.clone();
+        let (name, upstream) = (d.name.clone(), d.upstream);
+        let stop = wait_true(proxies_stopping.clone());
+        proxy_tasks.push(tokio::spawn(async move {
+            p.serve_dependency(name, l, upstream, stop).await;
+        }));
+    }
+    let chaos = crate::chaos::start(&settings, &proxy, &metrics, &controller).await;
     let (stop_api, api_stopping) = watch::channel(false);
-    let api_state = ApiState::new(controller, metrics.clone(), &token);
+    let api_state =
+        ApiState::new(controller, metrics.clone(), &token).with_chaos(chaos.chaos.clone());
     let api_addr = listeners.api.local_addr().unwrap_or(settings.daemon.api);
     let api = tokio::spawn(cutover_api::serve(
         listeners.api,
@@ -385,6 +404,7 @@ async fn run(settings: Settings, reset_state: bool, main: MainThread) -> CliResu
             proxy.hand_over();
         }
     }
+    chaos.stop();
     let _ = stop_proxies.send(true);
     let _ = stop_api.send(true);
     let drain = match ending {
@@ -545,6 +565,16 @@ fn start_controller(
     let services: Vec<ServiceSettings> = settings.services.clone();
     let settings_for_docker = settings.clone();
     let state_dir = settings.daemon.state_dir.clone();
+    let safety_base = SafetyBase {
+        backups: settings.backups.clone(),
+        state_dir: cutover_runtime::canonical_state_dir(&state_dir),
+        workdir: settings
+            .file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(std::path::absolute)
+            .and_then(Result::ok),
+    };
     // Instances run where the config file is, like its relative paths resolve.
     let workdir = settings
         .file
@@ -624,7 +654,7 @@ fn start_controller(
         let handed = rt.block_on(async move {
             let setups = services
                 .iter()
-                .map(|s| service_setup(s, &runtime, containers.get(s.name.as_str())))
+                .map(|s| service_setup(s, &runtime, containers.get(s.name.as_str()), &safety_base))
                 .collect();
             let (mut driver, controller) = cutover_controller::driver(DriverParts {
                 services: setups,
@@ -675,10 +705,42 @@ fn start_controller(
     Ok((controller, stop_tx))
 }
 
+/// What every service's release-safety setup shares.
+struct SafetyBase {
+    backups: cutover_core::BackupSettings,
+    state_dir: std::path::PathBuf,
+    workdir: Option<std::path::PathBuf>,
+}
+
+fn safety_setup(s: &ServiceSettings, base: &SafetyBase) -> SafetySetup {
+    let env = match &s.runtime {
+        RuntimeSettings::Process { env, .. } => env.clone(),
+        RuntimeSettings::Docker(d) => d.env.clone(),
+        // A static service runs nothing, so it has no env of its own.
+        RuntimeSettings::Static { .. } => BTreeMap::new(),
+    };
+    let database = s.safety.database.as_ref().map(|d| {
+        let t = cutover_safety::target::resolve(d, &env);
+        if let Err(e) = &t {
+            tracing::warn!(service = %s.name, "{e}; its backups and migrations will fail until it is fixed");
+        }
+        t
+    });
+    SafetySetup {
+        spec: s.safety.clone(),
+        database,
+        backups: base.backups.clone(),
+        state_dir: Some(base.state_dir.clone()),
+        workdir: base.workdir.clone(),
+        groups: Default::default(),
+    }
+}
+
 fn service_setup(
     s: &ServiceSettings,
     process: &Arc<dyn Runtime>,
     docker: Option<&DockerRuntime>,
+    base: &SafetyBase,
 ) -> ServiceSetup {
     let (runtime, command, env, known) = match &s.runtime {
         RuntimeSettings::Process { command, env } => {
@@ -731,5 +793,6 @@ fn service_setup(
         env,
         known_versions: known,
         runtime,
+        safety: Arc::new(safety_setup(s, base)),
     }
 }

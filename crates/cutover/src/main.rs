@@ -7,6 +7,8 @@
 // `println!` panics; clippy keeps it that way for every command added later.
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
+mod backup;
+mod chaos;
 mod cli;
 mod client;
 mod commands;
@@ -98,6 +100,7 @@ fn run(cli: Cli) -> CliResult {
         Command::Reload => handover::ask(&load(&cli)?, handover::Ask::Reload),
         Command::DemoApp(a) => demo::demo_app(a),
         Command::Logs(a) => logs::run(&load(&cli)?, a),
+        Command::Backup(b) => backup::run(&load(&cli)?, b),
         Command::Keeper { state_dir } => {
             let swept = cutover_runtime::keeper_main(state_dir)
                 .map_err(|e| CliError::new(Code::Failure, format!("keeper: {e}")))?;
@@ -110,6 +113,30 @@ fn run(cli: Cli) -> CliResult {
             Ok(())
         }
         Command::Demo { keep, runtime } => demo::run(*keep, *runtime),
+        Command::Fault(f) => {
+            let client = Client::new(&load(&cli)?)?;
+            block_on(chaos::fault(&client, f))
+        }
+        Command::Chaos(cli::ChaosCommand::Run {
+            file,
+            dry_run,
+            read,
+        }) => {
+            let settings = load(&cli)?;
+            // A dry run needs no daemon.
+            let client = if *dry_run {
+                None
+            } else {
+                Some(Client::new(&settings)?)
+            };
+            block_on(chaos::run(
+                &settings,
+                client.as_ref(),
+                file,
+                *dry_run,
+                read.json,
+            ))
+        }
         Command::Completions { shell } => {
             // Into a buffer first: the generator panics if its writer fails (a closed pipe).
             let mut script = Vec::new();

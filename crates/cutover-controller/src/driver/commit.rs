@@ -148,6 +148,7 @@ impl Driver {
         }
         self.finish_if_done(name);
         self.reconcile_probes(name);
+        self.reconcile_job(name);
     }
 
     /// Writes a held transition again once its backoff has passed; when it lands, carries it
@@ -241,6 +242,7 @@ impl Driver {
                 }
             }
             Command::Record { .. } => {}
+            Command::Run(job) => self.run_job(name, job),
         }
     }
 
@@ -254,6 +256,7 @@ impl Driver {
         }
         let outcome = a.rollout.outcome();
         let id = a.rollout.id;
+        let took_backup = a.spec.steps.backup;
         if outcome == RolloutOutcome::Promoted {
             let old = std::mem::replace(&mut svc.stable, a.rollout.candidate.clone());
             let old_env = std::mem::replace(&mut svc.stable_env, a.row.env.clone());
@@ -263,6 +266,9 @@ impl Driver {
         svc.candidate_weight = Weight::ZERO;
         svc.preview = false;
         self.metrics.inc_rollouts(name, outcome);
+        if took_backup {
+            self.unpin_backups(name, id);
+        }
         // The service's row was saved with the final transition (`finished_service_row`).
         self.publish(name);
         // The record of promoted versions beside the database, and a snapshot of it: what a

@@ -90,18 +90,38 @@ impl Driver {
         }
     }
 
-    pub(super) fn on_internal(&mut self, i: Internal) {
+    pub(super) async fn on_internal(&mut self, i: Internal) {
         match i {
             Internal::Stopped(id) => {
+                let mut stopped = None;
                 for (name, svc) in self.services.iter_mut() {
                     if svc.instances.remove(&id).is_some() {
                         if let Err(e) = self.store.delete_instance(id.as_str()) {
                             tracing::warn!(error = %e, "could not forget a stopped instance");
                         }
-                        let name = name.clone();
-                        self.update_instance_gauges(&name);
+                        stopped = Some(name.clone());
                         break;
                     }
+                }
+                if let Some(name) = stopped {
+                    self.update_instance_gauges(&name);
+                    self.start_pending_job(&name);
+                }
+            }
+            Internal::JobDone {
+                service,
+                seq,
+                event,
+            } => self.on_job_done(&service, seq, event).await,
+            Internal::Fact {
+                service,
+                rollout,
+                kind,
+                message,
+            } => self.record_loose(&service, rollout, kind, message),
+            Internal::ScheduledDone(service) => {
+                if let Some(svc) = self.services.get_mut(&service) {
+                    svc.scheduled = None;
                 }
             }
         }
@@ -109,12 +129,14 @@ impl Driver {
 
     pub(super) async fn on_tick(&mut self) {
         let t = self.clock.now();
+        self.schedule_backups(t);
         let names: Vec<ServiceName> = self.services.keys().cloned().collect();
         for name in names {
             // A held service does nothing but retry its write: not even a scale-down.
             if self.retry_held(&name).await {
                 continue;
             }
+            self.start_pending_job(&name);
             let cold = self
                 .services
                 .get(&name)

@@ -41,6 +41,7 @@ use crate::{plan, probe};
 mod analysis;
 mod commit;
 mod events;
+mod jobs;
 mod publish;
 mod reconcile;
 mod record;
@@ -48,6 +49,7 @@ mod recover;
 mod requests;
 mod views;
 
+pub use jobs::SafetySetup;
 use reconcile::instance_env;
 use record::finished_service_row;
 use views::{event_view, rollout_view};
@@ -77,6 +79,8 @@ pub struct ServiceSetup {
     /// For static services: the versions that exist. `None`: any version can be started.
     pub known_versions: Option<Vec<Version>>,
     pub runtime: Arc<dyn Runtime>,
+    /// Hooks, smoke checks, the database and its backups (CONTRACT §9).
+    pub safety: Arc<SafetySetup>,
 }
 
 /// Traffic shares in percent per version, stable first.
@@ -102,6 +106,14 @@ enum Request {
         oneshot::Sender<Result<Vec<RolloutView>, ControlError>>,
     ),
     Rollout(i64, oneshot::Sender<Result<RolloutView, ControlError>>),
+    /// An event from outside the release state (a fault, an experiment, a probe), recorded
+    /// and broadcast like the driver's own.
+    Record(
+        ServiceName,
+        cutover_core::EventKind,
+        String,
+        oneshot::Sender<()>,
+    ),
 }
 
 /// A cheap, cloneable handle for talking to the driver.
@@ -161,6 +173,18 @@ impl Controller {
         self.ask(|tx| Request::Rollout(id, tx)).await?
     }
 
+    /// Records an event for a service (or a dependency) that no rollout decided: a fault set
+    /// or cleared, an experiment's course, a probe's change. It is stored and broadcast.
+    pub async fn record(
+        &self,
+        service: &ServiceName,
+        kind: cutover_core::EventKind,
+        message: String,
+    ) -> Result<(), ControlError> {
+        self.ask(|tx| Request::Record(service.clone(), kind, message, tx))
+            .await
+    }
+
     /// Every event the controller records from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Notice> {
         self.notices.subscribe()
@@ -171,6 +195,21 @@ impl Controller {
 enum Internal {
     /// An instance left the route table, drained and stopped.
     Stopped(InstanceId),
+    /// A rollout's job finished (`seq` tells it from a job that was replaced).
+    JobDone {
+        service: ServiceName,
+        seq: u64,
+        event: Event,
+    },
+    /// Something a job did (a hook ran, a backup was taken), to record.
+    Fact {
+        service: ServiceName,
+        rollout: Option<i64>,
+        kind: EventKind,
+        message: String,
+    },
+    /// A scheduled backup round of the service ended.
+    ScheduledDone(ServiceName),
 }
 
 struct Instance {
@@ -217,6 +256,14 @@ struct Svc {
     warm: Option<(Version, Timestamp)>,
     /// A transition decided but not yet durable: while set, the service is degraded and held.
     held: Option<Held>,
+    /// The job the rollout's stage runs now (hooks, a backup, the migration, ...).
+    job: Option<jobs::RunningJob>,
+    /// A restore (or `migrate_down`) of rollout `.0` that waits for the candidate to stop.
+    pending_job: Option<(i64, fsm::Job)>,
+    job_seq: u64,
+    /// The scheduled backup round in flight, and when the next one is due.
+    scheduled: Option<tokio::task::JoinHandle<()>>,
+    next_backup: Option<Timestamp>,
 }
 
 /// A transition whose write failed, kept to be written again and then carried out.
@@ -305,6 +352,11 @@ pub fn driver(parts: DriverParts) -> (Driver, Controller) {
                 prober: None,
                 warm: None,
                 held: None,
+                job: None,
+                pending_job: None,
+                job_seq: 0,
+                scheduled: None,
+                next_backup: None,
                 setup,
             };
             (name, svc)
@@ -396,7 +448,7 @@ impl Driver {
                 Some(req) = self.requests.recv() => self.request(req).await,
                 Some(h) = self.health.recv() => self.on_health(h).await,
                 Some(e) = self.exits.recv() => self.on_exit(e).await,
-                Some(i) = self.internal.recv() => self.on_internal(i),
+                Some(i) = self.internal.recv() => self.on_internal(i).await,
                 _ = tick.tick() => self.on_tick().await,
                 _ = sample.tick() => self.metrics.sample(self.clock.now()),
             }
@@ -414,6 +466,10 @@ impl Driver {
     /// forgotten in the store: its rows are how that program finds them.
     fn hand_over(&mut self) -> Vec<HandedOver> {
         let mut out = Vec::new();
+        // Nothing would wait for a job's processes after the exec: they stop now, and the
+        // next program resumes the rollout from its checkpoint (a migration stopped this way
+        // is undone from its backup, never run twice).
+        self.stop_jobs();
         for svc in self.services.values_mut() {
             if let Some(p) = svc.prober.take() {
                 p.abort();

@@ -144,7 +144,22 @@ impl Driver {
         });
     }
 
+    /// Stops every job in flight and the processes they run.
+    pub(super) fn stop_jobs(&mut self) {
+        for svc in self.services.values_mut() {
+            if let Some(j) = svc.job.take() {
+                j.abort();
+            }
+            if let Some(s) = svc.scheduled.take() {
+                s.abort();
+            }
+            svc.setup.safety.groups.kill_all();
+        }
+    }
+
     pub(super) async fn stop_everything(&mut self) {
+        // A migration stopped with the daemon is undone from its backup at the next start.
+        self.stop_jobs();
         for svc in self.services.values_mut() {
             if let Some(p) = svc.prober.take() {
                 p.abort();

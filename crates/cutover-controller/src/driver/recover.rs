@@ -124,6 +124,7 @@ impl Driver {
         for row in active {
             self.resume_rollout(row).await;
         }
+        self.unpin_stale_backups();
         // Adopted instances of a version no rollout wants (one retired by a promotion that
         // was still warm) stay warm for another `scale_down_delay`, then stop.
         for name in &names {

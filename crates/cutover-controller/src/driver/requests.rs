@@ -49,6 +49,15 @@ impl Driver {
             Request::Rollout(id, tx) => {
                 let _ = tx.send(self.rollout_with_events(id));
             }
+            Request::Record(name, kind, message, tx) => {
+                let rollout = self
+                    .services
+                    .get(&name)
+                    .and_then(|s| s.active.as_ref())
+                    .map(|a| a.row.id);
+                self.record_loose(&name, rollout, kind, message);
+                let _ = tx.send(());
+            }
         }
     }
 

@@ -4,6 +4,7 @@
 // In tests a panic is the failure report, with its location; helpers unwrap freely.
 #![allow(clippy::unwrap_used)]
 
+mod chaos;
 mod cli;
 mod dashboard;
 mod daytwo;
@@ -15,4 +16,5 @@ mod harness;
 mod processes;
 mod restart;
 mod rollouts;
+mod safety;
 mod state;
