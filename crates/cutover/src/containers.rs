@@ -15,6 +15,9 @@ use tokio::sync::mpsc;
 use crate::cli::LogsArgs;
 use crate::exit::{CliError, CliResult, Code};
 
+/// The label of images the demo builds (and the tests, which build the same image).
+pub const DEMO_LABEL: &str = "io.cutover.demo";
+
 /// How long `validate` and `up` wait for an Engine to answer.
 const CHECK_WITHIN: Duration = Duration::from_secs(5);
 
@@ -169,7 +172,7 @@ pub fn build_demo_image(tag: &str, exe: &Path) -> CliResult {
                     format!("cannot put the demo image together: {e}"),
                 )
             })?;
-        let labels = HashMap::from([("io.cutover.demo".to_owned(), "true".to_owned())]);
+        let labels = HashMap::from([(DEMO_LABEL.to_owned(), "true".to_owned())]);
         image::build(&docker, tag, "Dockerfile", tar, &labels)
             .await
             .map_err(|e| {
@@ -177,6 +180,11 @@ pub fn build_demo_image(tag: &str, exe: &Path) -> CliResult {
                     Code::Failure,
                     format!("cannot build the demo image {tag}: {e}"),
                 )
-            })
+            })?;
+        // The previous build of the tag is untagged now: it goes, so demos do not pile up.
+        if let Err(e) = image::prune_untagged(&docker, DEMO_LABEL).await {
+            tracing::warn!(error = %e, "could not remove older demo images");
+        }
+        Ok(())
     })
 }

@@ -151,6 +151,23 @@ pub async fn build(
     }
 }
 
+/// Removes the images that carry `label` and that no tag names any more (the ones a rebuild
+/// under the same tag left behind), unless a container uses them. Returns the bytes freed.
+pub async fn prune_untagged(docker: &Docker, label: &str) -> Result<i64, RuntimeError> {
+    let filters = HashMap::from([
+        ("dangling", vec!["true".to_owned()]),
+        ("label", vec![label.to_owned()]),
+    ]);
+    let options = bollard::query_parameters::PruneImagesOptionsBuilder::default()
+        .filters(&filters)
+        .build();
+    docker
+        .prune_images(Some(options))
+        .await
+        .map(|r| r.space_reclaimed.unwrap_or(0))
+        .map_err(|e| engine_error("cannot remove old images", &e))
+}
+
 /// Pulls `image` from its registry.
 async fn pull(docker: &Docker, image: &str) -> Result<(), RuntimeError> {
     let options = CreateImageOptionsBuilder::default()

@@ -55,9 +55,13 @@ fn demo_image() {
                 .map(|s| (*s).to_owned())
                 .collect();
             let tar = image::executables_tar(&files, &entry).unwrap();
-            image::build(&docker, DEMO_IMAGE, "Dockerfile", tar, &HashMap::new())
+            let labels = HashMap::from([("io.cutover.demo".to_owned(), "true".to_owned())]);
+            image::build(&docker, DEMO_IMAGE, "Dockerfile", tar, &labels)
                 .await
                 .unwrap();
+            // Each rebuilt executable leaves the previous image untagged: removed here, so
+            // test runs do not pile images up on the machine.
+            image::prune_untagged(&docker, "io.cutover.demo").await.unwrap();
         });
     });
 }
