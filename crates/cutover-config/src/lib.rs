@@ -8,6 +8,7 @@
 
 mod raw;
 mod resolve;
+pub mod signals;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,6 +30,8 @@ pub struct Settings {
     /// In the order of their names.
     pub services: Vec<ServiceSettings>,
     pub notify: NotifySettings,
+    /// SLO alerts' receivers, routes and rules, `[policy]` and `[dora]` (CONTRACT §10).
+    pub signals: signals::SignalsSettings,
     /// What is valid but probably not meant (an API reachable from other machines, say):
     /// `validate` prints these and `up` logs them.
     pub warnings: Vec<Diagnostic>,
@@ -37,6 +40,24 @@ pub struct Settings {
 impl Settings {
     pub fn service(&self, name: &str) -> Option<&ServiceSettings> {
         self.services.iter().find(|s| s.name.as_str() == name)
+    }
+
+    /// The receivers' environment variables that are not set, each where the config names
+    /// it: `validate`, `up` and `reload` refuse such a config (the values themselves are
+    /// read only when sending, never kept).
+    pub fn missing_secrets(&self) -> Vec<Diagnostic> {
+        self.signals
+            .secrets
+            .iter()
+            .filter(|s| std::env::var_os(&s.env).is_none_or(|v| v.is_empty()))
+            .map(|s| Diagnostic {
+                message: format!(
+                    "the environment variable {} is not set; export it before starting cutover (its value is read when an alert is sent, never stored)",
+                    s.env
+                ),
+                ..s.at.clone()
+            })
+            .collect()
     }
 }
 
@@ -69,6 +90,8 @@ pub struct ServiceSettings {
     /// together); beyond it the oldest idle one is closed, or the new one gets a 503. `None`:
     /// derived from the daemon's descriptor limit at start.
     pub max_connections: Option<u32>,
+    /// `[[services.NAME.slo]]`, in the order written.
+    pub slos: Vec<cutover_signals::slo::SloSpec>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -22,6 +22,9 @@ pub struct Raw {
     #[serde(default)]
     pub services: BTreeMap<S<String>, S<RawService>>,
     pub notify: Option<S<RawNotify>>,
+    pub alerts: Option<S<crate::signals::RawAlerts>>,
+    pub policy: Option<S<crate::signals::RawPolicy>>,
+    pub dora: Option<S<crate::signals::RawDora>>,
 }
 
 #[derive(Deserialize)]
@@ -62,6 +65,7 @@ pub struct RawService {
     pub scale_down_delay: Option<S<String>>,
     pub analysis: Option<S<RawAnalysisOrOff>>,
     pub max_connections: Option<S<i64>>,
+    pub slo: Option<S<Vec<S<crate::signals::RawSlo>>>>,
 }
 
 /// `analysis = false`, or an `[services.X.analysis]` table.

@@ -27,10 +27,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Collects diagnostics while resolving.
-struct Ctx<'a> {
-    text: &'a str,
-    file: &'a Path,
-    diags: Vec<Diagnostic>,
+pub(crate) struct Ctx<'a> {
+    pub(crate) text: &'a str,
+    pub(crate) file: &'a Path,
+    pub(crate) diags: Vec<Diagnostic>,
     warnings: Vec<Diagnostic>,
 }
 
@@ -46,7 +46,7 @@ impl Ctx<'_> {
         });
     }
 
-    fn err_at(&mut self, offset: usize, key: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn err_at(&mut self, offset: usize, key: impl Into<String>, message: impl Into<String>) {
         let (line, column) = line_col(self.text, offset);
         self.diags.push(Diagnostic {
             file: self.file.to_owned(),
@@ -57,7 +57,7 @@ impl Ctx<'_> {
         });
     }
 
-    fn err<T>(&mut self, v: &S<T>, key: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn err<T>(&mut self, v: &S<T>, key: impl Into<String>, message: impl Into<String>) {
         self.err_at(v.span().start, key, message);
     }
 
@@ -78,7 +78,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn duration(&mut self, v: Option<&S<String>>, key: &str, default: Duration) -> Duration {
+    pub(crate) fn duration(&mut self, v: Option<&S<String>>, key: &str, default: Duration) -> Duration {
         let Some(v) = v else { return default };
         match parse_duration(v.get_ref()) {
             Ok(d) if d.is_zero() => {
@@ -94,14 +94,14 @@ impl Ctx<'_> {
     }
 
     /// A duration that may be zero (`scale_down_delay = "0s"` stops the old version at once).
-    fn duration_or_zero(&mut self, v: &S<String>, key: &str) -> Duration {
+    pub(crate) fn duration_or_zero(&mut self, v: &S<String>, key: &str) -> Duration {
         parse_duration(v.get_ref()).unwrap_or_else(|e| {
             self.err(v, key, e);
             Duration::ZERO
         })
     }
 
-    fn count(&mut self, v: Option<&S<i64>>, key: &str, min: i64, max: i64, default: u32) -> u32 {
+    pub(crate) fn count(&mut self, v: Option<&S<i64>>, key: &str, min: i64, max: i64, default: u32) -> u32 {
         let Some(v) = v else { return default };
         let n = *v.get_ref();
         if n < min {
@@ -139,7 +139,7 @@ fn resolve_program(program: &str, base: &Path) -> String {
 }
 
 /// The directory relative paths in the config resolve against: the config file's.
-fn config_dir(file: &Path) -> PathBuf {
+pub(crate) fn config_dir(file: &Path) -> PathBuf {
     file.parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
@@ -253,6 +253,14 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
         }
     }
     services.sort_by(|a: &ServiceSettings, b| a.name.as_str().cmp(b.name.as_str()));
+    let service_names = raw.services.keys().map(|n| n.get_ref().clone()).collect();
+    let signals = crate::signals::resolve(
+        &mut cx,
+        raw.alerts.as_ref(),
+        raw.policy.as_ref(),
+        raw.dora.as_ref(),
+        &service_names,
+    );
     if cx.diags.is_empty() {
         cx.warnings.sort_by_key(|d| (d.line, d.column));
         Ok(Settings {
@@ -260,6 +268,7 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
             daemon,
             services,
             notify,
+            signals,
             warnings: cx.warnings,
         })
     } else {
@@ -768,6 +777,8 @@ fn service(
         .as_ref()
         .map(|v| cx.count(Some(v), &k("max_connections"), 1, 1_000_000, 1));
 
+    let slos = crate::signals::slos(cx, name, s.slo.as_ref());
+
     if cx.diags.len() > errors_before {
         return None;
     }
@@ -780,6 +791,7 @@ fn service(
         rollout,
         upstream_timeout,
         max_connections,
+        slos,
     })
 }
 

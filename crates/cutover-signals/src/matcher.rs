@@ -111,7 +111,15 @@ impl Matcher {
         let re = match op {
             Op::Re | Op::NotRe => Some(
                 Regex::new(&format!("^(?:{value})$"))
-                    .map_err(|e| format!("{value:?} is not a regular expression: {e}"))?,
+                    .map_err(|e| {
+                        // regex explains over several lines; its last says what is wrong.
+                        let why = e.to_string();
+                        let last = why.lines().last().unwrap_or_default();
+                        format!(
+                            "{value:?} is not a regular expression: {}",
+                            last.trim_start_matches("error: ")
+                        )
+                    })?,
             ),
             Op::Eq | Op::Ne => None,
         };
