@@ -12,6 +12,7 @@
 mod auth;
 mod dashboard;
 mod routes;
+pub mod signals;
 pub mod wire;
 
 use std::future::Future;
@@ -31,6 +32,8 @@ pub struct ApiState {
     pub token: Arc<str>,
     /// The dashboard's logged-in browsers.
     pub sessions: Sessions,
+    /// SLOs, alerts and DORA (CONTRACT §10); `None`: those routes answer 404.
+    pub signals: Option<signals::Source>,
 }
 
 impl ApiState {
@@ -40,7 +43,14 @@ impl ApiState {
             metrics,
             token: Arc::from(token),
             sessions: Sessions::default(),
+            signals: None,
         }
+    }
+
+    /// The same state, with the daemon's signals behind the §10 routes.
+    pub fn with_signals(mut self, source: signals::Source) -> ApiState {
+        self.signals = Some(source);
+        self
     }
 }
 
