@@ -184,3 +184,5 @@ mod tests {
         assert_eq!(clock("short"), "short");
     }
 }
+
+pub(crate) use crate::commands::print_json;
