@@ -146,7 +146,13 @@ fn slo_groups(out: &mut String, slo: &SloSpec, n: &Names<'_>) {
             f = filter(slo)
         ),
         hold: None,
-        labels: vec![("sloth_window".into(), period.clone())],
+        // The SLO's labels too, though the source series has them: without them the rules of
+        // two SLOs would be duplicates to `promtool check rules`.
+        labels: {
+            let mut l = slo_labels(slo);
+            l.push(("sloth_window".into(), period.clone()));
+            l
+        },
         annotations: Vec::new(),
     });
     write_group(

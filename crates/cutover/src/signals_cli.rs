@@ -39,11 +39,24 @@ pub fn validate_json(settings: &Settings) -> serde_json::Value {
 /// What `validate` says about signals, a line each.
 pub fn validate_text(settings: &Settings) -> CliResult {
     for s in settings.services.iter().flat_map(|s| s.slos.iter()) {
+        let w: Vec<String> = cutover_signals::slo::BURN_WINDOWS
+            .iter()
+            .map(|w| {
+                format!(
+                    "{} above {}× over {} and {}",
+                    w.severity.as_str(),
+                    cutover_signals::prom::num((w.factor(s.window) * 100.0).round() / 100.0),
+                    cutover_signals::short_duration(w.long),
+                    cutover_signals::short_duration(w.short)
+                )
+            })
+            .collect();
         out(format_args!(
-            "slo {}/{}: {}; pages at 14.4× burn (1h and 5m) or 6× (6h and 30m), tickets at 3× (1d and 2h) or 1× (3d and 6h) for 30 days",
+            "slo {}/{}: {}; alerts: {}",
             s.service,
             s.name,
-            s.describe()
+            s.describe(),
+            w.join(", ")
         ))?;
     }
     let sig = &settings.signals;

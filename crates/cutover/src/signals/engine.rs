@@ -18,7 +18,7 @@ use cutover_core::{Health, LatencyDist, Phase, ServiceName, Timestamp, Version};
 use cutover_metrics::{AlertGauge, Metrics, ReceiverGauge, SignalGauges, SloGauge, VersionSnapshot};
 use cutover_signals::alert::{AlertState, Transition, step};
 use cutover_signals::route::{Alert, Dispatcher, Routing};
-use cutover_signals::rules::{RuleSpec, Sample, builtin};
+use cutover_signals::rules::{Metric, RuleSpec, Sample, builtin};
 use cutover_signals::slo::{self, Counts, Minute, Severity, SloSpec, SloStatus};
 use cutover_signals::{Labels, short_duration};
 use cutover_store::signals::CountRow;
@@ -714,7 +714,8 @@ impl Engine {
                 .map(|v| SloGauge {
                     service: v.status.spec.service.clone(),
                     slo: v.status.spec.name.clone(),
-                    objective: v.status.spec.objective / 100.0,
+                    // 0.999, not 0.9990000000000001.
+                    objective: (v.status.spec.objective * 1e8).round() / 1e10,
                     budget_remaining: v.status.budget_remaining,
                     burn_rates: v
                         .status
@@ -795,11 +796,11 @@ fn slo_candidate(status: &SloStatus, sev: Severity) -> Candidate {
 }
 
 fn rule_candidate(rule: &RuleSpec, service: &str, s: &Sample) -> Candidate {
-    let summary = format!(
-        "{service}: {} over {}",
-        rule.condition.describe(s),
-        short_duration(rule.window)
-    );
+    let over = match rule.condition.metric {
+        Metric::HealthyInstances => String::new(),
+        _ => format!(" over {}", short_duration(rule.window)),
+    };
+    let summary = format!("{service}: {}{over}", rule.condition.describe(s));
     Candidate {
         labels: labels(&[
             ("alertname", &rule.name),

@@ -386,9 +386,9 @@ impl SignalsSource for Handle {
             .slos
             .iter()
             .filter(|v| v.status.spec.service == service && v.status.exhausted())
-            .map(|v| format!("the error budget of {}", v.status.budget_sentence()))
+            .map(|v| v.status.budget_sentence())
             .collect();
-        (!spent.is_empty()).then(|| format!("{} is exhausted", spent.join("; and ")))
+        (!spent.is_empty()).then(|| format!("error budget exhausted: {}", spent.join("; ")))
     }
 
     fn note(&self, n: RolloutNote) {

@@ -14,4 +14,5 @@ mod harness;
 mod processes;
 mod restart;
 mod rollouts;
+mod signals;
 mod state;
