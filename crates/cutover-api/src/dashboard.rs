@@ -282,10 +282,10 @@ async fn service_panel(
         return StatusCode::UNAUTHORIZED.into_response();
     }
     match s.controller.service(&name).await {
-        Ok(svc) => Html(
-            panel(&svc, &s.metrics) + &crate::signals::cards(&s, Some(svc.name.as_str())),
-        )
-        .into_response(),
+        Ok(svc) => {
+            Html(panel(&svc, &s.metrics) + &crate::signals::cards(&s, Some(svc.name.as_str())))
+                .into_response()
+        }
         Err(e) => (StatusCode::NOT_FOUND, e.to_string()).into_response(),
     }
 }

@@ -153,7 +153,7 @@ async fn deploy(
     // An exhausted error budget freezes deploys (never rollbacks) unless forced with a reason.
     let overrode = match crate::signals::check_freeze(&s, &name, b.force, b.reason.as_deref()) {
         Ok(o) => o,
-        Err(refused) => return Ok(refused),
+        Err(refused) => return Ok(*refused),
     };
     if b.version.trim().is_empty() {
         return Err(bad_request("the body needs a \"version\"".into()));
@@ -251,7 +251,12 @@ async fn rollback(
     headers: HeaderMap,
     bytes: axum::body::Bytes,
 ) -> ApiResult<wire::Service> {
-    let before = s.controller.service(&name).await.ok().and_then(|v| v.rollout_id);
+    let before = s
+        .controller
+        .service(&name)
+        .await
+        .ok()
+        .and_then(|v| v.rollout_id);
     let v = plain_act(&s, &name, Action::Rollback, &headers, &bytes).await?;
     // A rollback after a promotion starts a new rollout back (one during a rollout ends that
     // rollout instead): DORA counts the new one as a restore.

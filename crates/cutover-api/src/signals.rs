@@ -282,15 +282,17 @@ pub fn check_freeze(
     service: &str,
     force: bool,
     reason: Option<&str>,
-) -> Result<Option<String>, Response> {
+) -> Result<Option<String>, Box<Response>> {
     let reason = reason.map(str::trim).filter(|r| !r.is_empty());
     if force && reason.is_none() {
-        return Err(crate::routes::error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "--force needs --reason TEXT: the reason is recorded with the rollout",
-        )
-        .into_response());
+        return Err(Box::new(
+            crate::routes::error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "--force needs --reason TEXT: the reason is recorded with the rollout",
+            )
+            .into_response(),
+        ));
     }
     let Some(src) = &s.signals else {
         return Ok(None);
@@ -298,14 +300,16 @@ pub fn check_freeze(
     match src.frozen(service) {
         None => Ok(None),
         Some(why) if force => Ok(Some(why)),
-        Some(why) => Err(crate::routes::error(
-            StatusCode::CONFLICT,
-            "frozen",
-            &format!(
-                "{why}; deploys of {service} are frozen ([policy] freeze_when_budget_exhausted): deploy with --force --reason TEXT to go ahead anyway, or `cutover rollback {service}` (never frozen)"
-            ),
-        )
-        .into_response()),
+        Some(why) => Err(Box::new(
+            crate::routes::error(
+                StatusCode::CONFLICT,
+                "frozen",
+                &format!(
+                    "{why}; deploys of {service} are frozen ([policy] freeze_when_budget_exhausted): deploy with --force --reason TEXT to go ahead anyway, or `cutover rollback {service}` (never frozen)"
+                ),
+            )
+            .into_response(),
+        )),
     }
 }
 
@@ -394,7 +398,11 @@ pub fn cards(s: &ApiState, service: Option<&str>) -> String {
                 escape(&a.severity),
                 escape(&a.summary),
                 st = escape(&a.state),
-                cls = if a.state == "firing" { "h-unhealthy" } else { "h-starting" },
+                cls = if a.state == "firing" {
+                    "h-unhealthy"
+                } else {
+                    "h-starting"
+                },
             );
         }
         out.push_str("</table>");
@@ -409,8 +417,10 @@ pub fn cards(s: &ApiState, service: Option<&str>) -> String {
         );
     }
     out.push_str("</section>");
-    if let Ok(report) = src.slo(service) {
-        if !report.slos.is_empty() {
+    if let Ok(report) = src.slo(service)
+        && !report.slos.is_empty()
+    {
+        {
             out.push_str("<section class=card id=slos><h3>Error budgets</h3><div class=charts>");
             for slo in &report.slos {
                 let title = format!(
@@ -450,9 +460,12 @@ pub fn dora_card(d: &wire::Dora) -> String {
         fl = escape(&d.deployment_frequency_level),
         lt = secs(d.lead_time_seconds),
         ll = escape(&level(&d.lead_time_level)),
-        cfr = d
-            .change_failure_rate
-            .map_or("-".to_owned(), |r| format!("{:.0}% ({} of {})", r * 100.0, d.failed_deployments, d.deployments)),
+        cfr = d.change_failure_rate.map_or("-".to_owned(), |r| format!(
+            "{:.0}% ({} of {})",
+            r * 100.0,
+            d.failed_deployments,
+            d.deployments
+        )),
         cl = escape(&level(&d.change_failure_level)),
         ttr = secs(d.time_to_restore_seconds),
         tl = escape(&level(&d.time_to_restore_level)),
@@ -499,7 +512,10 @@ mod tests {
         assert_eq!(humantime_like(Duration::from_secs(7_500)), "2h 5m");
         assert_eq!(humantime_like(Duration::from_secs(45)), "45s");
         assert_eq!(humantime_like(Duration::from_secs(0)), "0s");
-        assert_eq!(humantime_like(Duration::from_secs(3 * 86_400 + 4 * 3_600 + 5)), "3d 4h");
+        assert_eq!(
+            humantime_like(Duration::from_secs(3 * 86_400 + 4 * 3_600 + 5)),
+            "3d 4h"
+        );
     }
 
     #[test]

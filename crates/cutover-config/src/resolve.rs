@@ -46,7 +46,12 @@ impl Ctx<'_> {
         });
     }
 
-    pub(crate) fn err_at(&mut self, offset: usize, key: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn err_at(
+        &mut self,
+        offset: usize,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
         let (line, column) = line_col(self.text, offset);
         self.diags.push(Diagnostic {
             file: self.file.to_owned(),
@@ -78,7 +83,12 @@ impl Ctx<'_> {
         }
     }
 
-    pub(crate) fn duration(&mut self, v: Option<&S<String>>, key: &str, default: Duration) -> Duration {
+    pub(crate) fn duration(
+        &mut self,
+        v: Option<&S<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
         let Some(v) = v else { return default };
         match parse_duration(v.get_ref()) {
             Ok(d) if d.is_zero() => {
@@ -101,7 +111,14 @@ impl Ctx<'_> {
         })
     }
 
-    pub(crate) fn count(&mut self, v: Option<&S<i64>>, key: &str, min: i64, max: i64, default: u32) -> u32 {
+    pub(crate) fn count(
+        &mut self,
+        v: Option<&S<i64>>,
+        key: &str,
+        min: i64,
+        max: i64,
+        default: u32,
+    ) -> u32 {
         let Some(v) = v else { return default };
         let n = *v.get_ref();
         if n < min {

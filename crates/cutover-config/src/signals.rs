@@ -117,7 +117,10 @@ pub enum ReceiverKind {
     /// A Slack incoming webhook.
     Slack { url: UrlSource },
     /// PagerDuty Events API v2; `url` is PagerDuty's unless set (for tests and proxies).
-    PagerDuty { url: String, routing_key_env: String },
+    PagerDuty {
+        url: String,
+        routing_key_env: String,
+    },
     /// SMTP; with `require_tls` (the default) the server must offer STARTTLS.
     Email {
         smtp: String,
@@ -184,19 +187,23 @@ pub const DEFAULT_FIX_WINDOW: Duration = Duration::from_secs(7 * 86_400);
 
 fn label_safe(s: &str) -> bool {
     !s.is_empty()
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 fn alert_name_ok(s: &str) -> bool {
     let mut c = s.chars();
-    c.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    c.next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && c.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// `[[services.NAME.slo]]`.
-pub(crate) fn slos(cx: &mut Ctx<'_>, service: &str, raw: Option<&S<Vec<S<RawSlo>>>>) -> Vec<SloSpec> {
+pub(crate) fn slos(
+    cx: &mut Ctx<'_>,
+    service: &str,
+    raw: Option<&S<Vec<S<RawSlo>>>>,
+) -> Vec<SloSpec> {
     let Some(list) = raw else {
         return Vec::new();
     };
@@ -227,7 +234,11 @@ pub(crate) fn slos(cx: &mut Ctx<'_>, service: &str, raw: Option<&S<Vec<S<RawSlo>
         };
         let objective = match &s.objective {
             None => {
-                cx.err_at(at, k("objective"), "is required: the percent of good requests, e.g. 99.9");
+                cx.err_at(
+                    at,
+                    k("objective"),
+                    "is required: the percent of good requests, e.g. 99.9",
+                );
                 None
             }
             Some(o) => {
@@ -244,7 +255,11 @@ pub(crate) fn slos(cx: &mut Ctx<'_>, service: &str, raw: Option<&S<Vec<S<RawSlo>
                 }
             }
         };
-        let window = cx.duration(s.window.as_ref(), &k("window"), Duration::from_secs(30 * 86_400));
+        let window = cx.duration(
+            s.window.as_ref(),
+            &k("window"),
+            Duration::from_secs(30 * 86_400),
+        );
         if let Some(w) = &s.window
             && window < LONGEST_ALERT_WINDOW
             && parse_duration(w.get_ref()).is_ok()
@@ -353,9 +368,16 @@ pub(crate) fn resolve(
                 v,
                 key,
                 if list.is_empty() {
-                    format!("no receiver is named {:?}; add an [[alerts.receivers]] entry", v.get_ref())
+                    format!(
+                        "no receiver is named {:?}; add an [[alerts.receivers]] entry",
+                        v.get_ref()
+                    )
                 } else {
-                    format!("no receiver is named {:?}; receivers: {}", v.get_ref(), list.join(", "))
+                    format!(
+                        "no receiver is named {:?}; receivers: {}",
+                        v.get_ref(),
+                        list.join(", ")
+                    )
                 },
             );
             false
@@ -399,7 +421,11 @@ pub(crate) fn resolve(
         }
         let receiver = match &r.receiver {
             None => {
-                cx.err_at(at, k("receiver"), "is required: the receiver this route sends to");
+                cx.err_at(
+                    at,
+                    k("receiver"),
+                    "is required: the receiver this route sends to",
+                );
                 None
             }
             Some(v) => known(cx, v, k("receiver"), &names).then(|| v.get_ref().clone()),
@@ -462,7 +488,11 @@ pub(crate) fn resolve(
                 None
             }
             Some(n) if !alert_name_ok(n.get_ref()) => {
-                cx.err(n, k("name"), "an alert name uses letters, digits and '_', not starting with a digit");
+                cx.err(
+                    n,
+                    k("name"),
+                    "an alert name uses letters, digits and '_', not starting with a digit",
+                );
                 None
             }
             Some(n) => Some(n.get_ref().clone()),
@@ -479,16 +509,22 @@ pub(crate) fn resolve(
             Some(s) => Some(Some(s.get_ref().clone())),
             None => Some(None),
         };
-        if let (Some(n), Some(s)) = (&name, &service)
+        if let (Some(n), Some(s), Some(v)) = (&name, &service, &r.name)
             && !rule_names.insert((n.clone(), s.clone()))
         {
-            if let Some(v) = &r.name {
-                cx.err(v, k("name"), format!("{n:?} is already a rule for this service"));
-            }
+            cx.err(
+                v,
+                k("name"),
+                format!("{n:?} is already a rule for this service"),
+            );
         }
         let condition = match &r.when {
             None => {
-                cx.err_at(at, k("when"), "is required, e.g. \"error_rate > 0.05\" or \"p99 > 300ms\"");
+                cx.err_at(
+                    at,
+                    k("when"),
+                    "is required, e.g. \"error_rate > 0.05\" or \"p99 > 300ms\"",
+                );
                 None
             }
             Some(w) => match Condition::parse(w.get_ref(), parse_duration) {
@@ -507,7 +543,11 @@ pub(crate) fn resolve(
         let severity = match &r.severity {
             None => "warning".to_owned(),
             Some(s) if !label_safe(s.get_ref()) => {
-                cx.err(s, k("severity"), "use letters, digits, '_' and '-' (e.g. page, ticket)");
+                cx.err(
+                    s,
+                    k("severity"),
+                    "use letters, digits, '_' and '-' (e.g. page, ticket)",
+                );
                 "warning".to_owned()
             }
             Some(s) => s.get_ref().clone(),
@@ -592,7 +632,10 @@ fn receiver(
             "password_env",
             r.password_env.as_ref().map(|v| v.span().start),
         ),
-        ("require_tls", r.require_tls.as_ref().map(|v| v.span().start)),
+        (
+            "require_tls",
+            r.require_tls.as_ref().map(|v| v.span().start),
+        ),
         ("ca_file", r.ca_file.as_ref().map(|v| v.span().start)),
         ("send_resolved", None),
     ];
@@ -604,19 +647,24 @@ fn receiver(
             cx.err_at(
                 at,
                 k(key),
-                format!("{kind_name} receivers take no {key}; they take {}", allowed.join(", ")),
+                format!(
+                    "{kind_name} receivers take no {key}; they take {}",
+                    allowed.join(", ")
+                ),
             );
         }
     }
     let env = |cx: &mut Ctx<'_>, v: &S<String>, key: &str, secrets: &mut Vec<SecretRef>| {
         let name = v.get_ref().trim();
         let ok = !name.is_empty()
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
             && !name.starts_with(|c: char| c.is_ascii_digit());
         if !ok {
-            cx.err(v, k(key), format!("{:?} is not an environment variable name", v.get_ref()));
+            cx.err(
+                v,
+                k(key),
+                format!("{:?} is not an environment variable name", v.get_ref()),
+            );
             return None;
         }
         let (line, column) = crate::raw::line_col(cx.text, v.span().start);
@@ -639,7 +687,11 @@ fn receiver(
             .or_else(|| u.strip_prefix("http://"))
             .unwrap_or("");
         if rest.is_empty() {
-            cx.err(v, k("url"), format!("{u:?} must be an http:// or https:// URL"));
+            cx.err(
+                v,
+                k("url"),
+                format!("{u:?} must be an http:// or https:// URL"),
+            );
             None
         } else {
             Some(u.to_owned())
@@ -703,7 +755,11 @@ fn receiver(
                     None
                 }
                 None => {
-                    cx.err(kind, k(key), format!("an email receiver needs {key}, e.g. {example}"));
+                    cx.err(
+                        kind,
+                        k(key),
+                        format!("an email receiver needs {key}, e.g. {example}"),
+                    );
                     None
                 }
             };
@@ -715,7 +771,11 @@ fn receiver(
                     .rsplit_once(':')
                     .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
                 if !port_ok {
-                    cx.err(v, k("smtp"), format!("{s:?} must be host:port, e.g. \"smtp.example.com:587\""));
+                    cx.err(
+                        v,
+                        k("smtp"),
+                        format!("{s:?} must be host:port, e.g. \"smtp.example.com:587\""),
+                    );
                 }
             }
             let password_env = r
@@ -882,7 +942,9 @@ fix_window = "3d"
             ]
         );
         match &sig.receivers[3].kind {
-            ReceiverKind::Email { to, require_tls, .. } => {
+            ReceiverKind::Email {
+                to, require_tls, ..
+            } => {
                 assert_eq!(to, &["a@example.com", "b@example.com"]);
                 assert!(!require_tls);
             }
@@ -890,22 +952,42 @@ fix_window = "3d"
         }
         assert_eq!(sig.routing.routes.len(), 2);
         assert!(sig.routing.routes[0].continue_matching);
-        assert_eq!(sig.routing.routes[0].timing.group_wait, Duration::from_secs(2));
-        assert_eq!(sig.routing.routes[1].timing.group_wait, Duration::from_secs(1));
+        assert_eq!(
+            sig.routing.routes[0].timing.group_wait,
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            sig.routing.routes[1].timing.group_wait,
+            Duration::from_secs(1)
+        );
         assert_eq!(sig.routing.routes[1].group_by, vec!["alertname"]);
-        assert_eq!(sig.routing.default.as_ref().map(|r| r.receiver.as_str()), Some("hook"));
+        assert_eq!(
+            sig.routing.default.as_ref().map(|r| r.receiver.as_str()),
+            Some("hook")
+        );
         assert_eq!(sig.rules.len(), 2);
         assert_eq!(sig.rules[1].service, None);
         assert_eq!(sig.rules[1].severity, "warning");
         assert_eq!(
-            sig.secrets.iter().map(|s| s.env.as_str()).collect::<Vec<_>>(),
+            sig.secrets
+                .iter()
+                .map(|s| s.env.as_str())
+                .collect::<Vec<_>>(),
             vec!["PD_KEY", "SLACK_URL"]
         );
         // Unset variables are reported where the config names them.
         let missing: Vec<String> = s
             .missing_secrets()
             .iter()
-            .map(|d| format!("{}:{}:{}: {}", d.line, d.column, d.key, d.message.split(';').next().unwrap_or("")))
+            .map(|d| {
+                format!(
+                    "{}:{}:{}: {}",
+                    d.line,
+                    d.column,
+                    d.key,
+                    d.message.split(';').next().unwrap_or("")
+                )
+            })
             .collect();
         assert!(
             missing.contains(&"23:19:alerts.receivers[0].routing_key_env: the environment variable PD_KEY is not set".to_owned()),

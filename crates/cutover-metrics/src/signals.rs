@@ -56,13 +56,7 @@ fn value(v: f64) -> String {
 
 impl SignalGauges {
     pub(crate) fn render(&self, out: &mut String) {
-        let slo = |s: &SloGauge| {
-            format!(
-                "service=\"{}\",slo=\"{}\"",
-                esc(&s.service),
-                esc(&s.slo)
-            )
-        };
+        let slo = |s: &SloGauge| format!("service=\"{}\",slo=\"{}\"", esc(&s.service), esc(&s.slo));
         header(
             out,
             names::SLO_OBJECTIVE,
@@ -70,7 +64,13 @@ impl SignalGauges {
             "The SLO's objective as a ratio of good requests.",
         );
         for s in &self.slos {
-            let _ = writeln!(out, "{}{{{}}} {}", names::SLO_OBJECTIVE, slo(s), value(s.objective));
+            let _ = writeln!(
+                out,
+                "{}{{{}}} {}",
+                names::SLO_OBJECTIVE,
+                slo(s),
+                value(s.objective)
+            );
         }
         header(
             out,

@@ -15,14 +15,19 @@ use cutover_core::Timestamp;
 pub enum AlertState {
     Inactive,
     /// The condition has held since `since`, not yet for `for`.
-    Pending { since: Timestamp },
+    Pending {
+        since: Timestamp,
+    },
     /// Firing since `fired_at`; the condition has held since `since`.
     Firing {
         since: Timestamp,
         fired_at: Timestamp,
     },
     /// It fired from `fired_at` and was resolved at `at`.
-    Resolved { fired_at: Timestamp, at: Timestamp },
+    Resolved {
+        fired_at: Timestamp,
+        at: Timestamp,
+    },
 }
 
 impl AlertState {
@@ -89,10 +94,9 @@ pub fn step(
         (Pending { since }, true) => (Pending { since }, None),
         (Pending { .. }, false) => (Inactive, Some(Transition::Cleared)),
         (Firing { since, fired_at }, true) => (Firing { since, fired_at }, None),
-        (Firing { fired_at, .. }, false) => (
-            Resolved { fired_at, at: now },
-            Some(Transition::Resolved),
-        ),
+        (Firing { fired_at, .. }, false) => {
+            (Resolved { fired_at, at: now }, Some(Transition::Resolved))
+        }
         (s @ (Inactive | Resolved { .. }), false) => (s, None),
     }
 }
@@ -110,7 +114,14 @@ mod tests {
     #[test]
     fn state_machine_table() {
         let m = Duration::from_secs(60);
-        let rows: Vec<(AlertState, bool, Duration, u64, AlertState, Option<Transition>)> = vec![
+        let rows: Vec<(
+            AlertState,
+            bool,
+            Duration,
+            u64,
+            AlertState,
+            Option<Transition>,
+        )> = vec![
             (Inactive, false, m, 10, Inactive, None),
             (
                 Inactive,

@@ -413,14 +413,41 @@ mod tests {
         // #2 day 1: v3 promoted (lead 1h10m), then #3 rolled back 30 min after promotion
         // (restored when #3 is promoted, 1 min later: time to restore 31 min).
         let v3 = h.add(Deploy, "v2", "v3", Promoted, t0 + D, 10, Some(H), None);
-        h.add(Rollback, "v3", "v2", Promoted, t0 + D + 40 * 60_000, 1, None, None);
+        h.add(
+            Rollback,
+            "v3",
+            "v2",
+            Promoted,
+            t0 + D + 40 * 60_000,
+            1,
+            None,
+            None,
+        );
         // #4 day 2: v4 canary rolled back by analysis: caught, not a deployment.
         h.add(Deploy, "v2", "v4", RolledBack, t0 + 2 * D, 5, Some(H), None);
         // #5 day 3: v5 promoted (lead 3h10m); #6 day 4 marked --fixes 5, promoted after 10
         // min: v5 failed, restored exactly a day after its promotion (within the 7-day
         // window).
-        let v5 = h.add(Deploy, "v2", "v5", Promoted, t0 + 3 * D, 10, Some(3 * H), None);
-        h.add(Deploy, "v5", "v6", Promoted, t0 + 4 * D, 10, Some(4 * H), Some(v5));
+        let v5 = h.add(
+            Deploy,
+            "v2",
+            "v5",
+            Promoted,
+            t0 + 3 * D,
+            10,
+            Some(3 * H),
+            None,
+        );
+        h.add(
+            Deploy,
+            "v5",
+            "v6",
+            Promoted,
+            t0 + 4 * D,
+            10,
+            Some(4 * H),
+            Some(v5),
+        );
         // #7 day 5: aborted by a person.
         h.add(Deploy, "v6", "v7", Aborted, t0 + 5 * D, 3, None, None);
         // #8 day 20: v8 promoted without a commit time.
@@ -431,7 +458,13 @@ mod tests {
             id: 99,
             ..h.0[0].clone()
         });
-        let r = report(&h.0, Some("web"), Timestamp(t0), Timestamp(t0 + 30 * D), Duration::from_secs(7 * 86_400));
+        let r = report(
+            &h.0,
+            Some("web"),
+            Timestamp(t0),
+            Timestamp(t0 + 30 * D),
+            Duration::from_secs(7 * 86_400),
+        );
         // Deployments: #1, #2, #5, #6, #8 = 5 over 30 days.
         assert_eq!(r.deployments, 5);
         assert!((r.per_day - 5.0 / 30.0).abs() < 1e-9);
@@ -440,18 +473,27 @@ mod tests {
         assert_eq!(r.change_failure_rate, Some(0.4));
         assert_eq!(r.change_failure_level, Some(Level::Medium));
         assert_eq!(
-            r.failures.iter().map(|f| (f.deployment, f.how.as_str())).collect::<Vec<_>>(),
+            r.failures
+                .iter()
+                .map(|f| (f.deployment, f.how.as_str()))
+                .collect::<Vec<_>>(),
             vec![(v3, "rolled back by #3"), (v5, "fixed by #6")]
         );
         // Restores: 31 min and 24 h (#6 promoted at day 4 + 10 min, v5 at day 3 + 10 min):
         // the median of two is their mean, 12h15m30s: high.
-        assert_eq!(r.time_to_restore, Some(Duration::from_secs(12 * 3600 + 15 * 60 + 30)));
+        assert_eq!(
+            r.time_to_restore,
+            Some(Duration::from_secs(12 * 3600 + 15 * 60 + 30))
+        );
         assert_eq!(r.time_to_restore_level, Some(Level::High));
         // Lead times: 2h10m, 1h10m, 3h10m, 4h10m (no commit for #8): median 2h40m, elite.
         assert_eq!(r.with_commit, 4);
         assert_eq!(r.lead_time, Some(Duration::from_secs(2 * 3600 + 40 * 60)));
         assert_eq!(r.lead_time_level, Some(Level::Elite));
-        assert_eq!((r.caught_by_analysis, r.not_promoted, r.rollbacks), (1, 1, 1));
+        assert_eq!(
+            (r.caught_by_analysis, r.not_promoted, r.rollbacks),
+            (1, 1, 1)
+        );
         // Promotions on days 0, 1, 3, 4, 20 of 30. Whole weeks back from day 29: 23-29 none,
         // 16-22 one day, 9-15 none, 2-8 two days (days 0 and 1 are a partial week, left
         // out): median days per week 0.5, median weeks deployed 0.5, so not weekly; the one
@@ -485,7 +527,13 @@ mod tests {
         h.add(Deploy, "v2", "v3", Promoted, 11 * D, 10, None, Some(a));
         // A rollback away from v3: #2 failed; it is still being rolled back (not restored).
         h.add(Rollback, "v3", "v2", InProgress, 12 * D, 0, None, None);
-        let r = report(&h.0, None, Timestamp(0), Timestamp(30 * D), Duration::from_secs(7 * 86_400));
+        let r = report(
+            &h.0,
+            None,
+            Timestamp(0),
+            Timestamp(30 * D),
+            Duration::from_secs(7 * 86_400),
+        );
         assert_eq!(r.deployments, 2);
         assert_eq!(r.failures.len(), 1);
         assert_eq!(r.failures[0].deployment, 2);
@@ -493,7 +541,16 @@ mod tests {
         assert_eq!(r.time_to_restore, None);
         assert_eq!(r.change_failure_level, Some(Level::Low));
         // Nothing at all: no rate, no lead time, yearly.
-        let r = report(&[], None, Timestamp(0), Timestamp(30 * D), Duration::from_secs(1));
-        assert_eq!((r.deployments, r.change_failure_rate, r.lead_time), (0, None, None));
+        let r = report(
+            &[],
+            None,
+            Timestamp(0),
+            Timestamp(30 * D),
+            Duration::from_secs(1),
+        );
+        assert_eq!(
+            (r.deployments, r.change_failure_rate, r.lead_time),
+            (0, None, None)
+        );
     }
 }

@@ -42,12 +42,12 @@ pub fn short_duration(d: std::time::Duration) -> String {
     if ms == 0 {
         return "0s".to_owned();
     }
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let s = ms / 1000;
     for (unit, n) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
-        if s % n == 0 {
+        if s.is_multiple_of(n) {
             return format!("{}{unit}", s / n);
         }
     }

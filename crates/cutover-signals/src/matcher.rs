@@ -98,9 +98,7 @@ impl Matcher {
         } else if let Some(v) = rest.strip_prefix('=') {
             (Op::Eq, v)
         } else {
-            return Err(format!(
-                "{text:?}: the operator is one of =, !=, =~ and !~"
-            ));
+            return Err(format!("{text:?}: the operator is one of =, !=, =~ and !~"));
         };
         if !valid_name(name) {
             return Err(format!(
@@ -109,18 +107,15 @@ impl Matcher {
         }
         let value = unquote(value.trim())?;
         let re = match op {
-            Op::Re | Op::NotRe => Some(
-                Regex::new(&format!("^(?:{value})$"))
-                    .map_err(|e| {
-                        // regex explains over several lines; its last says what is wrong.
-                        let why = e.to_string();
-                        let last = why.lines().last().unwrap_or_default();
-                        format!(
-                            "{value:?} is not a regular expression: {}",
-                            last.trim_start_matches("error: ")
-                        )
-                    })?,
-            ),
+            Op::Re | Op::NotRe => Some(Regex::new(&format!("^(?:{value})$")).map_err(|e| {
+                // regex explains over several lines; its last says what is wrong.
+                let why = e.to_string();
+                let last = why.lines().last().unwrap_or_default();
+                format!(
+                    "{value:?} is not a regular expression: {}",
+                    last.trim_start_matches("error: ")
+                )
+            })?),
             Op::Eq | Op::Ne => None,
         };
         Ok(Matcher {

@@ -295,10 +295,16 @@ mod tests {
     #[test]
     fn slack_and_email_read_well() {
         let s = slack(&notification(false), "http://x/");
-        assert_eq!(s["text"], "[FIRING:1] ErrorBudgetBurn web (page availability)");
+        assert_eq!(
+            s["text"],
+            "[FIRING:1] ErrorBudgetBurn web (page availability)"
+        );
         assert_eq!(s["attachments"][0]["color"], "danger");
         let s = slack(&notification(true), "http://x/");
-        assert_eq!(s["text"], "[RESOLVED] ErrorBudgetBurn web (page availability)");
+        assert_eq!(
+            s["text"],
+            "[RESOLVED] ErrorBudgetBurn web (page availability)"
+        );
         assert_eq!(s["attachments"][0]["color"], "good");
         let body = email_body(&notification(false), "http://x/");
         assert!(body.contains("firing since 2023-11-14T22:13:20Z: burn 31.2× over 1h"));

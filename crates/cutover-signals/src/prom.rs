@@ -36,7 +36,11 @@ pub fn le(d: std::time::Duration) -> String {
 pub fn num(x: f64) -> String {
     let s = format!("{x:.10}");
     let s = s.trim_end_matches('0').trim_end_matches('.');
-    if s.is_empty() || s == "-" { "0".to_owned() } else { s.to_owned() }
+    if s.is_empty() || s == "-" {
+        "0".to_owned()
+    } else {
+        s.to_owned()
+    }
 }
 
 fn esc(v: &str) -> String {
@@ -173,7 +177,10 @@ fn slo_groups(out: &mut String, slo: &SloSpec, n: &Names<'_>) {
     info.push(("sloth_objective".into(), format!("{}", slo.objective)));
     let meta = vec![
         ("slo:objective:ratio", format!("vector({})", num(ratio))),
-        ("slo:error_budget:ratio", format!("vector(1-{})", num(ratio))),
+        (
+            "slo:error_budget:ratio",
+            format!("vector(1-{})", num(ratio)),
+        ),
         (
             "slo:time_period:days",
             format!("vector({})", num(slo.window.as_secs_f64() / 86_400.0)),
@@ -297,11 +304,7 @@ fn rule_expr(r: &RuleSpec, n: &Names<'_>) -> String {
             n.instances,
             sel("health=\"healthy\"")
         ),
-        Metric::Rps => format!(
-            "sum by (service) (rate({}{}[{w}]))",
-            n.requests,
-            sel("")
-        ),
+        Metric::Rps => format!("sum by (service) (rate({}{}[{w}]))", n.requests, sel("")),
     };
     format!("{value} {} {}", cmp(c.cmp), num(c.threshold))
 }
@@ -378,7 +381,12 @@ mod tests {
     fn slo(latency: Option<Duration>) -> SloSpec {
         SloSpec {
             service: "web".into(),
-            name: if latency.is_some() { "latency" } else { "availability" }.into(),
+            name: if latency.is_some() {
+                "latency"
+            } else {
+                "availability"
+            }
+            .into(),
             objective: 99.9,
             window: Duration::from_secs(30 * 86_400),
             latency,

@@ -211,10 +211,13 @@ pub struct GroupView {
     pub last_sent: Option<Timestamp>,
 }
 
+/// A group's identity: its route and the values of its `group_by` labels.
+type GroupId = (usize, Vec<(String, String)>);
+
 /// The groups and what was sent for each: Alertmanager's dispatcher and notification log.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Dispatcher {
-    groups: BTreeMap<(usize, Vec<(String, String)>), Group>,
+    groups: BTreeMap<GroupId, Group>,
 }
 
 fn group_labels(route: &Route, labels: &Labels) -> Labels {
@@ -265,7 +268,7 @@ impl Dispatcher {
         send_resolved: impl Fn(&str) -> bool,
         now: Timestamp,
     ) -> Vec<Notification> {
-        let mut present: BTreeSet<((usize, Vec<(String, String)>), u64)> = BTreeSet::new();
+        let mut present: BTreeSet<(GroupId, u64)> = BTreeSet::new();
         for a in firing.iter().filter(|a| a.is_firing()) {
             for r in routing.matching(&a.labels) {
                 let Some(route) = routing.route(r) else {
@@ -325,8 +328,12 @@ impl Dispatcher {
                 route.timing.repeat_interval,
                 now,
             ) {
-                let mut alerts: Vec<Alert> =
-                    g.alerts.values().filter(|a| a.is_firing()).cloned().collect();
+                let mut alerts: Vec<Alert> = g
+                    .alerts
+                    .values()
+                    .filter(|a| a.is_firing())
+                    .cloned()
+                    .collect();
                 if wants_resolved {
                     alerts.extend(g.alerts.values().filter(|a| !a.is_firing()).cloned());
                 }
@@ -412,7 +419,10 @@ mod tests {
 
     fn route(matchers: &[&str], receiver: &str, cont: bool) -> Route {
         Route {
-            matchers: matchers.iter().map(|m| Matcher::parse(m).unwrap()).collect(),
+            matchers: matchers
+                .iter()
+                .map(|m| Matcher::parse(m).unwrap())
+                .collect(),
             receiver: receiver.into(),
             continue_matching: cont,
             group_by: default_group_by(),
@@ -457,7 +467,11 @@ mod tests {
             routes: routing.routes.clone(),
             default: None,
         };
-        assert!(no_default.matching(&alert("X", "db", "ticket").labels).is_empty());
+        assert!(
+            no_default
+                .matching(&alert("X", "db", "ticket").labels)
+                .is_empty()
+        );
     }
 
     /// Alertmanager's timeline for one group: wait, batch, interval, repeat, resolve.
@@ -482,22 +496,45 @@ mod tests {
         assert!(d.tick(&routing, &[a.clone()], |_| true, t(0)).is_empty());
         // t=10: b joins the same group (same alertname and service), api gets its own.
         assert!(
-            d.tick(&routing, &[a.clone(), b.clone(), other.clone()], |_| true, t(10))
-                .is_empty()
+            d.tick(
+                &routing,
+                &[a.clone(), b.clone(), other.clone()],
+                |_| true,
+                t(10)
+            )
+            .is_empty()
         );
         // t=30: the web group flushes with both alerts; api waits until t=40.
-        let n = d.tick(&routing, &[a.clone(), b.clone(), other.clone()], |_| true, t(30));
+        let n = d.tick(
+            &routing,
+            &[a.clone(), b.clone(), other.clone()],
+            |_| true,
+            t(30),
+        );
         assert_eq!(sent(&n), vec![(key.to_owned(), 2, "firing")]);
-        let n = d.tick(&routing, &[a.clone(), b.clone(), other.clone()], |_| true, t(40));
+        let n = d.tick(
+            &routing,
+            &[a.clone(), b.clone(), other.clone()],
+            |_| true,
+            t(40),
+        );
         assert_eq!(n.len(), 1);
         assert!(n[0].group_key.contains("service=\"api\""));
         // Nothing new: no notification at the next group_interval.
         assert!(
-            d.tick(&routing, &[a.clone(), b.clone(), other.clone()], |_| true, t(330))
-                .is_empty()
+            d.tick(
+                &routing,
+                &[a.clone(), b.clone(), other.clone()],
+                |_| true,
+                t(330)
+            )
+            .is_empty()
         );
         // b resolves at t=400: told at the next flush (t=630), with b resolved.
-        assert!(d.tick(&routing, &[a.clone(), other.clone()], |_| true, t(400)).is_empty());
+        assert!(
+            d.tick(&routing, &[a.clone(), other.clone()], |_| true, t(400))
+                .is_empty()
+        );
         let n = d.tick(&routing, &[a.clone(), other.clone()], |_| true, t(630));
         assert_eq!(sent(&n), vec![(key.to_owned(), 2, "firing")]);
         assert!(n[0].alerts[1].ends_at == Some(t(400)));
@@ -536,8 +573,14 @@ mod tests {
         assert!(d.tick(&routing, &[a.clone()], |_| false, t(0)).is_empty());
         let n = d.tick(&routing, &[a.clone()], |_| false, t(30));
         assert_eq!(n.len(), 1);
-        assert_eq!(n[0].group_key, "{}:{alertname=\"HighErrorRate\", service=\"web\"}");
-        assert_eq!(n[0].common_labels().get("severity").map(String::as_str), Some("ticket"));
+        assert_eq!(
+            n[0].group_key,
+            "{}:{alertname=\"HighErrorRate\", service=\"web\"}"
+        );
+        assert_eq!(
+            n[0].common_labels().get("severity").map(String::as_str),
+            Some("ticket")
+        );
         // The delivery failed: the next flush sends again although nothing changed.
         d.failed(&n[0].group_key, &routing);
         assert_eq!(d.tick(&routing, &[a.clone()], |_| false, t(330)).len(), 1);

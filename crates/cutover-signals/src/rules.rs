@@ -85,7 +85,10 @@ pub struct Sample {
 
 impl Condition {
     /// Parses the `when` text; the error says what is wrong in a user's words.
-    pub fn parse(text: &str, parse_duration: impl Fn(&str) -> Result<Duration, String>) -> Result<Condition, String> {
+    pub fn parse(
+        text: &str,
+        parse_duration: impl Fn(&str) -> Result<Duration, String>,
+    ) -> Result<Condition, String> {
         let t = text.trim();
         let Some(op_at) = t.find(['<', '>']) else {
             return Err(format!(
@@ -246,7 +249,11 @@ mod tests {
         }
         // No requests: no error rate and no p99, so neither alerts.
         let quiet = Sample::default();
-        assert!(!Condition::parse("error_rate > 0", dur).unwrap().holds(&quiet));
+        assert!(
+            !Condition::parse("error_rate > 0", dur)
+                .unwrap()
+                .holds(&quiet)
+        );
         assert!(!Condition::parse("p99 > 300ms", dur).unwrap().holds(&quiet));
         assert!(Condition::parse("rps < 1", dur).unwrap().holds(&quiet));
     }

@@ -78,7 +78,14 @@ impl Store {
                     n(r.errors)
                 ])?;
                 for (threshold, k) in &r.within {
-                    within.execute(params![r.service, r.version, at, width, n(*threshold), n(*k)])?;
+                    within.execute(params![
+                        r.service,
+                        r.version,
+                        at,
+                        width,
+                        n(*threshold),
+                        n(*k)
+                    ])?;
                 }
             }
         }
@@ -251,7 +258,10 @@ mod tests {
                 row("v1", 11, 10, 3, 7)
             ]
         );
-        assert_eq!(s.signal_counts_since(Timestamp(11 * 60_000)).unwrap().len(), 1);
+        assert_eq!(
+            s.signal_counts_since(Timestamp(11 * 60_000)).unwrap().len(),
+            1
+        );
     }
 
     #[test]
@@ -271,7 +281,11 @@ mod tests {
         };
         assert_eq!(
             got,
-            vec![hour(0, 600, 60, 540), hour(1, 20, 2, 18), row("v1", 120, 4, 0, 4)]
+            vec![
+                hour(0, 600, 60, 540),
+                hour(1, 20, 2, 18),
+                row("v1", 120, 4, 0, 4)
+            ]
         );
         // Compacting again changes nothing; hours before the second cut are forgotten.
         s.compact_signal_counts(Timestamp(120 * 60_000), Timestamp(3_600_000))

@@ -162,7 +162,12 @@ fn run(cli: Cli) -> CliResult {
             read,
         } => {
             let client = Client::new(&load(&cli)?)?;
-            block_on(signals_cli::dora(&client, service.as_deref(), since, read.json))
+            block_on(signals_cli::dora(
+                &client,
+                service.as_deref(),
+                since,
+                read.json,
+            ))
         }
         Command::Export(cli::ExportCommand::PrometheusRules { service }) => {
             signals_cli::export_rules(&load(&cli)?, service.as_deref())

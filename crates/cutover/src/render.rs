@@ -184,5 +184,3 @@ mod tests {
         assert_eq!(clock("short"), "short");
     }
 }
-
-pub(crate) use crate::commands::print_json;

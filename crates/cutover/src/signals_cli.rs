@@ -6,9 +6,9 @@ use cutover_config::Settings;
 use serde_json::json;
 
 use crate::client::Client;
+use crate::commands::print_json;
 use crate::exit::{CliError, CliResult, Code};
 use crate::output::{err, out};
-use crate::render::print_json;
 
 /// `validate` and `up` refuse a config whose receivers' environment variables are not set.
 pub fn check_secrets(settings: &Settings) -> CliResult {
@@ -112,7 +112,11 @@ pub async fn slo(client: &Client, service: Option<&str>, json: bool) -> CliResul
             s.name,
             s.objective,
             s.window,
-            if s.exhausted { "  BUDGET EXHAUSTED" } else { "" }
+            if s.exhausted {
+                "  BUDGET EXHAUSTED"
+            } else {
+                ""
+            }
         ))?;
         out(format_args!(
             "  SLI now {} (5m), {} over the window · budget left {:.1}% ({} bad of {} requests; {:.0} allowed)",
@@ -276,10 +280,11 @@ pub async fn dora(client: &Client, service: Option<&str>, since: &str, json: boo
             "failed: #{} {} ({})",
             f.rollout_id,
             f.how,
-            f.time_to_restore_seconds.map_or("not restored yet".to_owned(), |s| format!(
-                "restored after {}",
-                dur(Some(s))
-            ))
+            f.time_to_restore_seconds
+                .map_or("not restored yet".to_owned(), |s| format!(
+                    "restored after {}",
+                    dur(Some(s))
+                ))
         ))?;
     }
     Ok(())
@@ -289,9 +294,10 @@ pub async fn dora(client: &Client, service: Option<&str>, since: &str, json: boo
 pub fn export_rules(settings: &Settings, service: Option<&str>) -> CliResult {
     let text = crate::signals::prometheus_rules(settings, service)
         .map_err(|e| CliError::new(Code::Usage, e))?;
-    if !settings.services.iter().any(|s| !s.slos.is_empty()) && settings.signals.rules.is_empty()
-    {
-        err("note: no [[services.NAME.slo]] or [[alerts.rules]] in the config: only the rollout alerts are exported");
+    if !settings.services.iter().any(|s| !s.slos.is_empty()) && settings.signals.rules.is_empty() {
+        err(
+            "note: no [[services.NAME.slo]] or [[alerts.rules]] in the config: only the rollout alerts are exported",
+        );
     }
     crate::output::out_raw(&text)
 }
@@ -308,7 +314,10 @@ pub fn git_head() -> Option<(String, String)> {
     }
     let text = String::from_utf8(out.stdout).ok()?;
     let mut lines = text.lines();
-    Some((lines.next()?.trim().to_owned(), lines.next()?.trim().to_owned()))
+    Some((
+        lines.next()?.trim().to_owned(),
+        lines.next()?.trim().to_owned(),
+    ))
 }
 
 /// `--commit-time` must be RFC 3339 (exit 2 otherwise).

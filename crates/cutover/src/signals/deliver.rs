@@ -89,7 +89,12 @@ impl Deliverer {
 
     /// Sends `n` in the background; its outcome comes back on the outcomes channel.
     pub fn send(&self, n: Notification) {
-        let Some(r) = self.receivers.iter().find(|r| r.name == n.receiver).cloned() else {
+        let Some(r) = self
+            .receivers
+            .iter()
+            .find(|r| r.name == n.receiver)
+            .cloned()
+        else {
             return;
         };
         let me = self.clone();

@@ -15,7 +15,9 @@ use std::time::Duration;
 use cutover_config::Settings;
 use cutover_controller::{Controller, EventView, Notice, ServiceView};
 use cutover_core::{Health, LatencyDist, Phase, ServiceName, Timestamp, Version};
-use cutover_metrics::{AlertGauge, Metrics, ReceiverGauge, SignalGauges, SloGauge, VersionSnapshot};
+use cutover_metrics::{
+    AlertGauge, Metrics, ReceiverGauge, SignalGauges, SloGauge, VersionSnapshot,
+};
 use cutover_signals::alert::{AlertState, Transition, step};
 use cutover_signals::route::{Alert, Dispatcher, Routing};
 use cutover_signals::rules::{Metric, RuleSpec, Sample, builtin};
@@ -257,7 +259,8 @@ impl Engine {
 
     /// How often a round runs: six times a bucket, at most every 10 s, at least every 100 ms.
     pub fn round_every(&self) -> Duration {
-        Duration::from_millis(self.bucket_ms / 6).clamp(Duration::from_millis(100), Duration::from_secs(10))
+        Duration::from_millis(self.bucket_ms / 6)
+            .clamp(Duration::from_millis(100), Duration::from_secs(10))
     }
 
     fn index(&self, t: Timestamp) -> u64 {
@@ -277,9 +280,14 @@ impl Engine {
                 for r in rows.iter().filter(|r| r.width_ms == width) {
                     self.add_to_history(r);
                 }
-                tracing::debug!(rows = n, "restored the per-minute counts of the SLO windows");
+                tracing::debug!(
+                    rows = n,
+                    "restored the per-minute counts of the SLO windows"
+                );
             }
-            Err(e) => tracing::warn!(error = %e, "could not read the per-minute counts; SLOs start without history"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the per-minute counts; SLOs start without history")
+            }
         }
     }
 
@@ -315,7 +323,11 @@ impl Engine {
                 .collect();
             let now_counts = (snap.requests(), snap.errors(), within);
             let k = (service.clone(), version.clone());
-            let before = self.last.get(&k).cloned().unwrap_or((0, 0, vec![0; thresholds.len()]));
+            let before = self
+                .last
+                .get(&k)
+                .cloned()
+                .unwrap_or((0, 0, vec![0; thresholds.len()]));
             let d_req = now_counts.0.saturating_sub(before.0);
             if d_req > 0 {
                 rows.push(CountRow {
@@ -331,7 +343,8 @@ impl Engine {
                         .map(|(i, th)| {
                             (
                                 *th,
-                                now_counts.2[i].saturating_sub(before.2.get(i).copied().unwrap_or(0)),
+                                now_counts.2[i]
+                                    .saturating_sub(before.2.get(i).copied().unwrap_or(0)),
                             )
                         })
                         .collect(),
@@ -369,7 +382,10 @@ impl Engine {
         if t >= self.next_compaction {
             self.next_compaction = t.plus(COMPACT_EVERY);
             let cut = Timestamp(oldest * self.bucket_ms);
-            let hours = Timestamp(t.as_millis().saturating_sub(u64::try_from(KEEP_HOURS.as_millis()).unwrap_or(0)));
+            let hours = Timestamp(
+                t.as_millis()
+                    .saturating_sub(u64::try_from(KEEP_HOURS.as_millis()).unwrap_or(0)),
+            );
             if let Err(e) = self.store.compact_signal_counts(cut, hours) {
                 tracing::warn!(error = %e, "could not compact the per-minute counts");
             }
@@ -388,7 +404,9 @@ impl Engine {
                     b.requests,
                     match threshold {
                         None => b.errors,
-                        Some(t) => b.requests - b.within.get(&t).copied().unwrap_or(0).min(b.requests),
+                        Some(t) => {
+                            b.requests - b.within.get(&t).copied().unwrap_or(0).min(b.requests)
+                        }
                     },
                 ),
             })
@@ -397,7 +415,8 @@ impl Engine {
 
     /// A service's sample for the rules: over `window`, all versions together.
     fn sample(&self, service: &str, window: Duration, t: Timestamp, healthy: u64) -> Sample {
-        let (mut requests, mut errors, mut buckets, mut elapsed) = (0u64, 0u64, Vec::new(), Duration::ZERO);
+        let (mut requests, mut errors, mut buckets, mut elapsed) =
+            (0u64, 0u64, Vec::new(), Duration::ZERO);
         for ((s, v), ring) in &self.snapshots {
             if s.as_str() != service {
                 continue;
@@ -642,11 +661,16 @@ impl Engine {
                 self.oneshots.insert(k, o);
             }
             "promoted" => {
-                self.oneshots.retain(|_, o| o.labels.get("service") != Some(&service));
+                self.oneshots
+                    .retain(|_, o| o.labels.get("service") != Some(&service));
             }
             "instance-exit" => {
                 // "instance web-v1-3 (v1) exited with code 1 …"
-                if let Some(id) = e.message.strip_prefix("instance ").and_then(|m| m.split(' ').next()) {
+                if let Some(id) = e
+                    .message
+                    .strip_prefix("instance ")
+                    .and_then(|m| m.split(' ').next())
+                {
                     self.exits
                         .entry((service, id.to_owned()))
                         .or_default()
@@ -706,7 +730,9 @@ impl Engine {
                 _ => continue,
             };
             let get = |k: &str| a.labels.get(k).cloned().unwrap_or_default();
-            *counts.entry((get("alertname"), get("severity"), state)).or_default() += 1;
+            *counts
+                .entry((get("alertname"), get("severity"), state))
+                .or_default() += 1;
         }
         self.metrics.set_signals(SignalGauges {
             slos: slos
@@ -760,12 +786,7 @@ impl Engine {
 fn slo_candidate(status: &SloStatus, sev: Severity) -> Candidate {
     let spec = &status.spec;
     let active = status.active(sev);
-    let check = active.or_else(|| {
-        status
-            .checks
-            .iter()
-            .find(|c| c.window.severity == sev)
-    });
+    let check = active.or_else(|| status.checks.iter().find(|c| c.window.severity == sev));
     let summary = format!(
         "{}/{} ({}): {}; {} of the error budget left",
         spec.service,
@@ -818,7 +839,9 @@ fn rule_candidate(rule: &RuleSpec, service: &str, s: &Sample) -> Candidate {
 fn describe(e: &Entry, tr: Transition) -> (String, String) {
     let get = |k: &str| e.labels.get(k).cloned().unwrap_or_default();
     let what = match tr {
-        Transition::Pending => format!("pending (fires if it holds for {})", short_duration(e.hold)),
+        Transition::Pending => {
+            format!("pending (fires if it holds for {})", short_duration(e.hold))
+        }
         Transition::Firing => "firing".to_owned(),
         Transition::Resolved => "resolved".to_owned(),
         Transition::Cleared => "cleared before it fired".to_owned(),

@@ -37,7 +37,9 @@ pub fn bucket() -> Duration {
     std::env::var("CUTOVER_SIGNALS_BUCKET")
         .ok()
         .and_then(|v| humantime::parse_duration(v.trim()).ok())
-        .map_or(Duration::from_secs(60), |d| d.max(Duration::from_millis(100)))
+        .map_or(Duration::from_secs(60), |d| {
+            d.max(Duration::from_millis(100))
+        })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -282,7 +284,9 @@ impl SignalsSource for Handle {
                     let (since, fired, resolved) = match a.state {
                         AlertState::Pending { since } => (since, None, None),
                         AlertState::Firing { since, fired_at } => (since, Some(fired_at), None),
-                        AlertState::Resolved { fired_at, at } => (fired_at, Some(fired_at), Some(at)),
+                        AlertState::Resolved { fired_at, at } => {
+                            (fired_at, Some(fired_at), Some(at))
+                        }
                         AlertState::Inactive => (Timestamp(0), None, None),
                     };
                     wire::Alert {
@@ -341,7 +345,11 @@ impl SignalsSource for Handle {
                         .rev()
                         .find(|p| p.service == r.service && p.outcome == RolloutOutcome::Promoted)
                         .is_some_and(|p| p.to == r.from_version && p.from == r.to_version);
-                    if reverses { Kind::Rollback } else { Kind::Deploy }
+                    if reverses {
+                        Kind::Rollback
+                    } else {
+                        Kind::Deploy
+                    }
                 }
             };
             records.push(Record {

@@ -91,17 +91,62 @@ fn certificates(dir: &std::path::Path) {
             .expect("openssl is needed to make the SMTP test's certificate (.ci/run installs it)");
         assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
     };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    run(&[&["req", "-x509"][..], &ec, &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=cutover test CA"]].concat());
-    run(&[&["req"][..], &ec, &["-keyout", "key.pem", "-out", "leaf.csr", "-subj", "/CN=127.0.0.1"]].concat());
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=cutover test CA",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "key.pem",
+            "-out",
+            "leaf.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    ]
+    .concat());
     std::fs::write(
         dir.join("leaf.ext"),
         "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
     )
     .unwrap();
     run(&[
-        "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "cert.pem", "-days", "2", "-extfile", "leaf.ext",
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "cert.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "leaf.ext",
     ]);
 }
 
@@ -160,7 +205,9 @@ impl Smtp {
         if line.trim() != "ready" {
             let mut e = String::new();
             let _ = child.stderr.take().unwrap().read_to_string(&mut e);
-            panic!("the SMTP listener did not start (is aiosmtpd installed? .ci/run installs it with pip): {e}");
+            panic!(
+                "the SMTP listener did not start (is aiosmtpd installed? .ci/run installs it with pip): {e}"
+            );
         }
         Smtp { port, child, out }
     }
@@ -316,7 +363,9 @@ fn a_burning_budget_pages_real_receivers_freezes_deploys_and_resolves_after_roll
     let failing_from = Instant::now();
     let out = d.cli(&["deploy", "web", "v2", "--env", "DEMO_ERROR_RATE=1"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    d.wait_for("v2 promoted", |s| s["stable"] == "v2" && s["phase"] == "stable");
+    d.wait_for("v2 promoted", |s| {
+        s["stable"] == "v2" && s["phase"] == "stable"
+    });
 
     // The page, to each receiver in its own format.
     let (paged_at, v) = hook.wait("a firing page on the webhook", &d, |v| is_page(v, "firing"));
@@ -324,7 +373,12 @@ fn a_burning_budget_pages_real_receivers_freezes_deploys_and_resolves_after_roll
     assert_eq!(v["groupLabels"]["alertname"], "ErrorBudgetBurn");
     assert_eq!(v["groupLabels"]["service"], "web");
     assert_eq!(v["truncatedAlerts"], 0);
-    assert!(v["groupKey"].as_str().unwrap().contains("severity=\"page\""));
+    assert!(
+        v["groupKey"]
+            .as_str()
+            .unwrap()
+            .contains("severity=\"page\"")
+    );
     let alert = &v["alerts"][0];
     assert_eq!(alert["endsAt"], "0001-01-01T00:00:00Z");
     assert_eq!(alert["fingerprint"].as_str().unwrap().len(), 16);
@@ -339,7 +393,9 @@ fn a_burning_budget_pages_real_receivers_freezes_deploys_and_resolves_after_roll
         "page on the webhook {:.1}s after the bad version was deployed (bucket 500ms)",
         paged_at.duration_since(failing_from).as_secs_f64()
     );
-    let (_, trigger) = pd.wait("a PagerDuty trigger", &d, |v| v["event_action"] == "trigger");
+    let (_, trigger) = pd.wait("a PagerDuty trigger", &d, |v| {
+        v["event_action"] == "trigger"
+    });
     assert_eq!(trigger["routing_key"], "pd-routing-key-1234");
     assert_eq!(trigger["payload"]["severity"], "critical");
     assert_eq!(trigger["payload"]["source"], "web");
@@ -394,7 +450,10 @@ fn a_burning_budget_pages_real_receivers_freezes_deploys_and_resolves_after_roll
         "cutover_slo_objective_ratio{service=\"web\",slo=\"availability\"} 0.999",
         "cutover_alerts{alertname=\"ErrorBudgetBurn\",severity=\"page\",state=\"firing\"} 1",
     ] {
-        assert!(metrics.lines().any(|l| l == line), "missing {line}:\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line}:\n{metrics}"
+        );
     }
     promtool(&["check", "metrics"], Some(&metrics));
 
@@ -421,7 +480,9 @@ fn a_burning_budget_pages_real_receivers_freezes_deploys_and_resolves_after_roll
         is_page(v, "resolved")
     });
     assert_ne!(resolved["alerts"][0]["endsAt"], "0001-01-01T00:00:00Z");
-    let (_, resolve) = pd.wait("a PagerDuty resolve", &d, |v| v["event_action"] == "resolve");
+    let (_, resolve) = pd.wait("a PagerDuty resolve", &d, |v| {
+        v["event_action"] == "resolve"
+    });
     assert_eq!(resolve["dedup_key"], dedup.as_str());
 
     // Still exhausted: a forced deploy goes through, and its reason is on the record.
@@ -464,7 +525,12 @@ fn a_burning_budget_pages_real_receivers_freezes_deploys_and_resolves_after_roll
             |r| r.get(0),
         )
         .unwrap();
-    assert!(firing.starts_with("alert ErrorBudgetBurn (page) firing: web/availability (99.9% over 30d): burn "), "{firing}");
+    assert!(
+        firing.starts_with(
+            "alert ErrorBudgetBurn (page) firing: web/availability (99.9% over 30d): burn "
+        ),
+        "{firing}"
+    );
     let tally = load.stop();
     assert!(tally.per_version.contains_key("v2"));
 }
@@ -479,12 +545,7 @@ fn promtool(args: &[&str], stdin: Option<&str>) {
         .spawn()
         .expect("promtool is needed (Debian's `prometheus` package; .ci/run installs it)");
     if let Some(s) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(s.as_bytes())
-            .unwrap();
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
     } else {
         drop(child.stdin.take());
     }
@@ -582,12 +643,14 @@ fn dora_figures_match_a_hand_computed_history() {
 
     const H: u64 = 3_600_000;
     const D: u64 = 24 * H;
-    let mut d = Daemon::create(|t| t.replace("STEPS", "[ { weight = 100 } ]").replace(
+    let mut d = Daemon::create(|t| {
+        t.replace("STEPS", "[ { weight = 100 } ]").replace(
         "progress_deadline = \"20s\"\n",
         "progress_deadline = \"20s\"\nanalysis = false\n",
     ).split("[services.web.analysis]").next().unwrap().to_owned()
         // Fixes count for a month here: #6 is fixed 17 days after it was promoted.
-        + "\n[dora]\nfix_window = \"30d\"\n");
+        + "\n[dora]\nfix_window = \"30d\"\n"
+    });
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -596,22 +659,97 @@ fn dora_figures_match_a_hand_computed_history() {
     {
         let mut store = Store::open(&d.dir.path().join("state")).unwrap();
         // (from, to, kind, outcome, start, minutes to finish, commit hours before, fixes)
-        let script: &[(&str, &str, &str, RolloutOutcome, u64, u64, Option<u64>, Option<i64>)] = &[
+        type Step = (
+            &'static str,
+            &'static str,
+            &'static str,
+            RolloutOutcome,
+            u64,
+            u64,
+            Option<u64>,
+            Option<i64>,
+        );
+        let script: &[Step] = &[
             // #1 day 0: promoted after 10 min; committed 2 h before the start: lead 2h10m.
-            ("v1", "v2", "deploy", RolloutOutcome::Promoted, t0, 10, Some(2), None),
+            (
+                "v1",
+                "v2",
+                "deploy",
+                RolloutOutcome::Promoted,
+                t0,
+                10,
+                Some(2),
+                None,
+            ),
             // #2 day 1: promoted (lead 5h10m); #3 rolls it back, promoted 40 min after #2 was.
-            ("v2", "v3", "deploy", RolloutOutcome::Promoted, t0 + D, 10, Some(5), None),
-            ("v3", "v2", "rollback", RolloutOutcome::Promoted, t0 + D + 49 * 60_000, 1, None, None),
+            (
+                "v2",
+                "v3",
+                "deploy",
+                RolloutOutcome::Promoted,
+                t0 + D,
+                10,
+                Some(5),
+                None,
+            ),
+            (
+                "v3",
+                "v2",
+                "rollback",
+                RolloutOutcome::Promoted,
+                t0 + D + 49 * 60_000,
+                1,
+                None,
+                None,
+            ),
             // #4 day 2: a canary analysis rolled back.
-            ("v2", "v4", "deploy", RolloutOutcome::RolledBack, t0 + 2 * D, 3, Some(1), None),
+            (
+                "v2",
+                "v4",
+                "deploy",
+                RolloutOutcome::RolledBack,
+                t0 + 2 * D,
+                3,
+                Some(1),
+                None,
+            ),
             // #5 day 3: promoted (lead 1h10m); #6 day 3 + 6 h fixes it (lead 30h10m),
             // promoted 6 h after #5 was.
-            ("v2", "v5", "deploy", RolloutOutcome::Promoted, t0 + 3 * D, 10, Some(1), None),
-            ("v5", "v6", "deploy", RolloutOutcome::Promoted, t0 + 3 * D + 6 * H, 10, Some(30), Some(5)),
+            (
+                "v2",
+                "v5",
+                "deploy",
+                RolloutOutcome::Promoted,
+                t0 + 3 * D,
+                10,
+                Some(1),
+                None,
+            ),
+            (
+                "v5",
+                "v6",
+                "deploy",
+                RolloutOutcome::Promoted,
+                t0 + 3 * D + 6 * H,
+                10,
+                Some(30),
+                Some(5),
+            ),
             // #7 day 4: aborted.
-            ("v6", "v7", "deploy", RolloutOutcome::Aborted, t0 + 4 * D, 2, None, None),
+            (
+                "v6",
+                "v7",
+                "deploy",
+                RolloutOutcome::Aborted,
+                t0 + 4 * D,
+                2,
+                None,
+                None,
+            ),
         ];
-        for (i, (from, to, kind, outcome, start, minutes, commit, fixes)) in script.iter().enumerate() {
+        for (i, (from, to, kind, outcome, start, minutes, commit, fixes)) in
+            script.iter().enumerate()
+        {
             let id = store
                 .insert_rollout(&NewRollout {
                     service: "web".into(),
@@ -663,14 +801,21 @@ fn dora_figures_match_a_hand_computed_history() {
     assert_eq!(r["change_failure_level"], "low");
     // Time to restore: 40 min (#3 promoted at day 1 + 50 min, #2 at day 1 + 10 min) and 6 h:
     // the median of two is their mean, 3h20m: high.
-    assert_eq!(r["time_to_restore_seconds"], (40 * 60 + 6 * 3600) as f64 / 2.0);
+    assert_eq!(
+        r["time_to_restore_seconds"],
+        (40 * 60 + 6 * 3600) as f64 / 2.0
+    );
     assert_eq!(r["time_to_restore_level"], "high");
     // Lead times 2h10m, 5h10m, 1h10m, 30h10m: median (2h10m + 5h10m) / 2 = 3h40m: elite.
     assert_eq!(r["deployments_with_commit"], 4);
     assert_eq!(r["lead_time_seconds"], (3 * 3600 + 40 * 60) as f64);
     assert_eq!(r["lead_time_level"], "elite");
     assert_eq!(
-        (r["caught_by_analysis"].as_u64(), r["not_promoted"].as_u64(), r["rollbacks"].as_u64()),
+        (
+            r["caught_by_analysis"].as_u64(),
+            r["not_promoted"].as_u64(),
+            r["rollbacks"].as_u64()
+        ),
         (Some(1), Some(1), Some(1))
     );
     // Promotions on days 0, 1 and 3 of the last 30 (day 3 twice): most weeks have none, the
@@ -679,9 +824,20 @@ fn dora_figures_match_a_hand_computed_history() {
     assert_eq!(r["deployment_frequency_level"], "medium");
 
     // A real deploy through the CLI: committed 3 h ago, fixing #6.
-    let commit_time = jiff::Timestamp::from_millisecond((now - 3 * H) as i64).unwrap().to_string();
+    let commit_time = jiff::Timestamp::from_millisecond((now - 3 * H) as i64)
+        .unwrap()
+        .to_string();
     let out = d.cli(&[
-        "deploy", "web", "v8", "--commit", "abc123", "--commit-time", &commit_time, "--fixes", "6", "--wait",
+        "deploy",
+        "web",
+        "v8",
+        "--commit",
+        "abc123",
+        "--commit-time",
+        &commit_time,
+        "--fixes",
+        "6",
+        "--wait",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let r = json(&d, &["dora", "web", "--json"]);
@@ -697,10 +853,19 @@ fn dora_figures_match_a_hand_computed_history() {
     // #8's lead time is about 3 hours; the median of five (1h10m, 2h10m, ~3h, 5h10m, 30h10m)
     // is #8's own.
     let lead = r["lead_time_seconds"].as_f64().unwrap();
-    assert!((3.0 * 3600.0..3.0 * 3600.0 + 120.0).contains(&lead), "{lead}");
+    assert!(
+        (3.0 * 3600.0..3.0 * 3600.0 + 120.0).contains(&lead),
+        "{lead}"
+    );
     // The text form has the four keys and the buckets.
     let text = stdout(&d.cli(&["dora", "web"]));
-    for want in ["deployment frequency", "lead time for changes", "change failure rate", "time to restore", "caught by canary analysis: 1"] {
+    for want in [
+        "deployment frequency",
+        "lead time for changes",
+        "change failure rate",
+        "time to restore",
+        "caught by canary analysis: 1",
+    ] {
         assert!(text.contains(want), "{text}");
     }
 }
