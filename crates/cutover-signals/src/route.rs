@@ -493,7 +493,10 @@ mod tests {
         };
         let key = "{}/{severity=\"page\"}:{alertname=\"ErrorBudgetBurn\", service=\"web\"}";
         // t=0: a fires; nothing before group_wait.
-        assert!(d.tick(&routing, &[a.clone()], |_| true, t(0)).is_empty());
+        assert!(
+            d.tick(&routing, std::slice::from_ref(&a), |_| true, t(0))
+                .is_empty()
+        );
         // t=10: b joins the same group (same alertname and service), api gets its own.
         assert!(
             d.tick(
@@ -570,8 +573,11 @@ mod tests {
         };
         let mut d = Dispatcher::default();
         let a = alert("HighErrorRate", "web", "ticket");
-        assert!(d.tick(&routing, &[a.clone()], |_| false, t(0)).is_empty());
-        let n = d.tick(&routing, &[a.clone()], |_| false, t(30));
+        assert!(
+            d.tick(&routing, std::slice::from_ref(&a), |_| false, t(0))
+                .is_empty()
+        );
+        let n = d.tick(&routing, std::slice::from_ref(&a), |_| false, t(30));
         assert_eq!(n.len(), 1);
         assert_eq!(
             n[0].group_key,
@@ -583,18 +589,31 @@ mod tests {
         );
         // The delivery failed: the next flush sends again although nothing changed.
         d.failed(&n[0].group_key, &routing);
-        assert_eq!(d.tick(&routing, &[a.clone()], |_| false, t(330)).len(), 1);
-        assert!(d.tick(&routing, &[a.clone()], |_| false, t(630)).is_empty());
+        assert_eq!(
+            d.tick(&routing, std::slice::from_ref(&a), |_| false, t(330))
+                .len(),
+            1
+        );
+        assert!(
+            d.tick(&routing, std::slice::from_ref(&a), |_| false, t(630))
+                .is_empty()
+        );
         // Resolved, but this receiver does not want to hear it: nothing is sent.
         assert!(d.tick(&routing, &[], |_| false, t(700)).is_empty());
         assert!(d.tick(&routing, &[], |_| false, t(930)).is_empty());
         assert!(d.groups(&routing).is_empty());
         // An alert that fires and resolves within group_wait is never sent.
-        assert!(d.tick(&routing, &[a.clone()], |_| true, t(1000)).is_empty());
+        assert!(
+            d.tick(&routing, std::slice::from_ref(&a), |_| true, t(1000))
+                .is_empty()
+        );
         assert!(d.tick(&routing, &[], |_| true, t(1010)).is_empty());
         assert!(d.tick(&routing, &[], |_| true, t(1040)).is_empty());
         // Firing again after a resolution is news.
-        assert!(d.tick(&routing, &[a.clone()], |_| true, t(2000)).is_empty());
+        assert!(
+            d.tick(&routing, std::slice::from_ref(&a), |_| true, t(2000))
+                .is_empty()
+        );
         assert_eq!(d.tick(&routing, &[a], |_| true, t(2030)).len(), 1);
     }
 
