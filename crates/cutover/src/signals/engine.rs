@@ -447,7 +447,11 @@ impl Engine {
     /// One round at `t`.
     pub async fn round(&mut self, t: Timestamp) {
         self.count(t);
-        let services = self.controller.status().await.unwrap_or_default();
+        // Without the controller's view (it is stopping) nothing is judged this round: the
+        // rules would see no service and resolve every alert.
+        let Ok(services) = self.controller.status().await else {
+            return;
+        };
         self.phases = services
             .iter()
             .map(|s| (s.name.to_string(), s.phase))
