@@ -150,6 +150,7 @@ async fn deploy(
     bytes: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let b: DeployBody = body(&headers, &bytes)?;
+    crate::signals::check_commit_time(b.commit_time.as_deref())?;
     // An exhausted error budget freezes deploys (never rollbacks) unless forced with a reason.
     let overrode = match crate::signals::check_freeze(&s, &name, b.force, b.reason.as_deref()) {
         Ok(o) => o,

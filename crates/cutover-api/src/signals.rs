@@ -275,6 +275,18 @@ async fn prometheus_rules(
         .into_response())
 }
 
+/// A deploy's `commit_time` must be RFC 3339 (else 400, before anything is deployed).
+pub fn check_commit_time(t: Option<&str>) -> Result<(), ApiError> {
+    match t {
+        Some(t) if t.trim().parse::<jiff::Timestamp>().is_err() => {
+            Err(ApiError::Control(ControlError::BadRequest(format!(
+                "commit_time {t:?} is not an RFC 3339 time like 2026-03-01T12:00:00Z"
+            ))))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The deploy route's check: `Err` (409, code `frozen`) when the service's budget is
 /// exhausted and the request does not force its way through with a reason.
 pub fn check_freeze(
