@@ -223,6 +223,16 @@ async fn index(State(s): State<ApiState>, headers: HeaderMap) -> Response {
     if services.is_empty() {
         body.push_str("<p class=card>No services are configured.</p>");
     }
+    body.push_str(&crate::signals::cards(&s, None));
+    if let Some(src) = s.signals.clone() {
+        let d = tokio::task::spawn_blocking(move || {
+            src.dora(None, std::time::Duration::from_secs(30 * 86_400))
+        })
+        .await;
+        if let Ok(Ok(d)) = d {
+            body.push_str(&crate::signals::dora_card(&d));
+        }
+    }
     Html(page_with("cutover", &body, &live_script(None), Some(&csrf))).into_response()
 }
 
@@ -237,9 +247,10 @@ async fn service_page(
     match s.controller.service(&name).await {
         Ok(svc) => {
             let body = format!(
-                "{}<div id=panel>{}</div>",
+                "{}<div id=panel>{}{}</div>",
                 header_bar(svc.name.as_str(), &csrf),
-                panel(&svc, &s.metrics)
+                panel(&svc, &s.metrics),
+                crate::signals::cards(&s, Some(svc.name.as_str()))
             );
             Html(page_with(
                 &format!("cutover · {}", svc.name),
@@ -271,7 +282,10 @@ async fn service_panel(
         return StatusCode::UNAUTHORIZED.into_response();
     }
     match s.controller.service(&name).await {
-        Ok(svc) => Html(panel(&svc, &s.metrics)).into_response(),
+        Ok(svc) => {
+            Html(panel(&svc, &s.metrics) + &crate::signals::cards(&s, Some(svc.name.as_str())))
+                .into_response()
+        }
         Err(e) => (StatusCode::NOT_FOUND, e.to_string()).into_response(),
     }
 }

@@ -13,6 +13,7 @@ mod auth;
 mod chaos;
 mod dashboard;
 mod routes;
+pub mod signals;
 pub mod wire;
 
 use std::future::Future;
@@ -34,6 +35,8 @@ pub struct ApiState {
     pub sessions: Sessions,
     /// Faults and experiments (`None`: those routes answer 503).
     pub chaos: Option<cutover_chaos::Chaos>,
+    /// SLOs, alerts and DORA (CONTRACT §10); `None`: those routes answer 404.
+    pub signals: Option<signals::Source>,
 }
 
 impl ApiState {
@@ -44,12 +47,19 @@ impl ApiState {
             token: Arc::from(token),
             sessions: Sessions::default(),
             chaos: None,
+            signals: None,
         }
     }
 
     /// With faults and experiments.
     pub fn with_chaos(mut self, chaos: cutover_chaos::Chaos) -> ApiState {
         self.chaos = Some(chaos);
+        self
+    }
+
+    /// The same state, with the daemon's signals behind the §10 routes.
+    pub fn with_signals(mut self, source: signals::Source) -> ApiState {
+        self.signals = Some(source);
         self
     }
 }

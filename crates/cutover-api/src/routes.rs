@@ -35,6 +35,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/services/{name}/series", get(series))
         .route("/metrics", get(metrics))
         .merge(crate::chaos::routes())
+        .merge(crate::signals::routes())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
@@ -148,8 +149,14 @@ async fn deploy(
     Path(name): Path<String>,
     headers: HeaderMap,
     bytes: axum::body::Bytes,
-) -> Result<(StatusCode, Json<wire::Rollout>), ApiError> {
+) -> Result<Response, ApiError> {
     let b: DeployBody = body(&headers, &bytes)?;
+    crate::signals::check_commit_time(b.commit_time.as_deref())?;
+    // An exhausted error budget freezes deploys (never rollbacks) unless forced with a reason.
+    let overrode = match crate::signals::check_freeze(&s, &name, b.force, b.reason.as_deref()) {
+        Ok(o) => o,
+        Err(refused) => return Ok(*refused),
+    };
     if b.version.trim().is_empty() {
         return Err(bad_request("the body needs a \"version\"".into()));
     }
@@ -164,14 +171,29 @@ async fn deploy(
     let r = s
         .controller
         .deploy(DeployRequest {
-            service: name,
+            service: name.clone(),
             version: b.version,
             env: b.env,
             strategy,
             actor: auth::actor(&headers),
         })
         .await?;
-    Ok((StatusCode::CREATED, Json(wire::Rollout::from(&r))))
+    crate::signals::note(
+        &s,
+        crate::signals::RolloutNote {
+            rollout_id: r.id,
+            service: name,
+            rollback: false,
+            commit: b.commit,
+            commit_time: b.commit_time,
+            fixes: b.fixes,
+            forced_reason: b.reason.filter(|_| b.force),
+            overrode,
+            actor: auth::actor(&headers),
+        },
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(wire::Rollout::from(&r))).into_response())
 }
 
 async fn act(
@@ -231,7 +253,29 @@ async fn rollback(
     headers: HeaderMap,
     bytes: axum::body::Bytes,
 ) -> ApiResult<wire::Service> {
-    plain_act(&s, &name, Action::Rollback, &headers, &bytes).await
+    let before = s
+        .controller
+        .service(&name)
+        .await
+        .ok()
+        .and_then(|v| v.rollout_id);
+    let v = plain_act(&s, &name, Action::Rollback, &headers, &bytes).await?;
+    // A rollback after a promotion starts a new rollout back (one during a rollout ends that
+    // rollout instead): DORA counts the new one as a restore.
+    if let Some(id) = v.0.rollout_id.filter(|id| before != Some(*id)) {
+        crate::signals::note(
+            &s,
+            crate::signals::RolloutNote {
+                rollout_id: id,
+                service: name,
+                rollback: true,
+                actor: auth::actor(&headers),
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    Ok(v)
 }
 
 async fn pause(

@@ -106,6 +106,19 @@ pub struct DeployBody {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub strategy: Option<String>,
+    /// The commit being deployed and its time (RFC 3339), for DORA's lead time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_time: Option<String>,
+    /// The rollout whose failure this deployment fixes (DORA's change failure rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fixes: Option<i64>,
+    /// Deploy although the error budget is exhausted; needs `reason`, which is recorded.
+    #[serde(default)]
+    pub force: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]

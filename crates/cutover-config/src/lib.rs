@@ -8,6 +8,7 @@
 
 mod raw;
 mod resolve;
+pub mod signals;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -33,6 +34,8 @@ pub struct Settings {
     pub dependencies: Vec<DependencySettings>,
     /// `[backups]`: where the catalog is, what `prune` keeps, the schedule.
     pub backups: BackupSettings,
+    /// SLO alerts' receivers, routes and rules, `[policy]` and `[dora]` (CONTRACT §10).
+    pub signals: signals::SignalsSettings,
     /// What is valid but probably not meant (an API reachable from other machines, say):
     /// `validate` prints these and `up` logs them.
     pub warnings: Vec<Diagnostic>,
@@ -41,6 +44,24 @@ pub struct Settings {
 impl Settings {
     pub fn service(&self, name: &str) -> Option<&ServiceSettings> {
         self.services.iter().find(|s| s.name.as_str() == name)
+    }
+
+    /// The receivers' environment variables that are not set, each where the config names
+    /// it: `validate`, `up` and `reload` refuse such a config (the values themselves are
+    /// read only when sending, never kept).
+    pub fn missing_secrets(&self) -> Vec<Diagnostic> {
+        self.signals
+            .secrets
+            .iter()
+            .filter(|s| std::env::var_os(&s.env).is_none_or(|v| v.is_empty()))
+            .map(|s| Diagnostic {
+                message: format!(
+                    "the environment variable {} is not set; export it before starting cutover (its value is read when an alert is sent, never stored)",
+                    s.env
+                ),
+                ..s.at.clone()
+            })
+            .collect()
     }
 }
 
@@ -79,6 +100,8 @@ pub struct ServiceSettings {
     pub probes: Vec<ProbeSettings>,
     /// Hooks, smoke checks and the database (CONTRACT §9); `rollout.steps` says which run.
     pub safety: SafetySpec,
+    /// `[[services.NAME.slo]]`, in the order written.
+    pub slos: Vec<cutover_signals::slo::SloSpec>,
 }
 
 /// A TCP hop an app uses to reach a dependency, so that faults can reach it too.

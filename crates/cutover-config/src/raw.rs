@@ -26,6 +26,9 @@ pub struct Raw {
     #[serde(default)]
     pub dependencies: BTreeMap<S<String>, S<RawDependency>>,
     pub backups: Option<S<RawBackups>>,
+    pub alerts: Option<S<crate::signals::RawAlerts>>,
+    pub policy: Option<S<crate::signals::RawPolicy>>,
+    pub dora: Option<S<crate::signals::RawDora>>,
 }
 
 #[derive(Deserialize)]
@@ -104,6 +107,7 @@ pub struct RawService {
     pub hooks: Option<S<RawHooks>>,
     pub smoke: Option<S<Vec<S<RawSmoke>>>>,
     pub database: Option<S<RawDatabase>>,
+    pub slo: Option<S<Vec<S<crate::signals::RawSlo>>>>,
 }
 
 /// `[services.X.docker]`: how containers of a docker service are built and run.

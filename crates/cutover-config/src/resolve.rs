@@ -29,10 +29,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Collects diagnostics while resolving.
-struct Ctx<'a> {
-    text: &'a str,
-    file: &'a Path,
-    diags: Vec<Diagnostic>,
+pub(crate) struct Ctx<'a> {
+    pub(crate) text: &'a str,
+    pub(crate) file: &'a Path,
+    pub(crate) diags: Vec<Diagnostic>,
     warnings: Vec<Diagnostic>,
 }
 
@@ -48,7 +48,12 @@ impl Ctx<'_> {
         });
     }
 
-    fn err_at(&mut self, offset: usize, key: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn err_at(
+        &mut self,
+        offset: usize,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
         let (line, column) = line_col(self.text, offset);
         self.diags.push(Diagnostic {
             file: self.file.to_owned(),
@@ -59,7 +64,7 @@ impl Ctx<'_> {
         });
     }
 
-    fn err<T>(&mut self, v: &S<T>, key: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn err<T>(&mut self, v: &S<T>, key: impl Into<String>, message: impl Into<String>) {
         self.err_at(v.span().start, key, message);
     }
 
@@ -80,7 +85,12 @@ impl Ctx<'_> {
         }
     }
 
-    fn duration(&mut self, v: Option<&S<String>>, key: &str, default: Duration) -> Duration {
+    pub(crate) fn duration(
+        &mut self,
+        v: Option<&S<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
         let Some(v) = v else { return default };
         match parse_duration(v.get_ref()) {
             Ok(d) if d.is_zero() => {
@@ -96,14 +106,21 @@ impl Ctx<'_> {
     }
 
     /// A duration that may be zero (`scale_down_delay = "0s"` stops the old version at once).
-    fn duration_or_zero(&mut self, v: &S<String>, key: &str) -> Duration {
+    pub(crate) fn duration_or_zero(&mut self, v: &S<String>, key: &str) -> Duration {
         parse_duration(v.get_ref()).unwrap_or_else(|e| {
             self.err(v, key, e);
             Duration::ZERO
         })
     }
 
-    fn count(&mut self, v: Option<&S<i64>>, key: &str, min: i64, max: i64, default: u32) -> u32 {
+    pub(crate) fn count(
+        &mut self,
+        v: Option<&S<i64>>,
+        key: &str,
+        min: i64,
+        max: i64,
+        default: u32,
+    ) -> u32 {
         let Some(v) = v else { return default };
         let n = *v.get_ref();
         if n < min {
@@ -141,7 +158,7 @@ fn resolve_program(program: &str, base: &Path) -> String {
 }
 
 /// The directory relative paths in the config resolve against: the config file's.
-fn config_dir(file: &Path) -> PathBuf {
+pub(crate) fn config_dir(file: &Path) -> PathBuf {
     file.parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
@@ -257,6 +274,14 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
     services.sort_by(|a: &ServiceSettings, b| a.name.as_str().cmp(b.name.as_str()));
     let dependencies = chaos::dependencies(&mut cx, &raw, &mut listens);
     let backups = safety::backups(&mut cx, raw.backups.as_ref(), &daemon.state_dir);
+    let service_names = raw.services.keys().map(|n| n.get_ref().clone()).collect();
+    let signals = crate::signals::resolve(
+        &mut cx,
+        raw.alerts.as_ref(),
+        raw.policy.as_ref(),
+        raw.dora.as_ref(),
+        &service_names,
+    );
     if cx.diags.is_empty() {
         cx.warnings.sort_by_key(|d| (d.line, d.column));
         Ok(Settings {
@@ -266,6 +291,7 @@ pub fn resolve(raw: Raw, text: &str, file: &Path) -> Result<Settings, ConfigErro
             notify,
             dependencies,
             backups,
+            signals,
             warnings: cx.warnings,
         })
     } else {
@@ -796,6 +822,7 @@ fn service(
         .as_ref()
         .map(|p| chaos::probes(cx, p, &k("probe")))
         .unwrap_or_default();
+    let slos = crate::signals::slos(cx, name, s.slo.as_ref());
 
     if cx.diags.len() > errors_before {
         return None;
@@ -812,6 +839,7 @@ fn service(
         synthetic,
         probes,
         safety,
+        slos,
     })
 }
 

@@ -171,6 +171,18 @@ kebab_enum!(
         Probe => "probe",
         /// Synthetic traffic to a quiet canary started or stopped.
         Synthetic => "synthetic",
+        /// An alert's condition holds, not yet for its `for`.
+        AlertPending => "alert-pending",
+        /// An alert fires: its receivers are notified.
+        AlertFiring => "alert-firing",
+        /// A firing alert no longer holds.
+        AlertResolved => "alert-resolved",
+        /// A pending alert stopped holding before its `for` passed.
+        AlertCleared => "alert-cleared",
+        /// A receiver could not be notified after its retries.
+        AlertDeliveryFailed => "alert-delivery-failed",
+        /// A deploy went ahead over an exhausted error budget, with its reason.
+        DeployForced => "deploy-forced",
         /// A hook ran and passed (its duration in the message).
         Hook => "hook",
         /// A hook exited non-zero, timed out or could not start (with its output's end).
@@ -240,6 +252,8 @@ impl EventKind {
             | Smoke | Backup | BackupVerified | BackupPruned => None,
             FaultAdded => Some(Tone::Bad),
             FaultCleared | FaultExpired | Experiment | Probe | Synthetic => None,
+            AlertFiring | AlertDeliveryFailed => Some(Tone::Bad),
+            AlertPending | AlertResolved | AlertCleared | DeployForced => None,
         }
     }
 }

@@ -18,6 +18,9 @@ use cutover_core::{
 };
 use hdrhistogram::Histogram;
 
+mod signals;
+pub use signals::{AlertGauge, ReceiverGauge, SignalGauges, SloGauge};
+
 /// The metric names of docs/reference.md §5, and those added since; defined here only.
 pub mod names {
     pub const REQUESTS: &str = "cutover_requests_total";
@@ -33,6 +36,13 @@ pub mod names {
     pub const FAULTS_ACTIVE: &str = "cutover_faults_active";
     pub const PROBE_SUCCESS: &str = "cutover_probe_success";
     pub const PROBE_DURATION: &str = "cutover_probe_duration_seconds";
+    // SLOs and alerts (CONTRACT §10), and the delivery of alerts to their receivers.
+    pub const SLO_OBJECTIVE: &str = "cutover_slo_objective_ratio";
+    pub const SLO_BUDGET_REMAINING: &str = "cutover_slo_error_budget_remaining_ratio";
+    pub const SLO_BURN_RATE: &str = "cutover_slo_burn_rate";
+    pub const ALERTS: &str = "cutover_alerts";
+    pub const ALERT_NOTIFICATIONS: &str = "cutover_alert_notifications_total";
+    pub const ALERT_RECEIVER_FAILING: &str = "cutover_alert_receiver_failing";
 }
 
 /// Upper bounds of the Prometheus histogram buckets, in seconds.
@@ -169,6 +179,25 @@ impl VersionSnapshot {
         s
     }
 
+    /// Answers since the start (cumulative).
+    pub fn requests(&self) -> u64 {
+        self.requests
+    }
+
+    /// 5xx answers since the start (cumulative).
+    pub fn errors(&self) -> u64 {
+        self.errors
+    }
+
+    /// Answers within `d` since the start (cumulative), to the histogram's precision (3
+    /// significant digits: a value in the same precision step as `d` counts as within).
+    pub fn within(&self, d: Duration) -> u64 {
+        let us = u64::try_from(d.as_micros())
+            .unwrap_or(MAX_MICROS)
+            .clamp(1, MAX_MICROS);
+        self.latency.count_between(1, us)
+    }
+
     /// What happened between `earlier` (or the start) and this snapshot.
     pub fn window_since(&self, earlier: Option<&VersionSnapshot>) -> WindowStats {
         let mut h = self.latency.clone();
@@ -256,6 +285,10 @@ struct Inner {
     faults: Mutex<BTreeMap<ServiceName, u64>>,
     /// Per service and probe name: the last result and how long it took, in seconds.
     probes: Mutex<BTreeMap<(ServiceName, String), (bool, f64)>>,
+    /// Bucket bounds (seconds) added to the exposition's histogram, e.g. SLO latencies, so
+    /// that a Prometheus rule can read the share within them exactly.
+    extra_buckets: RwLock<Vec<f64>>,
+    signals: Mutex<SignalGauges>,
 }
 
 /// The daemon's metrics registry. Cheap to clone; all clones share the numbers.
@@ -287,6 +320,34 @@ impl Metrics {
             .entry(key)
             .or_insert_with(|| Arc::new(VersionMetrics::new()))
             .clone()
+    }
+
+    /// Every service and version that has a recorder.
+    pub fn versions(&self) -> Vec<(ServiceName, Version)> {
+        self.inner
+            .versions
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Adds histogram bucket bounds (in seconds) to the exposition.
+    pub fn add_buckets(&self, seconds: &[f64]) {
+        let mut b = self
+            .inner
+            .extra_buckets
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        b.extend(seconds.iter().filter(|s| s.is_finite() && **s > 0.0));
+        b.sort_by(f64::total_cmp);
+        b.dedup();
+    }
+
+    /// Replaces the SLO, alert and receiver gauges (the signals task sets them each round).
+    pub fn set_signals(&self, gauges: SignalGauges) {
+        *lock(&self.inner.signals) = gauges;
     }
 
     pub fn recorder(&self, service: &ServiceName, version: &Version) -> VersionRecorder {
@@ -500,12 +561,23 @@ impl Metrics {
             "histogram",
             "Request latency through the proxy, in seconds.",
         );
+        let bounds: Vec<f64> = {
+            let extra = self
+                .inner
+                .extra_buckets
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut b: Vec<f64> = BUCKETS.iter().chain(extra.iter()).copied().collect();
+            b.sort_by(f64::total_cmp);
+            b.dedup();
+            b
+        };
         for ((s, v), snap, _, _, _) in &versions {
             let h = &snap.latency;
             let recorded = recorded(h);
             // One pass: buckets are sorted by latency, and so are the bounds.
             let (mut i, mut below) = (0, 0u64);
-            for le in BUCKETS {
+            for le in &bounds {
                 let us = (le * 1e6) as u64;
                 while let Some((_, n)) = recorded.get(i).filter(|(at, _)| *at <= us) {
                     below += n;
@@ -678,6 +750,7 @@ impl Metrics {
                 esc(p),
             );
         }
+        lock(&self.inner.signals).render(&mut out);
         out
     }
 }
@@ -716,6 +789,10 @@ mod tests {
         assert_eq!((w.requests, w.errors), (50, 50));
         let p50 = w.latency.quantile(0.5).unwrap();
         assert!(p50 >= ms(99) && p50 <= ms(101), "{p50:?}");
+        let snap = m.snapshot(&s, &v);
+        assert_eq!((snap.requests(), snap.errors()), (150, 53));
+        assert_eq!(snap.within(ms(50)), 100);
+        assert_eq!(snap.within(ms(100)), 150);
         let all = m.snapshot(&s, &v).window_since(None);
         assert_eq!(
             (all.requests, all.errors, all.latency.count()),
@@ -822,6 +899,28 @@ mod tests {
         c.opened();
         c.closed();
         c.rejected();
+        m.add_buckets(&[0.3, 0.25]);
+        m.set_signals(SignalGauges {
+            slos: vec![SloGauge {
+                service: "web".into(),
+                slo: "availability".into(),
+                objective: 0.999,
+                budget_remaining: -0.31,
+                burn_rates: vec![("5m".into(), 14.5), ("1h".into(), f64::INFINITY)],
+            }],
+            alerts: vec![AlertGauge {
+                alertname: "ErrorBudgetBurn".into(),
+                severity: "page".into(),
+                state: "firing".into(),
+                count: 1,
+            }],
+            receivers: vec![ReceiverGauge {
+                receiver: "oncall".into(),
+                sent: 2,
+                failed: 1,
+                failing: true,
+            }],
+        });
         m.render_prometheus()
     }
 
@@ -840,6 +939,14 @@ mod tests {
             "cutover_upstream_errors_total{service=\"web\",version=\"v2\",kind=\"reset\"} 1",
             "cutover_connections_open{service=\"web\"} 1",
             "cutover_connections_rejected_total{service=\"web\"} 1",
+            "cutover_request_duration_seconds_bucket{service=\"web\",version=\"v2\",le=\"0.3\"} 0",
+            "cutover_slo_objective_ratio{service=\"web\",slo=\"availability\"} 0.999",
+            "cutover_slo_error_budget_remaining_ratio{service=\"web\",slo=\"availability\"} -0.31",
+            "cutover_slo_burn_rate{service=\"web\",slo=\"availability\",window=\"5m\"} 14.5",
+            "cutover_slo_burn_rate{service=\"web\",slo=\"availability\",window=\"1h\"} +Inf",
+            "cutover_alerts{alertname=\"ErrorBudgetBurn\",severity=\"page\",state=\"firing\"} 1",
+            "cutover_alert_notifications_total{receiver=\"oncall\",outcome=\"failed\"} 1",
+            "cutover_alert_receiver_failing{receiver=\"oncall\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }

@@ -9,6 +9,7 @@
 //! record of the last promoted versions); [`snapshots`] keeps backup copies and restores one.
 
 pub mod integrity;
+pub mod signals;
 pub mod snapshots;
 
 use std::collections::BTreeMap;
@@ -103,6 +104,39 @@ const MIGRATIONS: &[&str] = &[
     UPDATE instances SET handle = pid || '/' || coalesce(pgid, pid) WHERE pid IS NOT NULL;
     ALTER TABLE instances DROP COLUMN pid;
     ALTER TABLE instances DROP COLUMN pgid;",
+    // Signals (CONTRACT §10): requests per service, version and minute for SLOs, written by
+    // the signals task off the request path and kept for the longest SLO window (older
+    // minutes are compacted into hours); the share within each SLO latency beside them; and
+    // what `deploy` said about a rollout beyond the rollout (its commit, the rollout it
+    // fixes, why it was forced through a freeze), and whether it was a rollback, for DORA.
+    "CREATE TABLE signal_counts (
+        service TEXT NOT NULL,
+        version TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        width INTEGER NOT NULL,
+        requests INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        PRIMARY KEY (service, version, at, width)
+    ) WITHOUT ROWID;
+    CREATE INDEX signal_counts_at ON signal_counts(at);
+    CREATE TABLE signal_within (
+        service TEXT NOT NULL,
+        version TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        width INTEGER NOT NULL,
+        threshold_us INTEGER NOT NULL,
+        within INTEGER NOT NULL,
+        PRIMARY KEY (service, version, at, width, threshold_us)
+    ) WITHOUT ROWID;
+    CREATE INDEX signal_within_at ON signal_within(at);
+    CREATE TABLE rollout_notes (
+        rollout_id INTEGER PRIMARY KEY REFERENCES rollouts(id),
+        kind TEXT NOT NULL,
+        commit_sha TEXT,
+        commit_time INTEGER,
+        fixes INTEGER,
+        forced_reason TEXT
+    );",
 ];
 
 pub struct NewRollout {
@@ -190,7 +224,7 @@ pub struct InstanceRow {
 }
 
 pub struct Store {
-    conn: Connection,
+    pub(crate) conn: Connection,
     /// The state dir, for the files beside the database; `None` in memory.
     dir: Option<std::path::PathBuf>,
     /// Set by tests through [`Store::write_fault`]: transitions fail as on a full disk.
@@ -227,11 +261,11 @@ fn env_parse(text: &str) -> Result<BTreeMap<String, String>, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("env {text:?}: {e}")))
 }
 
-fn ts(v: i64) -> Timestamp {
+pub(crate) fn ts(v: i64) -> Timestamp {
     Timestamp(u64::try_from(v).unwrap_or(0))
 }
 
-fn db_ts(t: Timestamp) -> i64 {
+pub(crate) fn db_ts(t: Timestamp) -> i64 {
     i64::try_from(t.as_millis()).unwrap_or(i64::MAX)
 }
 

@@ -75,6 +75,8 @@ pub enum Command {
         timeout: Option<Duration>,
         #[command(flatten)]
         read: ReadOpts,
+        #[command(flatten)]
+        signals: DeploySignals,
     },
     /// Services, versions, weights, instances and the current step.
     Status {
@@ -129,6 +131,27 @@ pub enum Command {
     },
     /// The sample upstream used by the demo and tests.
     DemoApp(DemoAppArgs),
+    /// SLOs: objective, SLI now, error budget left, burn rates and which alerts hold.
+    Slo {
+        service: Option<String>,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
+    /// Pending and firing alerts, and how each receiver is doing.
+    Alerts(ReadOpts),
+    /// DORA's four keys from cutover's history: deployment frequency, lead time for changes,
+    /// change failure rate (per deployment) and time to restore.
+    Dora {
+        service: Option<String>,
+        /// The period: 30d, 12h, 2w.
+        #[arg(long, default_value = "30d")]
+        since: String,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
+    /// Write something cutover knows in another tool's format.
+    #[command(subcommand)]
+    Export(ExportCommand),
     /// Print a shell completion script, e.g. `cutover completions bash > ~/.local/share/bash-completion/completions/cutover`.
     Completions {
         #[arg(value_enum)]
@@ -221,6 +244,34 @@ pub enum ChaosCommand {
         #[command(flatten)]
         read: ReadOpts,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ExportCommand {
+    /// Recording and alerting rules for your own Prometheus (Sloth-style SLO rules over
+    /// cutover's metrics, plus [[alerts.rules]]); they pass `promtool check rules`.
+    PrometheusRules { service: Option<String> },
+}
+
+/// What `deploy` records for DORA, and the way through a budget freeze.
+#[derive(Args, Debug, Default)]
+pub struct DeploySignals {
+    /// The commit being deployed (default: `git log -1` when run in a git repository).
+    #[arg(long, value_name = "SHA")]
+    pub commit: Option<String>,
+    /// When it was committed, RFC 3339 (default: from `git log -1`); the lead time runs from
+    /// it to the promotion.
+    #[arg(long, value_name = "RFC3339")]
+    pub commit_time: Option<String>,
+    /// This deployment fixes the failure of rollout ID: that rollout counts as failed.
+    #[arg(long, value_name = "ROLLOUT")]
+    pub fixes: Option<i64>,
+    /// Deploy although an error budget is exhausted and [policy] freezes deploys; needs
+    /// --reason, which is recorded with the rollout.
+    #[arg(long, requires = "reason")]
+    pub force: bool,
+    #[arg(long, requires = "force", value_name = "TEXT")]
+    pub reason: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

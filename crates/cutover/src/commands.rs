@@ -16,7 +16,7 @@ use crate::output::{err, out, out_raw};
 use crate::render;
 
 /// Prints a JSON document alone on stdout.
-fn print_json(v: &impl serde::Serialize) -> CliResult {
+pub(crate) fn print_json(v: &impl serde::Serialize) -> CliResult {
     let text = serde_json::to_string_pretty(v)
         .map_err(|e| CliError::new(Code::Failure, format!("cannot encode JSON: {e}")))?;
     out(text)
@@ -68,6 +68,7 @@ pub fn validate(settings: &Settings, json: bool) -> CliResult {
             .unwrap_or_default();
         (host, version)
     };
+    crate::signals_cli::check_secrets(settings)?;
     // Valid, so not errors, but said on stderr (with --json too) where a person will see them.
     for w in &settings.warnings {
         err(format_args!("warning: {w}"));
@@ -115,6 +116,7 @@ pub fn validate(settings: &Settings, json: bool) -> CliResult {
             "metrics": settings.daemon.metrics.map(|a| a.to_string()),
             "state_dir": settings.daemon.state_dir.display().to_string(),
             "services": services,
+            "signals": crate::signals_cli::validate_json(settings),
             "warnings": settings.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
         }));
     }
@@ -188,7 +190,7 @@ pub fn validate(settings: &Settings, json: bool) -> CliResult {
                 .unwrap_or_default()
         ))?;
     }
-    Ok(())
+    crate::signals_cli::validate_text(settings)
 }
 
 fn parse_env(pairs: &[String]) -> CliResult<BTreeMap<String, String>> {
@@ -266,6 +268,12 @@ pub struct DeployArgs<'a> {
     /// With `wait`: how long to wait at most.
     pub timeout: Option<Duration>,
     pub json: bool,
+    /// DORA and the budget freeze (CONTRACT §10).
+    pub commit: Option<&'a str>,
+    pub commit_time: Option<&'a str>,
+    pub fixes: Option<i64>,
+    pub force: bool,
+    pub reason: Option<&'a str>,
 }
 
 pub async fn deploy(client: &Client, a: DeployArgs<'_>) -> CliResult {
@@ -279,7 +287,23 @@ pub async fn deploy(client: &Client, a: DeployArgs<'_>) -> CliResult {
         None => BTreeMap::new(),
     };
     env.extend(parse_env(a.env)?);
-    let body = json!({"version": a.version, "env": env, "strategy": a.strategy});
+    let mut body = json!({"version": a.version, "env": env, "strategy": a.strategy});
+    // The commit for DORA's lead time: as given, else the repository's HEAD when run in one.
+    let (commit, commit_time) = match (a.commit, a.commit_time) {
+        (None, None) => match crate::signals_cli::git_head() {
+            Some((sha, t)) => (Some(sha), Some(t)),
+            None => (None, None),
+        },
+        (c, t) => (c.map(str::to_owned), t.map(str::to_owned)),
+    };
+    if let Some(t) = &commit_time {
+        crate::signals_cli::check_commit_time(t)?;
+    }
+    body["commit"] = json!(commit);
+    body["commit_time"] = json!(commit_time);
+    body["fixes"] = json!(a.fixes);
+    body["force"] = json!(a.force);
+    body["reason"] = json!(a.reason);
     let mut r: Rollout = client
         .post(&format!("/api/v1/services/{}/deploy", a.service), body)
         .await?;

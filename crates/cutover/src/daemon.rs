@@ -222,6 +222,12 @@ async fn run(settings: Settings, reset_state: bool, main: MainThread) -> CliResu
     for w in &settings.warnings {
         tracing::warn!("{w}");
     }
+    // A receiver whose secret is not in the environment could never send: refuse to start.
+    let missing = settings.missing_secrets();
+    if !missing.is_empty() {
+        let text: Vec<String> = missing.iter().map(ToString::to_string).collect();
+        return Err(CliError::new(Code::Usage, text.join("\n")));
+    }
     // Before any descriptor is opened; the default max_connections follows from the result.
     let default_max_connections = crate::limits::prepare(&settings);
     let mut taken = handover::take().map_err(|e| CliError::new(Code::Failure, e))?;
@@ -339,9 +345,25 @@ async fn run(settings: Settings, reset_state: bool, main: MainThread) -> CliResu
     }
     let chaos = crate::chaos::start(&settings, &proxy, &metrics, &controller).await;
     let (stop_api, api_stopping) = watch::channel(false);
-    let api_state =
-        ApiState::new(controller, metrics.clone(), &token).with_chaos(chaos.chaos.clone());
     let api_addr = listeners.api.local_addr().unwrap_or(settings.daemon.api);
+    // SLOs, alerts and DORA on a thread of their own (`signals`).
+    let (signals_task, signals_handle) = match crate::signals::start(
+        &settings,
+        &metrics,
+        &controller,
+        format!("http://{api_addr}/"),
+    ) {
+        Ok((r, h)) => (Some(r), Some(h)),
+        Err(e) => {
+            tracing::error!("{e}; no SLOs or alerts");
+            (None, None)
+        }
+    };
+    let mut api_state =
+        ApiState::new(controller, metrics.clone(), &token).with_chaos(chaos.chaos.clone());
+    if let Some(h) = signals_handle {
+        api_state = api_state.with_signals(h);
+    }
     let api = tokio::spawn(cutover_api::serve(
         listeners.api,
         api_state,
@@ -430,6 +452,10 @@ async fn run(settings: Settings, reset_state: bool, main: MainThread) -> CliResu
         // The chart points up to now are saved for the next start (or program).
         let _ = tokio::task::spawn_blocking(move || s.stop()).await;
     }
+    if let Some(s) = signals_task {
+        // The counts up to now are saved too.
+        let _ = tokio::task::spawn_blocking(move || s.stop()).await;
+    }
     if let Ending::Restart = ending {
         let _ = restart_tx.send(Restart {
             listeners: listeners.keep,
@@ -493,6 +519,13 @@ async fn wait_for_ending(settings: &Settings, signals: Signals) -> Ending {
         let state_dir = &settings.daemon.state_dir;
         let refused = match cutover_config::load(&settings.file) {
             Err(e) => Some(e.to_string()),
+            Ok(new) if !new.missing_secrets().is_empty() => Some(
+                new.missing_secrets()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
             Ok(new) if new.daemon.state_dir != *state_dir => Some(format!(
                 "daemon.state_dir changed from {} to {}: that needs a full restart (stop, then `cutover up`)",
                 state_dir.display(),

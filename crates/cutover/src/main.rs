@@ -23,6 +23,8 @@ mod notify;
 mod output;
 mod render;
 mod series;
+mod signals;
+mod signals_cli;
 mod state;
 
 use std::process::ExitCode;
@@ -152,6 +154,7 @@ fn run(cli: Cli) -> CliResult {
             wait,
             timeout,
             read,
+            signals,
         } => {
             let client = Client::new(&load(&cli)?)?;
             block_on(commands::deploy(
@@ -165,8 +168,37 @@ fn run(cli: Cli) -> CliResult {
                     wait: *wait,
                     timeout: *timeout,
                     json: read.json,
+                    commit: signals.commit.as_deref(),
+                    commit_time: signals.commit_time.as_deref(),
+                    fixes: signals.fixes,
+                    force: signals.force,
+                    reason: signals.reason.as_deref(),
                 },
             ))
+        }
+        Command::Slo { service, read } => {
+            let client = Client::new(&load(&cli)?)?;
+            block_on(signals_cli::slo(&client, service.as_deref(), read.json))
+        }
+        Command::Alerts(read) => {
+            let client = Client::new(&load(&cli)?)?;
+            block_on(signals_cli::alerts(&client, read.json))
+        }
+        Command::Dora {
+            service,
+            since,
+            read,
+        } => {
+            let client = Client::new(&load(&cli)?)?;
+            block_on(signals_cli::dora(
+                &client,
+                service.as_deref(),
+                since,
+                read.json,
+            ))
+        }
+        Command::Export(cli::ExportCommand::PrometheusRules { service }) => {
+            signals_cli::export_rules(&load(&cli)?, service.as_deref())
         }
         Command::Status {
             service,

@@ -189,6 +189,12 @@ impl Controller {
     pub fn subscribe(&self) -> broadcast::Receiver<Notice> {
         self.notices.subscribe()
     }
+
+    /// Passes on an event another part of the daemon recorded (an alert's transition, saved
+    /// by the signals task), so that live views see it like the controller's own.
+    pub fn publish(&self, notice: Notice) {
+        let _ = self.notices.send(notice);
+    }
 }
 
 /// Messages from the other parts of the daemon.

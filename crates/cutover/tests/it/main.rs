@@ -17,4 +17,5 @@ mod processes;
 mod restart;
 mod rollouts;
 mod safety;
+mod signals;
 mod state;
