@@ -35,7 +35,7 @@ pub struct ApiState {
     pub sessions: Sessions,
     /// Faults and experiments (`None`: those routes answer 503).
     pub chaos: Option<cutover_chaos::Chaos>,
-    /// SLOs, alerts and DORA (CONTRACT §10); `None`: those routes answer 404.
+    /// SLOs, alerts and DORA (docs/reference.md §12); `None`: those routes answer 404.
     pub signals: Option<signals::Source>,
 }
 

@@ -1,4 +1,4 @@
-//! The signals surface of the API (CONTRACT §10): SLOs, alerts, DORA, the Prometheus rules
+//! The signals surface of the API (docs/reference.md §12): SLOs, alerts, DORA, the Prometheus rules
 //! export, and the dashboard's cards for them.
 //!
 //! The daemon's signals task owns the numbers; it reaches the API through [`SignalsSource`],

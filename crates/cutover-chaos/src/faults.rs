@@ -1,5 +1,5 @@
 //! The fault registry: the one owner of the faults set on the daemon's services and
-//! dependencies (CONTRACT §11, `cutover fault add|list|clear`).
+//! dependencies (docs/reference.md §11, `cutover fault add|list|clear`).
 //!
 //! Every fault has an end (`--for`), checked when it is added ([`check`], pure), enforced by
 //! the proxy itself (a fault carries its deadline there) and swept here, so a forgotten fault

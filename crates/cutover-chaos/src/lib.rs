@@ -1,5 +1,5 @@
 //! cutover-chaos: faults, chaos experiments, synthetic traffic and scheduled probes
-//! (CONTRACT §11, docs/reference.md "Chaos experiments").
+//! (docs/reference.md §11, docs/reference.md "Chaos experiments").
 //!
 //! - [`faults`]: the registry of faults injected into the proxy and the dependency hops, each
 //!   with a mandatory end, every change an event.

@@ -34,7 +34,7 @@ pub struct Settings {
     pub dependencies: Vec<DependencySettings>,
     /// `[backups]`: where the catalog is, what `prune` keeps, the schedule.
     pub backups: BackupSettings,
-    /// SLO alerts' receivers, routes and rules, `[policy]` and `[dora]` (CONTRACT §10).
+    /// SLO alerts' receivers, routes and rules, `[policy]` and `[dora]` (docs/reference.md §12).
     pub signals: signals::SignalsSettings,
     /// What is valid but probably not meant (an API reachable from other machines, say):
     /// `validate` prints these and `up` logs them.
@@ -98,7 +98,7 @@ pub struct ServiceSettings {
     pub synthetic: Option<SyntheticSettings>,
     /// Scheduled blackbox probes (`[[services.X.probe]]`).
     pub probes: Vec<ProbeSettings>,
-    /// Hooks, smoke checks and the database (CONTRACT §9); `rollout.steps` says which run.
+    /// Hooks, smoke checks and the database (docs/reference.md §10); `rollout.steps` says which run.
     pub safety: SafetySpec,
     /// `[[services.NAME.slo]]`, in the order written.
     pub slos: Vec<cutover_signals::slo::SloSpec>,
@@ -146,11 +146,11 @@ pub enum RuntimeSettings {
     Static {
         upstreams: BTreeMap<Version, Vec<SocketAddr>>,
     },
-    /// `runtime = "docker"` (CONTRACT §8): containers on a Docker Engine.
+    /// `runtime = "docker"` (docs/reference.md §7.7): containers on a Docker Engine.
     Docker(Box<DockerSettings>),
 }
 
-/// A docker service's containers: what runs and how (CONTRACT §8).
+/// A docker service's containers: what runs and how (docs/reference.md §7.7).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DockerSettings {
     /// The image of a version: `{version}` is filled in with the version (without its

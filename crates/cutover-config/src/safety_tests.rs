@@ -1,5 +1,5 @@
 //! Data-driven tests of `[services.X.hooks]`, `[[services.X.smoke]]`, `[services.X.database]`
-//! and `[backups]` (CONTRACT §9): what they resolve to, and every mistake's exact diagnostic.
+//! and `[backups]` (docs/reference.md §10): what they resolve to, and every mistake's exact diagnostic.
 
 use std::path::Path;
 use std::time::Duration;

@@ -1,5 +1,5 @@
 //! The signals sections of `cutover.toml`: `[[services.X.slo]]`, `[alerts]` with its
-//! receivers, routes and rules, `[policy]` and `[dora]` (CONTRACT §10).
+//! receivers, routes and rules, `[policy]` and `[dora]` (docs/reference.md §12).
 //!
 //! Raw shapes (with spans) and their checks live here so the shared `raw`/`resolve` modules
 //! only point at them. Receivers name the environment variables that hold their secrets;

@@ -1,4 +1,4 @@
-//! What a user asked for around a rollout (CONTRACT §9), resolved: hooks, smoke checks, the
+//! What a user asked for around a rollout (docs/reference.md §10), resolved: hooks, smoke checks, the
 //! service's database, and the backups kept of it.
 //!
 //! Plain values, like the rest of `spec`: `cutover-config` builds them after checking them, the
@@ -126,7 +126,7 @@ pub struct DatabaseSpec {
     pub bin_dir: Option<PathBuf>,
 }
 
-/// Everything of CONTRACT §9 one service has.
+/// Everything of docs/reference.md §10 one service has.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct SafetySpec {
     pub hooks: Hooks,
@@ -164,7 +164,7 @@ pub struct Keep {
 }
 
 impl Default for Keep {
-    /// CONTRACT §9's example, which is also a sensible default.
+    /// docs/reference.md §10's example, which is also a sensible default.
     fn default() -> Self {
         Keep {
             last: 3,

@@ -36,7 +36,7 @@ pub mod names {
     pub const FAULTS_ACTIVE: &str = "cutover_faults_active";
     pub const PROBE_SUCCESS: &str = "cutover_probe_success";
     pub const PROBE_DURATION: &str = "cutover_probe_duration_seconds";
-    // SLOs and alerts (CONTRACT §10), and the delivery of alerts to their receivers.
+    // SLOs and alerts (docs/reference.md §12), and the delivery of alerts to their receivers.
     pub const SLO_OBJECTIVE: &str = "cutover_slo_objective_ratio";
     pub const SLO_BUDGET_REMAINING: &str = "cutover_slo_error_budget_remaining_ratio";
     pub const SLO_BURN_RATE: &str = "cutover_slo_burn_rate";

@@ -1,4 +1,4 @@
-//! The SLO, alert and receiver gauges of CONTRACT §10 in the exposition.
+//! The SLO, alert and receiver gauges of docs/reference.md §12 in the exposition.
 //!
 //! The signals task computes them and hands over a whole [`SignalGauges`] each round; this
 //! module only renders what it was given, with the names from [`crate::names`].

@@ -1,4 +1,4 @@
-//! cutover-safety: the work around a rollout that keeps a release safe (CONTRACT §9) — hooks,
+//! cutover-safety: the work around a rollout that keeps a release safe (docs/reference.md §10) — hooks,
 //! smoke checks, backups of the service's database, restores, verification, and the catalog
 //! of backups with its retention policy.
 //!

@@ -104,7 +104,7 @@ const MIGRATIONS: &[&str] = &[
     UPDATE instances SET handle = pid || '/' || coalesce(pgid, pid) WHERE pid IS NOT NULL;
     ALTER TABLE instances DROP COLUMN pid;
     ALTER TABLE instances DROP COLUMN pgid;",
-    // Signals (CONTRACT §10): requests per service, version and minute for SLOs, written by
+    // Signals (docs/reference.md §12): requests per service, version and minute for SLOs, written by
     // the signals task off the request path and kept for the longest SLO window (older
     // minutes are compacted into hours); the share within each SLO latency beside them; and
     // what `deploy` said about a rollout beyond the rollout (its commit, the rollout it

@@ -1,4 +1,4 @@
-//! `cutover backup create|list|verify|restore|prune` (CONTRACT §9): the backup catalog from
+//! `cutover backup create|list|verify|restore|prune` (docs/reference.md §10): the backup catalog from
 //! the command line.
 //!
 //! These work on the catalog and the database directly, with or without a daemon running:

@@ -268,7 +268,7 @@ pub struct DeployArgs<'a> {
     /// With `wait`: how long to wait at most.
     pub timeout: Option<Duration>,
     pub json: bool,
-    /// DORA and the budget freeze (CONTRACT §10).
+    /// DORA and the budget freeze (docs/reference.md §12).
     pub commit: Option<&'a str>,
     pub commit_time: Option<&'a str>,
     pub fixes: Option<i64>,

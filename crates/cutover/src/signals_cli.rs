@@ -1,5 +1,5 @@
 //! `cutover slo`, `cutover alerts`, `cutover dora` and `cutover export prometheus-rules`, and
-//! what `deploy` and `validate` add for signals (CONTRACT §10).
+//! what `deploy` and `validate` add for signals (docs/reference.md §12).
 
 use cutover_api::signals::{humantime_like, wire};
 use cutover_config::Settings;

@@ -1,5 +1,5 @@
 //! `[services.X.hooks]`, `[[services.X.smoke]]`, `[services.X.database]` and `[backups]`
-//! (CONTRACT §9) → the core's safety settings, every problem a diagnostic at its key.
+//! (docs/reference.md §10) → the core's safety settings, every problem a diagnostic at its key.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

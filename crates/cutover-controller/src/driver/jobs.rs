@@ -100,7 +100,7 @@ struct JobCtx {
     candidate: Version,
     safety: Arc<SafetySetup>,
     /// The service's env under the rollout's `--env` and the `CUTOVER_*` variables of
-    /// CONTRACT §9.
+    /// docs/reference.md §10.
     env: BTreeMap<String, String>,
     /// Healthy candidate instances, for smoke checks.
     candidates: Vec<(InstanceId, SocketAddr)>,

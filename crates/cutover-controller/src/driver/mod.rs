@@ -79,7 +79,7 @@ pub struct ServiceSetup {
     /// For static services: the versions that exist. `None`: any version can be started.
     pub known_versions: Option<Vec<Version>>,
     pub runtime: Arc<dyn Runtime>,
-    /// Hooks, smoke checks, the database and its backups (CONTRACT §9).
+    /// Hooks, smoke checks, the database and its backups (docs/reference.md §10).
     pub safety: Arc<SafetySetup>,
 }
 

@@ -1,4 +1,4 @@
-//! The docker runtime (`runtime = "docker"`, CONTRACT §8): one container per instance on a
+//! The docker runtime (`runtime = "docker"`, docs/reference.md §7.7): one container per instance on a
 //! Docker Engine, through its API (bollard), never the `docker` CLI.
 //!
 //! A container publishes its app's `port` on 127.0.0.1 only, on a host port the Engine picks;
@@ -181,7 +181,7 @@ fn unreachable(host: &str, e: &bollard::errors::Error) -> RuntimeError {
     }
 }
 
-/// How a docker service's containers are made (CONTRACT §8), resolved by the binary.
+/// How a docker service's containers are made (docs/reference.md §7.7), resolved by the binary.
 #[derive(Clone, Debug)]
 pub struct DockerOptions {
     pub service: ServiceName,

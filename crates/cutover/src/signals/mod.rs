@@ -1,4 +1,4 @@
-//! Signals in the daemon (CONTRACT §10): the thread that counts and alerts (`engine`), the
+//! Signals in the daemon (docs/reference.md §12): the thread that counts and alerts (`engine`), the
 //! receivers it sends to (`deliver`), and the handle the API reads through.
 //!
 //! All decisions are `cutover-signals`' pure functions; this module does the IO around them:
