@@ -319,6 +319,29 @@ impl Db {
     }
 }
 
+/// The catalog's lock, from code that may block (the CLI, or a blocking task).
+///
+/// A lock just released can look held for a moment: a process this one forked (an instance,
+/// a hook, another thread's `pg_dump`) shares the lock's open descriptor until it `exec`s and
+/// close-on-exec drops it. So "held" is believed only once it has held for a second; a real
+/// holder (a backup, a migration) holds far longer.
+fn settled_lock(
+    catalog: &Catalog,
+    service: &str,
+    purpose: &str,
+) -> Result<crate::catalog::Lock, OpError> {
+    let mut tries = 0;
+    loop {
+        match catalog.try_lock(service, purpose) {
+            Err(CatalogError::Busy(_)) if tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 /// What `prune` decided for each backup of `service`, newest first; with `apply`, the
 /// backups not kept are deleted.
 pub fn prune(
@@ -329,7 +352,7 @@ pub fn prune(
     apply: bool,
 ) -> Result<Vec<(Manifest, Decision)>, OpError> {
     let _lock = if apply {
-        Some(catalog.try_lock(service, "prune")?)
+        Some(settled_lock(catalog, service, "prune")?)
     } else {
         None
     };
