@@ -179,34 +179,8 @@ impl Docked {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    fn wait_for(
-        &self,
-        what: &str,
-        mut f: impl FnMut(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let out = self.cli(&["status", "SVC", "--json"]);
-            if out.status.success() {
-                let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                if f(&s) {
-                    return s;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "gave up waiting for {what}; last status {s:#}\n{}",
-                    self.d.log()
-                );
-            } else {
-                assert!(
-                    Instant::now() < deadline,
-                    "gave up waiting for {what}: {}\n{}",
-                    stderr(&out),
-                    self.d.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    fn wait_for(&self, what: &str, f: impl FnMut(&serde_json::Value) -> bool) -> serde_json::Value {
+        self.d.wait_for_service(&self.svc, what, f)
     }
 
     fn containers(&self) -> Vec<Container> {

@@ -223,11 +223,21 @@ impl Daemon {
     pub fn wait_for(
         &self,
         what: &str,
+        f: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        self.wait_for_service("web", what, f)
+    }
+
+    /// Polls `status SERVICE` until `f` holds, like [`Daemon::wait_for`].
+    pub fn wait_for_service(
+        &self,
+        service: &str,
+        what: &str,
         mut f: impl FnMut(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let out = self.cli(&["status", "web", "--json"]);
+            let out = self.cli(&["status", service, "--json"]);
             if out.status.success() {
                 let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
                 if f(&s) {
