@@ -26,6 +26,7 @@ pub fn routes() -> Router<ApiState> {
     Router::new()
         .route("/", get(index))
         .route("/services/{name}", get(service_page))
+        .route("/experiments/{id}", get(crate::chaos::experiment_page))
         .route("/ui/services/{name}/panel", get(service_panel))
         .route("/login", get(login_form).post(login))
         .route("/logout", axum::routing::post(logout))
@@ -77,7 +78,7 @@ fn page(title: &str, body: &str, script: &str) -> String {
 }
 
 /// A page; `csrf` is the session's token for the scripts that post (none on the login form).
-fn page_with(title: &str, body: &str, script: &str, csrf: Option<&str>) -> String {
+pub(crate) fn page_with(title: &str, body: &str, script: &str, csrf: Option<&str>) -> String {
     let meta = csrf
         .map(|t| format!("<meta name=csrf-token content=\"{}\">", escape(t)))
         .unwrap_or_default();
@@ -90,7 +91,7 @@ fn page_with(title: &str, body: &str, script: &str, csrf: Option<&str>) -> Strin
 
 /// The caller of a dashboard page: `Some(csrf)` for a session (`Some("")` for a bearer
 /// client, which needs none), `None` when not logged in.
-fn viewer(headers: &HeaderMap, s: &ApiState) -> Option<String> {
+pub(crate) fn viewer(headers: &HeaderMap, s: &ApiState) -> Option<String> {
     match auth::caller(headers, s) {
         Ok(auth::Caller::Session { csrf, .. }) => Some(csrf),
         Ok(auth::Caller::Bearer) => Some(String::new()),
@@ -179,7 +180,7 @@ async fn logout(
     ([(header::SET_COOKIE, cookie)], Redirect::to("/login")).into_response()
 }
 
-fn header_bar(title: &str, csrf: &str) -> String {
+pub(crate) fn header_bar(title: &str, csrf: &str) -> String {
     format!(
         "<header><h1><a href=/ style=color:inherit;text-decoration:none>cutover</a> · {}</h1>\
 <form method=post action=/logout><input type=hidden name=csrf value=\"{}\"><button type=submit>Log out</button></form></header>",
@@ -224,6 +225,7 @@ async fn index(State(s): State<ApiState>, headers: HeaderMap) -> Response {
         body.push_str("<p class=card>No services are configured.</p>");
     }
     body.push_str(&crate::signals::cards(&s, None));
+    body.push_str(&crate::chaos::experiments_card(&s).await);
     if let Some(src) = s.signals.clone() {
         let d = tokio::task::spawn_blocking(move || {
             src.dora(None, std::time::Duration::from_secs(30 * 86_400))

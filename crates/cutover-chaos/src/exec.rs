@@ -13,19 +13,26 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cutover_controller::{Action as Act, Controller, DeployRequest};
-use cutover_core::{EventKind, Health, LatencyDist, RolloutOutcome, ServiceName, Version};
+use cutover_core::{
+    EventKind, Health, InstanceId, LatencyDist, RolloutOutcome, ServiceName, Version,
+};
 use cutover_metrics::Metrics;
+use cutover_runtime::Disturbance;
+use cutover_signals::slo::SloSpec;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::experiment::{
-    Action, ActionKind, Activity, DependencyMode, Experiment, Probe, ProbeKind, Tolerance,
+    Action, ActionKind, Activity, DependencyMode, Experiment, Probe, ProbeKind, Target, Tolerance,
 };
 use crate::faults::{Clear, FaultRequest, Faults, rfc3339, wall_now};
 use crate::runner::{self, Do, Input, Run, Shape, Stage, Verdict};
+pub use crate::traffic::ShockResult;
 
 /// How often a deployment-rollback looks at its rollout.
 const POLL: Duration = Duration::from_millis(250);
+/// How long a scaling shock measures the service's request rate before it multiplies it.
+const SHOCK_SAMPLE: Duration = Duration::from_secs(2);
 
 /// A probe's result.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -73,6 +80,12 @@ pub struct Report {
     /// From the method's end until the hypothesis held again.
     pub recovery_seconds: Option<f64>,
     pub faults_cleared: usize,
+    /// CPU stresses and scaling shocks still running when it cleared, ended then.
+    #[serde(default)]
+    pub stresses_ended: usize,
+    /// What each scaling shock sent and got back.
+    #[serde(default)]
+    pub shocks: Vec<ShockResult>,
     /// A restarted daemon finished this run's rollbacks.
     pub resumed: bool,
 }
@@ -83,6 +96,9 @@ pub struct Record {
     pub experiment: Experiment,
     pub run: Run,
     pub report: Report,
+    /// `(service, instance)` of every CPU stress it started, ended when it clears.
+    #[serde(default)]
+    pub stressed: Vec<(String, String)>,
 }
 
 impl Record {
@@ -120,6 +136,8 @@ pub enum ChaosError {
     Io(String),
 }
 
+type Shocking = (watch::Sender<bool>, tokio::task::JoinHandle<()>);
+
 struct Live {
     record: Arc<Mutex<Record>>,
     stop: watch::Sender<bool>,
@@ -137,6 +155,11 @@ struct Inner {
     metrics: Metrics,
     dir: PathBuf,
     runs: Mutex<BTreeMap<String, Live>>,
+    /// The SLOs `slo-burn-rate` probes measure.
+    slos: Vec<SloSpec>,
+    /// Scaling shocks running beside an experiment's method, by experiment: the signal that
+    /// stops one early, and its task.
+    shocks: Mutex<BTreeMap<String, Vec<Shocking>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -147,12 +170,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Chaos {
-    /// `state_dir`: the daemon's; runs are kept in its `chaos/`.
+    /// `state_dir`: the daemon's; runs are kept in its `chaos/`. `slos`: every service's, for
+    /// `slo-burn-rate` probes.
     pub fn new(
         faults: Faults,
         controller: Controller,
         metrics: Metrics,
         state_dir: &std::path::Path,
+        slos: Vec<SloSpec>,
     ) -> Chaos {
         Chaos {
             inner: Arc::new(Inner {
@@ -161,6 +186,8 @@ impl Chaos {
                 metrics,
                 dir: state_dir.join("chaos"),
                 runs: Mutex::new(BTreeMap::new()),
+                slos,
+                shocks: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -208,6 +235,7 @@ impl Chaos {
             },
             experiment,
             run: Run::new(),
+            stressed: Vec::new(),
         };
         self.persist(&record);
         let record = Arc::new(Mutex::new(record));
@@ -236,21 +264,16 @@ impl Chaos {
         let mut names = Vec::new();
         for a in e.method.iter().chain(&e.rollbacks) {
             match a {
-                Activity::Action(a) => match &a.kind {
-                    ActionKind::KillInstance { service, .. }
-                    | ActionKind::InjectLatency { service, .. }
-                    | ActionKind::InjectErrors { service, .. }
-                    | ActionKind::DeploymentRollback { service, .. }
-                    | ActionKind::AbortRollout { service } => names.push(service.clone()),
-                    ActionKind::ClearFaults { service: Some(s) } => names.push(s.clone()),
-                    ActionKind::DependencyFailure { dependency, .. } => {
-                        if !deps.iter().any(|d| d.as_str() == dependency) {
+                Activity::Action(a) => match a.kind.target() {
+                    Target::Service(s) => names.push(s.to_owned()),
+                    Target::Dependency(d) => {
+                        if !deps.iter().any(|k| k.as_str() == d) {
                             return Err(ChaosError::Invalid(format!(
-                                "the daemon has no dependency named {dependency:?}"
+                                "the daemon has no dependency named {d:?}"
                             )));
                         }
                     }
-                    ActionKind::ClearFaults { service: None } | ActionKind::Wait { .. } => {}
+                    Target::Nothing => {}
                 },
                 Activity::Probe(p) => names.extend(probe_service(p)),
             }
@@ -274,6 +297,34 @@ impl Chaos {
         serde_json::from_slice::<Record>(&text)
             .map(|r| r.report)
             .map_err(|e| ChaosError::Io(format!("experiment {id}: {e}")))
+    }
+
+    /// The newest `limit` runs, this daemon's and earlier ones', newest first.
+    pub fn list(&self, limit: usize) -> Vec<Report> {
+        let mut all: BTreeMap<String, Report> = BTreeMap::new();
+        if let Ok(dir) = std::fs::read_dir(&self.inner.dir) {
+            for entry in dir.flatten() {
+                let p = entry.path();
+                if p.extension().is_none_or(|e| e != "json") {
+                    continue;
+                }
+                if let Ok(r) = std::fs::read(&p)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| serde_json::from_slice::<Record>(&t).map_err(|e| e.to_string()))
+                {
+                    all.insert(r.report.id.clone(), r.report);
+                }
+            }
+        }
+        // A live run's report is newer than its file between two steps.
+        for (id, l) in lock(&self.inner.runs).iter() {
+            all.insert(id.clone(), lock(&l.record).report.clone());
+        }
+        let mut v: Vec<Report> = all.into_values().collect();
+        // RFC 3339 in UTC sorts as time.
+        v.sort_by(|a, b| b.started_at.cmp(&a.started_at));
+        v.truncate(limit);
+        v
     }
 
     /// Asks a run to stop: it goes to its rollbacks at once.
@@ -407,7 +458,7 @@ impl Chaos {
                 Do::Method(n) => {
                     let a = lock(&record).experiment.method.get(n).cloned();
                     let Some(a) = a else { break };
-                    let fut = self.activity(&id, a);
+                    let fut = self.activity(&record, a);
                     match until_stopped(&mut stopped, fut).await {
                         Some(res) => {
                             let ok = res.ok;
@@ -434,7 +485,7 @@ impl Chaos {
                     let a = lock(&record).experiment.rollbacks.get(n).cloned();
                     let Some(a) = a else { break };
                     // Rollbacks are not interrupted by a stop: they are what a stop asks for.
-                    let res = self.activity(&id, a).await;
+                    let res = self.activity(&record, a).await;
                     self.event(
                         &record,
                         format!("experiment {id}: rollback {}: {}", res.kind, res.detail),
@@ -452,7 +503,10 @@ impl Chaos {
                         .await
                         .map(|c| c.len())
                         .unwrap_or(0);
-                    lock(&record).report.faults_cleared += cleared;
+                    let calmed = self.calm(&record).await;
+                    let mut r = lock(&record);
+                    r.report.faults_cleared += cleared;
+                    r.report.stresses_ended += calmed;
                     true
                 }
             };
@@ -528,7 +582,7 @@ impl Chaos {
     }
 
     /// Runs a method or rollback activity.
-    async fn activity(&self, id: &str, a: Activity) -> StepResult {
+    async fn activity(&self, record: &Arc<Mutex<Record>>, a: Activity) -> StepResult {
         let started = Instant::now();
         let (name, kind, r) = match a {
             Activity::Probe(p) => {
@@ -550,7 +604,7 @@ impl Chaos {
                 if !a.pause_before.is_zero() {
                     tokio::time::sleep(a.pause_before).await;
                 }
-                let r = self.action(id, &a).await;
+                let r = self.action(record, &a).await;
                 if !a.pause_after.is_zero() {
                     tokio::time::sleep(a.pause_after).await;
                 }
@@ -570,7 +624,9 @@ impl Chaos {
         }
     }
 
-    async fn action(&self, id: &str, a: &Action) -> Result<String, String> {
+    async fn action(&self, record: &Arc<Mutex<Record>>, a: &Action) -> Result<String, String> {
+        let id = lock(record).report.id.clone();
+        let id = id.as_str();
         let c = &self.inner.controller;
         let fault = |service: &str| FaultRequest {
             service: service.to_owned(),
@@ -584,6 +640,24 @@ impl Chaos {
                 version,
                 count,
             } => self.kill(service, version.as_deref(), *count).await,
+            ActionKind::CpuStress {
+                service,
+                version,
+                count,
+                load,
+                duration,
+            } => {
+                self.cpu_stress(
+                    record,
+                    service,
+                    version.as_deref(),
+                    *count,
+                    *load,
+                    *duration,
+                )
+                .await
+            }
+            kind @ ActionKind::ScalingShock { .. } => self.shock(record, kind).await,
             ActionKind::InjectLatency {
                 service,
                 version,
@@ -685,14 +759,13 @@ impl Chaos {
             .map_err(|e| e.to_string())
     }
 
-    /// SIGKILLs `count` healthy instances of `version` (stable by default). The runtime sees
-    /// an exit it did not ask for and restarts the instance, as after any crash.
-    async fn kill(
+    /// Up to `count` healthy instances of `version` (stable by default), as `(id, runs_as)`.
+    async fn victims(
         &self,
         service: &str,
         version: Option<&str>,
         count: u32,
-    ) -> Result<String, String> {
+    ) -> Result<Vec<(InstanceId, String)>, String> {
         let v = self
             .inner
             .controller
@@ -705,31 +778,158 @@ impl Chaos {
             .iter()
             .filter(|i| i.version == want && i.health == Health::Healthy)
             .take(count as usize)
+            .map(|i| (i.id.clone(), i.runs_as.clone()))
             .collect();
         if victims.is_empty() {
-            return Err(format!(
-                "{service} has no healthy instance of {want} to kill"
-            ));
+            return Err(format!("{service} has no healthy instance of {want}"));
         }
-        let mut killed = Vec::new();
-        for i in victims {
-            let pid = i
-                .runs_as
-                .strip_prefix("pid ")
-                .and_then(|p| p.split_whitespace().next())
-                .and_then(|p| p.parse::<i32>().ok())
-                .and_then(rustix::process::Pid::from_raw)
-                .ok_or_else(|| {
-                    format!(
-                        "{} runs as {:?}: kill-instance needs a process it can signal",
-                        i.id, i.runs_as
-                    )
-                })?;
-            rustix::process::kill_process(pid, rustix::process::Signal::KILL)
-                .map_err(|e| format!("cannot kill {} ({}): {e}", i.id, i.runs_as))?;
-            killed.push(format!("{} ({})", i.id, i.runs_as));
+        Ok(victims)
+    }
+
+    /// Kills `count` healthy instances of `version` (stable by default) through their runtime
+    /// (SIGKILL to a process tree, `docker kill` of a container). The runtime sees an exit
+    /// it did not ask for and restarts the instance, as after any crash.
+    async fn kill(
+        &self,
+        service: &str,
+        version: Option<&str>,
+        count: u32,
+    ) -> Result<String, String> {
+        let mut done = Vec::new();
+        for (id, _) in self.victims(service, version, count).await? {
+            let d = self
+                .inner
+                .controller
+                .disturb(service, &id, Disturbance::Kill)
+                .await
+                .map_err(|e| format!("cannot kill {id}: {e}"))?;
+            done.push(d);
         }
-        Ok(format!("SIGKILL sent to {}", killed.join(", ")))
+        Ok(done.join("; "))
+    }
+
+    /// Stresses the CPU of `count` healthy instances; the stresses end by themselves and are
+    /// ended early when the experiment clears.
+    async fn cpu_stress(
+        &self,
+        record: &Arc<Mutex<Record>>,
+        service: &str,
+        version: Option<&str>,
+        count: u32,
+        load: f64,
+        duration: Duration,
+    ) -> Result<String, String> {
+        let mut done = Vec::new();
+        for (id, _) in self.victims(service, version, count).await? {
+            let d = self
+                .inner
+                .controller
+                .disturb(service, &id, Disturbance::CpuStress { load, duration })
+                .await
+                .map_err(|e| format!("cannot stress {id}: {e}"))?;
+            {
+                let mut r = lock(record);
+                r.stressed.push((service.to_owned(), id.to_string()));
+                // Durable before it matters: a crash from here on still calms it at restart.
+                self.persist(&r);
+            }
+            done.push(d);
+        }
+        Ok(done.join("; "))
+    }
+
+    /// Starts a scaling shock beside the rest of the method; its numbers go to the report
+    /// when it ends.
+    async fn shock(
+        &self,
+        record: &Arc<Mutex<Record>>,
+        kind: &ActionKind,
+    ) -> Result<String, String> {
+        let ActionKind::ScalingShock {
+            service,
+            factor,
+            min_rps,
+            max_rps,
+            concurrency,
+            paths,
+            duration,
+        } = kind
+        else {
+            return Err("not a scaling shock".into());
+        };
+        let c = &self.inner.controller;
+        let v = c.service(service).await.map_err(|e| e.to_string())?;
+        let name = ServiceName::new(service);
+        let current = crate::traffic::user_rate(&self.inner.metrics, &name, SHOCK_SAMPLE).await;
+        let rps = crate::traffic::shock_rate(current, *factor, *min_rps, *max_rps);
+        let plan = crate::traffic::Shock {
+            service: name,
+            to: crate::traffic::reach(v.listen),
+            rps,
+            concurrency: *concurrency,
+            paths: paths.clone(),
+            duration: *duration,
+        };
+        let started = format!(
+            "{rps:.1} extra req/s through {} for {}s ({current:.1} req/s now ×{factor}, at most {concurrency} in flight)",
+            plan.to,
+            duration.as_secs_f64()
+        );
+        let me = self.clone();
+        let record_ = record.clone();
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let result = crate::traffic::run_shock(&plan, stopped).await;
+            let msg = format!(
+                "scaling shock on {} ended: {}",
+                plan.service,
+                result.describe()
+            );
+            {
+                let mut r = lock(&record_);
+                r.report.shocks.push(result);
+                me.persist(&r);
+            }
+            me.event(&record_, msg).await;
+        });
+        let id = lock(record).report.id.clone();
+        lock(&self.inner.shocks)
+            .entry(id)
+            .or_default()
+            .push((stop, task));
+        Ok(started)
+    }
+
+    /// Ends what an experiment left running beside its faults: CPU stresses and scaling
+    /// shocks. Returns how many.
+    async fn calm(&self, record: &Arc<Mutex<Record>>) -> usize {
+        let (id, stressed) = {
+            let r = lock(record);
+            (r.report.id.clone(), r.stressed.clone())
+        };
+        let mut n = 0;
+        for (service, instance) in stressed {
+            let i = InstanceId::new(&instance);
+            if let Ok(d) = self
+                .inner
+                .controller
+                .disturb(&service, &i, Disturbance::Calm)
+                .await
+                && d.ends_with("ended")
+            {
+                n += 1;
+            }
+        }
+        let shocks = lock(&self.inner.shocks).remove(&id).unwrap_or_default();
+        for (stop, task) in shocks {
+            if !task.is_finished() {
+                n += 1;
+            }
+            // It stops sending at once and reports what it sent once those are answered.
+            let _ = stop.send(true);
+            let _ = task.await;
+        }
+        n
     }
 
     /// Deploys `version` with errors injected into it and waits for analysis to roll it back.
@@ -837,7 +1037,9 @@ impl Chaos {
                 version,
                 window,
             } => {
-                let w = self.window(service, version.as_deref(), *window).await?;
+                let w = self
+                    .window(service, version.as_deref(), *window, None)
+                    .await?;
                 let rate = if w.requests == 0 {
                     0.0
                 } else {
@@ -859,12 +1061,51 @@ impl Chaos {
                 version,
                 window,
             } => {
-                let w = self.window(service, version.as_deref(), *window).await?;
+                let w = self
+                    .window(service, version.as_deref(), *window, None)
+                    .await?;
                 let p99 = w.latency.quantile(0.99).unwrap_or_default();
                 let ms = p99.as_secs_f64() * 1000.0;
                 Ok(Measured::Number(
                     ms,
                     format!("p99 {ms:.1}ms over {} requests", w.requests),
+                ))
+            }
+            ProbeKind::SloBurnRate {
+                service,
+                slo,
+                window,
+            } => {
+                let spec = self
+                    .inner
+                    .slos
+                    .iter()
+                    .find(|s| s.service == *service && s.name == *slo)
+                    .ok_or_else(|| format!("the daemon has no SLO {slo:?} for {service}"))?;
+                let w = self.window(service, None, *window, spec.latency).await?;
+                let bad = match spec.latency {
+                    Some(_) => w.slow,
+                    None => w.errors,
+                };
+                let budget = spec.error_budget();
+                let rate = if w.requests == 0 {
+                    0.0
+                } else {
+                    (bad as f64 / w.requests as f64) / budget
+                };
+                let what = match spec.latency {
+                    Some(l) => format!("slower than {}ms", l.as_millis()),
+                    None => "5xx".to_owned(),
+                };
+                Ok(Measured::Number(
+                    rate,
+                    format!(
+                        "SLO {slo} ({}) burns its budget at {rate:.2}× over {}s: {bad}/{} requests {what}, {:.3}% allowed",
+                        spec.describe(),
+                        window.as_secs_f64(),
+                        w.requests,
+                        budget * 100.0
+                    ),
                 ))
             }
             ProbeKind::HealthyInstances { service, version } => {
@@ -903,12 +1144,14 @@ impl Chaos {
         }
     }
 
-    /// What a service (one version, or all it runs) answered over the next `window`.
+    /// What a service (one version, or all it runs) answered over the next `window`; with
+    /// `threshold`, also how many answers were slower than it.
     async fn window(
         &self,
         service: &str,
         version: Option<&str>,
         window: Duration,
+        threshold: Option<Duration>,
     ) -> Result<Window, String> {
         let name = ServiceName::new(service);
         let versions: Vec<Version> = match version {
@@ -933,12 +1176,18 @@ impl Chaos {
         let mut w = Window {
             requests: 0,
             errors: 0,
+            slow: 0,
             latency: LatencyDist::default(),
         };
         for (v, before) in versions.iter().zip(&first) {
-            let s = m.snapshot(&name, v).window_since(Some(before));
+            let now = m.snapshot(&name, v);
+            let s = now.window_since(Some(before));
             w.requests += s.requests;
             w.errors += s.errors;
+            if let Some(t) = threshold {
+                let fast = now.within(t).saturating_sub(before.within(t));
+                w.slow += s.requests.saturating_sub(fast);
+            }
             w.latency.merge(&s.latency);
         }
         Ok(w)
@@ -948,6 +1197,8 @@ impl Chaos {
 struct Window {
     requests: u64,
     errors: u64,
+    /// Answers slower than the threshold asked for (0 without one).
+    slow: u64,
     latency: LatencyDist,
 }
 
@@ -971,26 +1222,15 @@ async fn until_stopped<T>(
 }
 
 fn probe_service(p: &Probe) -> Option<String> {
-    match &p.kind {
-        ProbeKind::ErrorRate { service, .. }
-        | ProbeKind::P99 { service, .. }
-        | ProbeKind::HealthyInstances { service, .. } => Some(service.clone()),
-        ProbeKind::Http { .. } => None,
-    }
+    p.kind.service().map(str::to_owned)
 }
 
 /// The service an experiment's events are recorded under: the first it names.
 fn first_service(e: &Experiment) -> Option<String> {
     let from_action = |a: &Activity| match a {
-        Activity::Action(a) => match &a.kind {
-            ActionKind::KillInstance { service, .. }
-            | ActionKind::InjectLatency { service, .. }
-            | ActionKind::InjectErrors { service, .. }
-            | ActionKind::DeploymentRollback { service, .. }
-            | ActionKind::AbortRollout { service } => Some(service.clone()),
-            ActionKind::DependencyFailure { dependency, .. } => Some(dependency.clone()),
-            ActionKind::ClearFaults { service } => service.clone(),
-            ActionKind::Wait { .. } => None,
+        Activity::Action(a) => match a.kind.target() {
+            Target::Service(s) | Target::Dependency(s) => Some(s.to_owned()),
+            Target::Nothing => None,
         },
         Activity::Probe(p) => probe_service(p),
     };
@@ -1002,23 +1242,9 @@ fn first_service(e: &Experiment) -> Option<String> {
 }
 
 pub fn action_kind_name(k: &ActionKind) -> &'static str {
-    match k {
-        ActionKind::KillInstance { .. } => "kill-instance",
-        ActionKind::InjectLatency { .. } => "inject-latency",
-        ActionKind::InjectErrors { .. } => "inject-errors",
-        ActionKind::DependencyFailure { .. } => "dependency-failure",
-        ActionKind::DeploymentRollback { .. } => "deployment-rollback",
-        ActionKind::ClearFaults { .. } => "clear-faults",
-        ActionKind::AbortRollout { .. } => "abort-rollout",
-        ActionKind::Wait { .. } => "wait",
-    }
+    k.name()
 }
 
 pub fn probe_kind_name(k: &ProbeKind) -> &'static str {
-    match k {
-        ProbeKind::ErrorRate { .. } => "error-rate",
-        ProbeKind::P99 { .. } => "p99",
-        ProbeKind::HealthyInstances { .. } => "healthy-instances",
-        ProbeKind::Http { .. } => "http",
-    }
+    k.name()
 }

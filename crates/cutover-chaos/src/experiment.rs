@@ -99,6 +99,31 @@ pub enum ActionKind {
         #[serde(with = "ms")]
         duration: Duration,
     },
+    /// Takes CPU away from `count` healthy instances of the version (stable when none is
+    /// named) for `duration`: a process shares one CPU with a busy loop running `load` of the
+    /// time; a container is limited to `1 - load` of a CPU. Ends by itself.
+    CpuStress {
+        service: String,
+        version: Option<String>,
+        count: u32,
+        load: f64,
+        #[serde(with = "ms")]
+        duration: Duration,
+    },
+    /// A burst of extra load through the service's listener, as users would send it: the
+    /// service's current request rate times `factor - 1` on top of what it gets (at least
+    /// `min_rps`, at most `max_rps`), for `duration`, with at most `concurrency` requests in
+    /// flight. It runs beside the rest of the method and ends by itself.
+    ScalingShock {
+        service: String,
+        factor: f64,
+        min_rps: f64,
+        max_rps: f64,
+        concurrency: u32,
+        paths: Vec<String>,
+        #[serde(with = "ms")]
+        duration: Duration,
+    },
     /// Deploys `version` with injected errors and passes if analysis rolls it back within
     /// `within`.
     DeploymentRollback {
@@ -116,6 +141,74 @@ pub enum ActionKind {
         #[serde(with = "ms")]
         duration: Duration,
     },
+}
+
+/// What an action acts on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target<'a> {
+    Service(&'a str),
+    Dependency(&'a str),
+    /// Nothing in particular (`wait`; `clear-faults` of every service).
+    Nothing,
+}
+
+impl ActionKind {
+    /// Its name in experiment files.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ActionKind::KillInstance { .. } => "kill-instance",
+            ActionKind::CpuStress { .. } => "cpu-stress",
+            ActionKind::ScalingShock { .. } => "scaling-shock",
+            ActionKind::InjectLatency { .. } => "inject-latency",
+            ActionKind::InjectErrors { .. } => "inject-errors",
+            ActionKind::DependencyFailure { .. } => "dependency-failure",
+            ActionKind::DeploymentRollback { .. } => "deployment-rollback",
+            ActionKind::ClearFaults { .. } => "clear-faults",
+            ActionKind::AbortRollout { .. } => "abort-rollout",
+            ActionKind::Wait { .. } => "wait",
+        }
+    }
+
+    pub fn target(&self) -> Target<'_> {
+        match self {
+            ActionKind::KillInstance { service, .. }
+            | ActionKind::CpuStress { service, .. }
+            | ActionKind::ScalingShock { service, .. }
+            | ActionKind::InjectLatency { service, .. }
+            | ActionKind::InjectErrors { service, .. }
+            | ActionKind::DeploymentRollback { service, .. }
+            | ActionKind::AbortRollout { service }
+            | ActionKind::ClearFaults {
+                service: Some(service),
+            } => Target::Service(service),
+            ActionKind::DependencyFailure { dependency, .. } => Target::Dependency(dependency),
+            ActionKind::ClearFaults { service: None } | ActionKind::Wait { .. } => Target::Nothing,
+        }
+    }
+}
+
+impl ProbeKind {
+    /// Its name in experiment files.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ProbeKind::ErrorRate { .. } => "error-rate",
+            ProbeKind::P99 { .. } => "p99",
+            ProbeKind::SloBurnRate { .. } => "slo-burn-rate",
+            ProbeKind::HealthyInstances { .. } => "healthy-instances",
+            ProbeKind::Http { .. } => "http",
+        }
+    }
+
+    /// The service it measures (an HTTP probe asks a URL, not a service).
+    pub fn service(&self) -> Option<&str> {
+        match self {
+            ProbeKind::ErrorRate { service, .. }
+            | ProbeKind::P99 { service, .. }
+            | ProbeKind::SloBurnRate { service, .. }
+            | ProbeKind::HealthyInstances { service, .. } => Some(service),
+            ProbeKind::Http { .. } => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -147,6 +240,15 @@ pub enum ProbeKind {
     P99 {
         service: String,
         version: Option<String>,
+        #[serde(with = "ms")]
+        window: Duration,
+    },
+    /// How fast an SLO's error budget burns over the next `window`: the share of bad requests
+    /// divided by the share the objective allows (1 spends the budget exactly in the SLO's
+    /// window; 14.4 is the usual page).
+    SloBurnRate {
+        service: String,
+        slo: String,
         #[serde(with = "ms")]
         window: Duration,
     },
@@ -233,6 +335,8 @@ mod ms {
 pub struct Known {
     pub services: Vec<String>,
     pub dependencies: Vec<String>,
+    /// `(service, SLO name)` of every `[[services.X.slo]]`.
+    pub slos: Vec<(String, String)>,
 }
 
 /// One problem in an experiment file.
@@ -503,6 +607,35 @@ impl<'a> Fields<'a> {
         self.take(k)
     }
 
+    /// A list of strings.
+    fn strs(&mut self, cx: &mut Cx<'_>, k: &str) -> Option<Vec<String>> {
+        let n = self.take(k)?;
+        let key = self.key(k);
+        let Val::Arr(items) = &n.v else {
+            cx.err(
+                n.at,
+                &key,
+                format!("expected a list of strings, found {}", n.v.what()),
+            );
+            return None;
+        };
+        let mut out = Vec::new();
+        for i in items {
+            match &i.v {
+                Val::Str(s) => out.push(s.clone()),
+                other => {
+                    cx.err(
+                        i.at,
+                        &key,
+                        format!("expected a string, found {}", other.what()),
+                    );
+                    return None;
+                }
+            }
+        }
+        (!out.is_empty()).then_some(out)
+    }
+
     /// Reports every key nobody read.
     fn finish(self, cx: &mut Cx<'_>, allowed: &str) {
         for (k, n) in &self.map {
@@ -681,8 +814,8 @@ fn canonical(name: &str) -> String {
     name.trim().to_ascii_lowercase().replace('_', "-")
 }
 
-const ACTIONS: &str = "kill-instance, inject-latency, inject-errors, dependency-failure, deployment-rollback, clear-faults, abort-rollout, wait";
-const PROBES: &str = "error-rate, p99, healthy-instances, http";
+const ACTIONS: &str = "kill-instance, cpu-stress, scaling-shock, inject-latency, inject-errors, dependency-failure, deployment-rollback, clear-faults, abort-rollout, wait";
+const PROBES: &str = "error-rate, p99, slo-burn-rate, healthy-instances, http";
 
 fn activity(cx: &mut Cx<'_>, n: &Node, path: &str) -> Option<Activity> {
     if cx.ctk {
@@ -1109,13 +1242,51 @@ fn action_kind(cx: &mut Cx<'_>, f: &mut Fields<'_>, kind: &str, at: usize) -> Op
         "wait" => ActionKind::Wait {
             duration: f.dur(cx, "for").unwrap_or(Duration::from_secs(5)),
         },
-        "cpu-stress" | "scaling-shock" => {
-            cx.err(
-                at,
-                &f.path,
-                format!("{kind:?} is not implemented yet; actions: {ACTIONS}"),
-            );
-            return None;
+        "cpu-stress" => ActionKind::CpuStress {
+            service: service(cx, f, "service")?,
+            version: f.str(cx, "version"),
+            count: f.num(cx, "count").map_or(1, |c| c.max(1.0) as u32),
+            load: if f.map.iter().any(|(k, _)| *k == "load") {
+                rate(cx, f, "load")?
+            } else {
+                1.0
+            },
+            duration: secs(f.dur(cx, "for")),
+        },
+        "scaling-shock" => {
+            let service = service(cx, f, "service")?;
+            let factor = f.num(cx, "factor").unwrap_or(3.0);
+            if factor <= 1.0 {
+                let (at, key) = (f.at, f.key("factor"));
+                cx.err(at, &key, format!("{factor} must be above 1: the load becomes factor times what the service gets now"));
+                return None;
+            }
+            let min_rps = f.num(cx, "min_rps").unwrap_or(10.0).max(0.1);
+            let max_rps = f.num(cx, "max_rps").unwrap_or(1000.0);
+            if max_rps < min_rps {
+                let (at, key) = (f.at, f.key("max_rps"));
+                cx.err(at, &key, format!("{max_rps} is below min_rps {min_rps}"));
+                return None;
+            }
+            let paths = f.strs(cx, "paths").unwrap_or_else(|| vec!["/".to_owned()]);
+            if let Some(bad) = paths.iter().find(|p| !p.starts_with('/')) {
+                let (at, key) = (f.at, f.key("paths"));
+                cx.err(
+                    at,
+                    &key,
+                    format!("{bad:?} is not a path: paths start with /"),
+                );
+                return None;
+            }
+            ActionKind::ScalingShock {
+                service,
+                factor,
+                min_rps,
+                max_rps,
+                concurrency: f.num(cx, "concurrency").map_or(64, |c| c.max(1.0) as u32),
+                paths,
+                duration: secs(f.dur(cx, "for")),
+            }
         }
         other => {
             cx.err(
@@ -1162,6 +1333,53 @@ fn probe_kind(cx: &mut Cx<'_>, f: &mut Fields<'_>, kind: &str, at: usize) -> Opt
             version: f.str(cx, "version"),
             window: window(cx, f),
         },
+        "slo-burn-rate" | "burn-rate" => {
+            let service = service(cx, f, "service")?;
+            let named: Vec<&String> = cx
+                .known
+                .slos
+                .iter()
+                .filter(|(s, _)| *s == service)
+                .map(|(_, n)| n)
+                .collect();
+            let slo = match f.str(cx, "slo") {
+                Some(n) if named.contains(&&n) => n,
+                Some(n) => {
+                    let (at, key) = (f.at, f.key("slo"));
+                    let list: Vec<&str> = named.iter().map(|n| n.as_str()).collect();
+                    cx.err(
+                        at,
+                        &key,
+                        format!(
+                            "{service} has no SLO named {n:?} (its SLOs: {})",
+                            if list.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                list.join(", ")
+                            }
+                        ),
+                    );
+                    return None;
+                }
+                None => match named.first() {
+                    Some(n) => (*n).clone(),
+                    None => {
+                        let (at, key) = (f.at, f.key("slo"));
+                        cx.err(
+                            at,
+                            &key,
+                            format!("{service} has no SLO: add a [[services.{service}.slo]]"),
+                        );
+                        return None;
+                    }
+                },
+            };
+            ProbeKind::SloBurnRate {
+                service,
+                slo,
+                window: f.dur(cx, "window").unwrap_or(Duration::from_secs(10)),
+            }
+        }
         "healthy-instances" => ProbeKind::HealthyInstances {
             service: service(cx, f, "service")?,
             version: f.str(cx, "version"),

@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 
 use cutover_config::{ProbeSettings, SyntheticSettings};
 use cutover_controller::Controller;
-use cutover_core::{EventKind, Health, ServiceName, Version};
+use cutover_core::{EventKind, Health, LatencyDist, ServiceName, Version};
 use cutover_metrics::Metrics;
-use tokio::sync::Semaphore;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, watch};
 
 /// Whether to send synthetic traffic for the next interval: only while a candidate takes part
 /// in a rollout, and only when its real traffic in the last one was too thin to judge.
@@ -64,6 +65,7 @@ pub fn spawn_synthetic(
                     note(
                         &controller,
                         &s.service,
+                        EventKind::Synthetic,
                         "synthetic traffic stopped: no canary".into(),
                     )
                     .await;
@@ -93,7 +95,7 @@ pub fn spawn_synthetic(
                         "synthetic traffic stopped: {real} real request(s) to {cand} in the last interval"
                     )
                 };
-                note(&controller, &s.service, msg).await;
+                note(&controller, &s.service, EventKind::Synthetic, msg).await;
             }
             if !go {
                 continue;
@@ -168,8 +170,147 @@ async fn send_for(
     }
 }
 
+/// The rate a scaling shock adds: what the service gets now times `factor - 1`, at least
+/// `min_rps` (a quiet service is still shocked) and at most `max_rps`.
+pub fn shock_rate(current_rps: f64, factor: f64, min_rps: f64, max_rps: f64) -> f64 {
+    (current_rps.max(0.0) * (factor - 1.0)).clamp(min_rps, max_rps)
+}
+
+/// The users' request rate of a service (every version) over the next `sample`.
+pub async fn user_rate(metrics: &Metrics, service: &ServiceName, sample: Duration) -> f64 {
+    let total = |m: &Metrics| -> u64 {
+        m.versions()
+            .iter()
+            .filter(|(s, _)| s == service)
+            .map(|(s, v)| m.user_requests(s, v))
+            .sum()
+    };
+    let before = total(metrics);
+    tokio::time::sleep(sample).await;
+    total(metrics).saturating_sub(before) as f64 / sample.as_secs_f64()
+}
+
+/// A scaling shock as decided: where, how fast, how long.
+#[derive(Clone, Debug)]
+pub struct Shock {
+    pub service: ServiceName,
+    /// The service's listener: the shock goes where users' requests go.
+    pub to: SocketAddr,
+    pub rps: f64,
+    pub concurrency: u32,
+    pub paths: Vec<String>,
+    pub duration: Duration,
+}
+
+/// What a scaling shock sent and got back.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShockResult {
+    pub service: String,
+    pub rps: f64,
+    pub seconds: f64,
+    pub sent: u64,
+    /// Answered below 500.
+    pub ok: u64,
+    /// Answered 5xx, or not answered (refused, reset, timed out).
+    pub failed: u64,
+    /// Beats skipped because `concurrency` requests were still in flight: the service slowed
+    /// down, and the shock does not pile on more than it allows.
+    pub skipped: u64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+impl ShockResult {
+    pub fn describe(&self) -> String {
+        let q = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}ms"));
+        format!(
+            "{} sent at {:.1} req/s for {:.1}s: {} ok, {} failed, {} skipped at the concurrency cap; p50 {}, p99 {}",
+            self.sent,
+            self.rps,
+            self.seconds,
+            self.ok,
+            self.failed,
+            self.skipped,
+            q(self.p50_ms),
+            q(self.p99_ms)
+        )
+    }
+}
+
+/// Sends a scaling shock's requests through the listener until its end or until `stop`
+/// says so; returns once those sent are all answered (or timed out).
+pub async fn run_shock(s: &Shock, mut stop: watch::Receiver<bool>) -> ShockResult {
+    let started = Instant::now();
+    let every = Duration::from_secs_f64(1.0 / s.rps.max(0.01));
+    let mut tick = tokio::time::interval(every);
+    // A rate is a ceiling, not a debt: late beats are skipped, never sent in a burst.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let permits = Arc::new(Semaphore::new(s.concurrency.max(1) as usize));
+    let tally = Arc::new(std::sync::Mutex::new((0u64, 0u64, Vec::<u64>::new())));
+    let headers = Arc::new(vec![(
+        "X-Cutover-Chaos".to_owned(),
+        "scaling-shock".to_owned(),
+    )]);
+    let to = s.to.to_string();
+    let (mut sent, mut skipped) = (0u64, 0u64);
+    let end = started + s.duration;
+    for n in 0usize.. {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        if Instant::now() >= end {
+            break;
+        }
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            skipped += 1;
+            continue;
+        };
+        sent += 1;
+        let path = s.paths[n % s.paths.len()].clone();
+        let (to, headers, tally) = (to.clone(), headers.clone(), tally.clone());
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let r =
+                crate::http::request(&to, "GET", &path, &headers, Duration::from_secs(10)).await;
+            let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+            if let Ok(mut g) = tally.lock() {
+                match r {
+                    Ok((status, _)) if status < 500 => g.0 += 1,
+                    _ => g.1 += 1,
+                }
+                g.2.push(us);
+            }
+            drop(permit);
+        });
+    }
+    // Every request in flight ends within its timeout; then all permits are free.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(11),
+        permits.acquire_many(s.concurrency.max(1)),
+    )
+    .await;
+    let (ok, failed, samples) = tally
+        .lock()
+        .map(|g| (g.0, g.1, g.2.clone()))
+        .unwrap_or_default();
+    let dist = LatencyDist::from_samples(samples);
+    let ms = |q: f64| dist.quantile(q).map(|d| d.as_secs_f64() * 1000.0);
+    ShockResult {
+        service: s.service.to_string(),
+        rps: s.rps,
+        seconds: started.elapsed().min(s.duration).as_secs_f64(),
+        sent,
+        ok,
+        failed,
+        skipped,
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+    }
+}
+
 /// Where a listener is reached from this host: a wildcard address on loopback.
-fn reach(listen: SocketAddr) -> SocketAddr {
+pub fn reach(listen: SocketAddr) -> SocketAddr {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     let ip = match listen.ip() {
         IpAddr::V4(v) if v.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -218,19 +359,14 @@ pub fn spawn_probe(
                 } else {
                     format!("probe {} failed: GET {} {why}", p.name, p.path)
                 };
-                note(&controller, &service, msg).await;
+                note(&controller, &service, EventKind::Probe, msg).await;
             }
             was_ok = Some(ok);
         }
     })
 }
 
-async fn note(controller: &Controller, service: &ServiceName, msg: String) {
-    let kind = if msg.starts_with("probe") {
-        EventKind::Probe
-    } else {
-        EventKind::Synthetic
-    };
+async fn note(controller: &Controller, service: &ServiceName, kind: EventKind, msg: String) {
     let _ = controller.record(service, kind, msg).await;
 }
 
@@ -250,6 +386,69 @@ mod tests {
         ] {
             assert_eq!(plan(cand, real, min), want, "{cand} {real} {min}");
         }
+    }
+
+    #[test]
+    fn a_shock_multiplies_the_current_rate_within_its_bounds() {
+        // (current, factor, min, max) → extra rate
+        for (cur, factor, min, max, want) in [
+            (100.0, 3.0, 10.0, 1000.0, 200.0),
+            (0.0, 3.0, 10.0, 1000.0, 10.0),
+            (2.0, 2.0, 10.0, 1000.0, 10.0),
+            (900.0, 5.0, 10.0, 1000.0, 1000.0),
+            (-1.0, 3.0, 5.0, 50.0, 5.0),
+        ] {
+            assert_eq!(shock_rate(cur, factor, min, max), want, "{cur} ×{factor}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_shock_never_exceeds_its_rate_or_its_concurrency() {
+        // A slow server (each answer after 200 ms) and a cap of 2 in flight: at 50 req/s for
+        // 1 s, only about 2 per 200 ms are sent; the rest are skipped, none piled up.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (o, m) = (open.clone(), most.clone());
+        tokio::spawn(async move {
+            use std::sync::atomic::Ordering::SeqCst;
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            loop {
+                let (mut c, _) = l.accept().await.unwrap();
+                let (o, m) = (o.clone(), m.clone());
+                tokio::spawn(async move {
+                    let now = o.fetch_add(1, SeqCst) + 1;
+                    m.fetch_max(now, SeqCst);
+                    let mut b = [0u8; 1024];
+                    let _ = c.read(&mut b).await;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let _ = c
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
+                        .await;
+                    o.fetch_sub(1, SeqCst);
+                });
+            }
+        });
+        let r = run_shock(
+            &Shock {
+                service: ServiceName::new("web"),
+                to: addr,
+                rps: 50.0,
+                concurrency: 2,
+                paths: vec!["/".into()],
+                duration: Duration::from_secs(1),
+            },
+            watch::channel(false).1,
+        )
+        .await;
+        assert!(most.load(std::sync::atomic::Ordering::SeqCst) <= 2, "{r:?}");
+        assert!(r.sent <= 14 && r.sent >= 6, "{r:?}");
+        assert_eq!(r.ok, r.sent, "{r:?}");
+        assert!(r.skipped >= 30, "{r:?}");
+        assert!(r.p50_ms.unwrap() >= 190.0, "{r:?}");
     }
 
     #[test]

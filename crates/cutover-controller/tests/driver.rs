@@ -26,19 +26,22 @@ use cutover_core::{
     RolloutSpec, RouteTable, ServiceName, Version, Weight,
 };
 use cutover_runtime::{
-    BoxFuture, Found, Handle, InstanceExit, Recorded, Runtime, RuntimeError, StartSpec, Started,
+    BoxFuture, Disturbance, Found, Handle, InstanceExit, Recorded, Runtime, RuntimeError,
+    StartSpec, Started,
 };
 use cutover_store::Store;
 use tokio::sync::mpsc;
 
 /// What the driver did to the world, in order.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 enum Did {
     Start(String),
     Stop(String),
     Adopt(String),
     /// A table was published; the instances it routes to.
     Publish(Vec<String>),
+    /// A chaos experiment's action reached the instance.
+    Disturb(String, Disturbance),
 }
 
 #[derive(Clone, Debug)]
@@ -251,6 +254,17 @@ impl Runtime for FakeRuntime {
     fn describe(&self, handle: &Handle) -> String {
         handle.as_str().to_owned()
     }
+
+    fn disturb<'a>(
+        &'a self,
+        instance: &'a InstanceId,
+        how: Disturbance,
+    ) -> BoxFuture<'a, Result<String, RuntimeError>> {
+        Box::pin(async move {
+            self.world.did(Did::Disturb(instance.to_string(), how));
+            Ok(format!("disturbed {instance}"))
+        })
+    }
 }
 
 struct Plane(Arc<World>);
@@ -450,6 +464,31 @@ async fn starts_the_stable_version_and_publishes_it_once_it_runs() {
         world.running.lock().unwrap().is_empty(),
         "stop stops everything"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_disturbance_reaches_only_the_services_own_instances() {
+    let world = Arc::new(World::default());
+    let d = Daemon::start(&world, Store::open_in_memory().unwrap(), false);
+    let v = d
+        .until("two healthy v1", |v| healthy_of(v, "v1") == 2)
+        .await;
+    let id = v.instances[0].id.clone();
+    let done = d.c.disturb("web", &id, Disturbance::Kill).await.unwrap();
+    assert_eq!(done, format!("disturbed {id}"));
+    assert!(
+        world
+            .log()
+            .contains(&Did::Disturb(id.to_string(), Disturbance::Kill))
+    );
+    let stranger = InstanceId::new("web-v9-0");
+    let e =
+        d.c.disturb("web", &stranger, Disturbance::Kill)
+            .await
+            .unwrap_err();
+    assert!(e.to_string().contains("no instance web-v9-0"), "{e}");
+    assert!(d.c.disturb("db", &id, Disturbance::Kill).await.is_err());
+    d.shut_down().await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -183,9 +183,10 @@ async fn serve_request(
             close,
         ));
     };
-    // Faults (off: one relaxed load). Bandwidth caps are the fast path's alone: this path
-    // streams through hyper's bodies and does not pace them.
+    // Faults (off: one relaxed load). A bandwidth cap paces the answer's body (`Watched`).
+    let mut pace = None;
     if let Some(inj) = exchange::faults(conn, cv, lease.backend()) {
+        pace = inj.bytes_per_sec;
         if !inj.delay.is_zero() {
             tokio::time::sleep(inj.delay).await;
         }
@@ -270,7 +271,7 @@ async fn serve_request(
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers, true);
                 // The connection now belongs to the tunnel: it never goes back to the pool.
-                let body = Watched::response(body, lease, None, exchange);
+                let body = Watched::response(body, lease, None, exchange).paced(pace);
                 return Ok(Response::from_parts(parts, Either::Left(body)));
             }
             let (mut parts, body) = resp.into_parts();
@@ -280,7 +281,7 @@ async fn serve_request(
                     .headers
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            let body = Watched::response(body, lease, Some(sender), exchange);
+            let body = Watched::response(body, lease, Some(sender), exchange).paced(pace);
             Ok(Response::from_parts(parts, Either::Left(body)))
         }
         Err((e, _)) => Ok(plain(
@@ -365,6 +366,16 @@ pub(crate) struct Watched {
     sender: Option<Sender>,
     /// The request body's progress: `None` when the request had no body.
     exchange: Option<Arc<AtomicU8>>,
+    /// A bandwidth fault's pacing of the body (`None`: no fault, no cost).
+    pace: Option<Box<Pace>>,
+}
+
+/// A body under a bandwidth cap: each frame of n bytes is held n / rate seconds before it
+/// passes, so the body flows at the cap.
+struct Pace {
+    bytes_per_sec: u64,
+    held: Option<Frame<Bytes>>,
+    wait: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Watched {
@@ -374,6 +385,7 @@ impl Watched {
             lease: None,
             sender: None,
             exchange: Some(exchange),
+            pace: None,
         }
     }
 
@@ -388,7 +400,20 @@ impl Watched {
             lease: Some(lease),
             sender,
             exchange,
+            pace: None,
         }
+    }
+
+    /// Paces the body at `bytes_per_sec` (a bandwidth fault).
+    fn paced(mut self, bytes_per_sec: Option<u64>) -> Self {
+        self.pace = bytes_per_sec.map(|b| {
+            Box::new(Pace {
+                bytes_per_sec: b.max(1),
+                held: None,
+                wait: None,
+            })
+        });
+        self
     }
 
     /// The response was read to its end: the connection may serve another request, provided
@@ -414,7 +439,51 @@ impl Body for Watched {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(p) = &mut self.pace
+            && let Some(wait) = &mut p.wait
+        {
+            if wait.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            p.wait = None;
+            if let Some(f) = p.held.take() {
+                let r = Poll::Ready(Some(Ok(f)));
+                return self.passed(r);
+            }
+        }
         let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Some(p) = &mut self.pace
+            && let Poll::Ready(Some(Ok(f))) = &r
+            && let Some(d) = f.data_ref()
+        {
+            let secs = d.len() as f64 / p.bytes_per_sec as f64;
+            let mut wait = Box::pin(tokio::time::sleep(std::time::Duration::from_secs_f64(secs)));
+            if wait.as_mut().poll(cx).is_pending()
+                && let Poll::Ready(Some(Ok(f))) = r
+            {
+                p.held = Some(f);
+                p.wait = Some(wait);
+                return Poll::Pending;
+            }
+        }
+        self.passed(r)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pace.as_ref().is_none_or(|p| p.held.is_none()) && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Watched {
+    /// The bookkeeping of a frame (or the end) as it passes to hyper.
+    fn passed(
+        mut self: Pin<&mut Self>,
+        r: Poll<Option<Result<Frame<Bytes>, hyper::Error>>>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         // A body of known length ends with its last data frame: hyper does not poll it again
         // for the end, so that frame must count as the end (else the connection, waiting for
         // a request body that never "ends", would never be reused).
@@ -434,14 +503,6 @@ impl Body for Watched {
             _ => {}
         }
         r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

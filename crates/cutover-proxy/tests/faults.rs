@@ -287,15 +287,18 @@ async fn a_bandwidth_cap_paces_the_answer() {
             Duration::from_secs(60),
         )],
     );
-    let t = Instant::now();
-    let (s, body) = get(addr, "/big", None).await;
-    assert_eq!((s, body.len()), (200, 20_000));
-    // 20 kB at 40 kB/s: half a second at least.
-    assert!(
-        t.elapsed() >= Duration::from_millis(450),
-        "{:?}",
-        t.elapsed()
-    );
+    // Both request paths: HTTP/1.1 on the fast path, HTTP/1.0 through hyper's.
+    for http10 in [false, true] {
+        let t = Instant::now();
+        let (s, body) = request(addr, "/big", None, http10).await;
+        assert_eq!((s, body.len()), (200, 20_000), "HTTP/1.0: {http10}");
+        // 20 kB at 40 kB/s: half a second at least.
+        assert!(
+            t.elapsed() >= Duration::from_millis(450),
+            "HTTP/1.0: {http10}: {:?}",
+            t.elapsed()
+        );
+    }
 }
 
 #[tokio::test]

@@ -17,6 +17,7 @@ pub mod docker;
 pub mod inherit;
 pub mod logs;
 mod process;
+pub mod stress;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -54,6 +55,9 @@ pub enum RuntimeError {
     StateDirBusy(std::path::PathBuf),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The runtime cannot do what was asked (e.g. kill an instance of a static service).
+    #[error("{0}")]
+    Unsupported(String),
     /// What the Docker Engine refused or reported, as one sentence.
     #[error("{0}")]
     Docker(String),
@@ -159,6 +163,51 @@ pub trait Runtime: Send + Sync {
 
     /// A short text for people, e.g. `pid 4242` or `container 3fa2b1c9d0e1`.
     fn describe(&self, handle: &Handle) -> String;
+
+    /// Does to one running instance what a chaos experiment asks (docs/reference.md §11);
+    /// returns what was done, in words. Nothing here outlives the daemon or the stress's end:
+    /// see [`Disturbance`].
+    fn disturb<'a>(
+        &'a self,
+        instance: &'a InstanceId,
+        how: Disturbance,
+    ) -> BoxFuture<'a, Result<String, RuntimeError>>;
+}
+
+/// What a chaos experiment does to one instance.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Disturbance {
+    /// Kills it as a crash would (SIGKILL to its whole tree; `docker kill` of its container).
+    /// The runtime sees an exit it did not ask for and restarts the instance as after any
+    /// other crash.
+    Kill,
+    /// Takes CPU away from it until `duration` has passed or [`Disturbance::Calm`]: a
+    /// process shares one CPU with a busy loop that runs `load` of every 100 ms; a container
+    /// is limited to `1 - load` of a CPU. The stress ends by itself at its deadline, and with
+    /// the daemon (the busy loop exits when its parent is gone; a restarted daemon gives an
+    /// adopted container its configured limit back).
+    CpuStress { load: f64, duration: Duration },
+    /// Ends a CPU stress of the instance now, if it has one.
+    Calm,
+}
+
+/// One CPU stress at a time per instance: a second would have to know what the first gives
+/// back at its end.
+pub(crate) fn already_stressed(instance: &InstanceId) -> RuntimeError {
+    RuntimeError::Unsupported(format!(
+        "{instance} is already under a CPU stress; wait for its end or calm it first"
+    ))
+}
+
+/// A runtime that cannot do `how` to its instances.
+pub fn cannot_disturb(what: &str, how: Disturbance) -> RuntimeError {
+    let verb = match how {
+        Disturbance::Kill => "kill",
+        Disturbance::CpuStress { .. } | Disturbance::Calm => "stress the CPU of",
+    };
+    RuntimeError::Unsupported(format!(
+        "cutover cannot {verb} {what}: their instances are not cutover's to run"
+    ))
 }
 
 /// An instance exited without being asked to. Sent once its whole process tree is gone and
@@ -244,6 +293,20 @@ impl Runtime for StaticRuntime {
 
     fn describe(&self, _handle: &Handle) -> String {
         "static".to_owned()
+    }
+
+    fn disturb<'a>(
+        &'a self,
+        _instance: &'a InstanceId,
+        how: Disturbance,
+    ) -> BoxFuture<'a, Result<String, RuntimeError>> {
+        Box::pin(async move {
+            match how {
+                // Nothing to end: a static service is never stressed.
+                Disturbance::Calm => Ok("nothing to calm".to_owned()),
+                _ => Err(cannot_disturb("a static service's addresses", how)),
+            }
+        })
     }
 }
 

@@ -29,7 +29,8 @@ use crate::contain::{self, Leaf, Swept};
 use crate::logs::rotated_path;
 use crate::logs::{LogFile, LogLimits, StderrTail, log_path};
 use crate::{
-    BoxFuture, Found, Handle, InstanceExit, Recorded, Runtime, RuntimeError, StartSpec, Started,
+    BoxFuture, Disturbance, Found, Handle, InstanceExit, Recorded, Runtime, RuntimeError,
+    StartSpec, Started, stress,
 };
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
@@ -81,6 +82,8 @@ struct Inner {
     keeper: Mutex<Option<OwnedFd>>,
     /// What a previous program of this daemon handed over for instances not yet adopted.
     pending: Mutex<HashMap<InstanceId, Inherited>>,
+    /// The CPU stress of each stressed instance: sending ends it early.
+    stresses: Mutex<HashMap<InstanceId, tokio::sync::oneshot::Sender<()>>>,
 }
 
 /// What an instance needs from the program it outlived when the daemon restarts in place:
@@ -197,6 +200,7 @@ impl ProcessRuntime {
                 cgroups: opts.cgroups,
                 keeper: Mutex::new(None),
                 pending: Mutex::new(HashMap::new()),
+                stresses: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -780,6 +784,122 @@ impl ProcessRuntime {
         Ok(())
     }
 
+    /// The processes of an instance's tree now: its cgroup's, else its group leader.
+    fn tree(&self, instance: &InstanceId) -> Option<Vec<u32>> {
+        let procs = self.inner.procs.lock().ok()?;
+        let p = procs.get(instance)?;
+        let leader = p.pgid.load(Ordering::SeqCst);
+        Some(match &p.leaf {
+            Some(dir) => {
+                let mut pids = contain::cgroup_pids(dir);
+                if pids.is_empty() {
+                    pids.push(leader);
+                }
+                pids
+            }
+            None => vec![leader],
+        })
+    }
+
+    /// SIGKILL to the instance's whole tree, as a crash would; its supervisor reports the exit
+    /// and restarts it.
+    fn kill(&self, instance: &InstanceId) -> Result<String, RuntimeError> {
+        let (pgid, leaf) = self
+            .inner
+            .procs
+            .lock()
+            .ok()
+            .and_then(|p| {
+                p.get(instance)
+                    .map(|h| (h.pgid.load(Ordering::SeqCst), h.leaf.clone()))
+            })
+            .ok_or_else(|| not_running(instance))?;
+        match &leaf {
+            Some(dir) => contain::kill_cgroup(dir),
+            None => {
+                contain::signal_group(pgid, libc::SIGKILL);
+            }
+        }
+        Ok(format!(
+            "SIGKILL sent to {instance} (pid {pgid} and its tree)"
+        ))
+    }
+
+    /// Pins the instance's threads to one CPU and runs a busy loop there (see `stress`).
+    fn cpu_stress(
+        &self,
+        instance: &InstanceId,
+        load: f64,
+        duration: Duration,
+    ) -> Result<String, RuntimeError> {
+        let pids = self.tree(instance).ok_or_else(|| not_running(instance))?;
+        let leader = pids[0];
+        let original = i32::try_from(leader)
+            .ok()
+            .and_then(stress::affinity)
+            .ok_or_else(|| not_running(instance))?;
+        // The highest CPU it may use: the kernel tends to fill the lowest first.
+        let cpu = *stress::cpus(&original)
+            .last()
+            .ok_or_else(|| not_running(instance))?;
+        if self
+            .inner
+            .stresses
+            .lock()
+            .is_ok_and(|s| s.contains_key(instance))
+        {
+            return Err(crate::already_stressed(instance));
+        }
+        let burner =
+            stress::spawn_burner(&self.inner.self_exe, load, duration, cpu).map_err(|source| {
+                RuntimeError::Spawn {
+                    program: self.inner.self_exe.display().to_string(),
+                    source,
+                }
+            })?;
+        let burner_pid = burner.id().unwrap_or(0);
+        let pinned = stress::pin_all(&pids, &stress::only(cpu));
+        let (calm_tx, calm_rx) = tokio::sync::oneshot::channel();
+        if let Ok(mut s) = self.inner.stresses.lock() {
+            s.insert(instance.clone(), calm_tx);
+        }
+        let rt = self.clone();
+        let id = instance.clone();
+        tokio::spawn(async move {
+            let mut burner = burner;
+            tokio::select! {
+                _ = tokio::time::sleep(duration) => {}
+                _ = calm_rx => {}
+            }
+            let _ = burner.start_kill();
+            let _ = burner.wait().await;
+            // Its threads now (it may have started more, which inherited the one CPU).
+            if let Some(pids) = rt.tree(&id) {
+                stress::pin_all(&pids, &original);
+            }
+            if let Ok(mut s) = rt.inner.stresses.lock() {
+                s.remove(&id);
+            }
+            tracing::info!(instance = %id, "CPU stress ended");
+        });
+        Ok(format!(
+            "{instance} (pid {leader}, {pinned} thread(s)) shares CPU {cpu} with a busy loop (pid {burner_pid}) at {:.0}% for {}ms",
+            load * 100.0,
+            duration.as_millis()
+        ))
+    }
+
+    /// Ends the instance's CPU stress now, if it has one.
+    fn calm(&self, instance: &InstanceId) -> bool {
+        let tx = self
+            .inner
+            .stresses
+            .lock()
+            .ok()
+            .and_then(|mut s| s.remove(instance));
+        tx.is_some_and(|tx| tx.send(()).is_ok())
+    }
+
     pub async fn stop_all(&self, stop_timeout: Duration) {
         let ids: Vec<InstanceId> = self
             .inner
@@ -849,6 +969,27 @@ impl Runtime for ProcessRuntime {
             None => "process".to_owned(),
         }
     }
+
+    fn disturb<'a>(
+        &'a self,
+        instance: &'a InstanceId,
+        how: Disturbance,
+    ) -> BoxFuture<'a, Result<String, RuntimeError>> {
+        let r = match how {
+            Disturbance::Kill => self.kill(instance),
+            Disturbance::CpuStress { load, duration } => self.cpu_stress(instance, load, duration),
+            Disturbance::Calm => Ok(if self.calm(instance) {
+                format!("the CPU stress of {instance} ended")
+            } else {
+                format!("{instance} had no CPU stress")
+            }),
+        };
+        Box::pin(async move { r })
+    }
+}
+
+fn not_running(instance: &InstanceId) -> RuntimeError {
+    RuntimeError::Unsupported(format!("{instance} does not run here"))
 }
 
 impl Drop for Inner {

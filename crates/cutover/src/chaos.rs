@@ -65,6 +65,11 @@ pub async fn start(
         controller.clone(),
         metrics.clone(),
         &settings.daemon.state_dir,
+        settings
+            .services
+            .iter()
+            .flat_map(|s| s.slos.iter().cloned())
+            .collect(),
     );
     let resumed = chaos.recover().await;
     if resumed > 0 {
@@ -270,6 +275,55 @@ pub async fn run(
     }
 }
 
+/// `cutover chaos list [--limit N] [--json]`.
+pub async fn list(client: &Client, limit: usize, json: bool) -> CliResult {
+    #[derive(serde::Deserialize, serde::Serialize)]
+    struct List {
+        experiments: Vec<Report>,
+    }
+    let l: List = client
+        .get(&format!("/api/v1/experiments?limit={limit}"))
+        .await?;
+    if json {
+        return print_json(&l);
+    }
+    if l.experiments.is_empty() {
+        return out_raw("no experiments yet\n");
+    }
+    let mut t = String::new();
+    for r in &l.experiments {
+        let recovered = match (r.recovered, r.recovery_seconds) {
+            (Some(true), Some(s)) => format!("recovered in {s:.1}s"),
+            (Some(false), _) => "did not recover".to_owned(),
+            _ => String::new(),
+        };
+        t.push_str(&format!(
+            "{}  {}  {:<16} {}  {}\n",
+            r.id,
+            r.started_at,
+            r.verdict.as_deref().unwrap_or(&r.stage),
+            r.title,
+            recovered
+        ));
+    }
+    out_raw(&t)
+}
+
+/// `cutover chaos show ID [--json]`.
+pub async fn show(client: &Client, id: &str, json: bool) -> CliResult {
+    let r: Report = client.get(&format!("/api/v1/experiments/{id}")).await?;
+    if json {
+        return print_json(&r);
+    }
+    out_raw(&format!("experiment {}: {}\n", r.id, r.title))?;
+    Shown::default().progress(&r)?;
+    if r.stage == "done" {
+        out_raw(&verdict(&r))
+    } else {
+        out_raw(&format!("still running: {}\n", r.stage))
+    }
+}
+
 /// Reads and checks an experiment file against the config (exit 2 naming the place).
 pub fn read(settings: &Settings, file: &Path) -> CliResult<Experiment> {
     let text = std::fs::read_to_string(file)
@@ -284,6 +338,11 @@ pub fn read(settings: &Settings, file: &Path) -> CliResult<Experiment> {
             .dependencies
             .iter()
             .map(|d| d.name.to_string())
+            .collect(),
+        slos: settings
+            .services
+            .iter()
+            .flat_map(|s| s.slos.iter().map(|o| (o.service.clone(), o.name.clone())))
             .collect(),
     };
     cutover_chaos::experiment::parse(&text, file, &known)
@@ -310,6 +369,14 @@ fn probe_text(p: &Probe) -> String {
                 .unwrap_or_default(),
             window.as_secs_f64()
         ),
+        ProbeKind::SloBurnRate {
+            service,
+            slo,
+            window,
+        } => format!(
+            "how fast {service}'s SLO {slo} burns its error budget over {}s (1 = exactly on budget)",
+            window.as_secs_f64()
+        ),
         ProbeKind::HealthyInstances { service, version } => format!(
             "healthy instances of {service}{}",
             version
@@ -332,6 +399,31 @@ fn action_text(a: &Action) -> String {
         } => format!(
             "SIGKILL {count} healthy instance(s) of {service} {}",
             version.as_deref().unwrap_or("(stable)")
+        ),
+        ActionKind::CpuStress {
+            service,
+            version,
+            count,
+            load,
+            duration,
+        } => format!(
+            "take {:.0}% of a CPU from {count} healthy instance(s) of {service} {} for {} (a busy loop on the CPU a process is pinned to; a lower CPU limit for a container)",
+            load * 100.0,
+            version.as_deref().unwrap_or("(stable)"),
+            ms(duration)
+        ),
+        ActionKind::ScalingShock {
+            service,
+            factor,
+            min_rps,
+            max_rps,
+            concurrency,
+            duration,
+            ..
+        } => format!(
+            "send {service}'s current rate ×{} more through its listener (at least {min_rps} req/s, at most {max_rps}, {concurrency} in flight at most) for {}, beside the rest of the method",
+            factor - 1.0,
+            ms(duration)
         ),
         ActionKind::InjectLatency {
             service,
@@ -514,8 +606,24 @@ fn verdict(r: &Report) -> String {
         (Some(false), _) => "; did not recover".to_owned(),
         _ => String::new(),
     };
-    format!(
-        "verdict: {v}: {why}{recovered}; {} fault(s) cleared at the end{}\n",
+    let mut t = String::new();
+    for shock in &r.shocks {
+        t.push_str(&format!(
+            "scaling shock on {}: {}\n",
+            shock.service,
+            shock.describe()
+        ));
+    }
+    let ended = if r.stresses_ended > 0 {
+        format!(
+            ", {} CPU stress(es) or shock(s) ended early",
+            r.stresses_ended
+        )
+    } else {
+        String::new()
+    };
+    t + &format!(
+        "verdict: {v}: {why}{recovered}; {} fault(s) cleared at the end{ended}{}\n",
         r.faults_cleared,
         if r.resumed {
             " (by a restarted daemon)"

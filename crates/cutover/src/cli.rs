@@ -172,6 +172,9 @@ pub enum Command {
     /// Started by `up`: waits for the daemon to die, then kills what its instances left.
     #[command(name = "__keeper", hide = true)]
     Keeper { state_dir: PathBuf },
+    /// Started by a `cpu-stress` action: a busy loop beside a process instance.
+    #[command(name = "__burn", hide = true)]
+    Burn { args: Vec<String> },
 }
 
 #[derive(Subcommand, Debug)]
@@ -241,6 +244,20 @@ pub enum ChaosCommand {
         /// Print what would be done; do nothing.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
+    /// Recent experiments, newest first, with their verdicts.
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
+    /// One experiment's report: each probe before and after, each action, the verdict.
+    Show {
+        id: String,
         #[command(flatten)]
         read: ReadOpts,
     },

@@ -114,6 +114,8 @@ fn run(cli: Cli) -> CliResult {
             }
             Ok(())
         }
+        Command::Burn { args } => cutover_runtime::stress::burn_main(args)
+            .map_err(|e| CliError::new(Code::Usage, format!("cutover __burn: {e}"))),
         Command::Demo { keep, runtime } => demo::run(*keep, *runtime),
         Command::Fault(f) => {
             let client = Client::new(&load(&cli)?)?;
@@ -138,6 +140,14 @@ fn run(cli: Cli) -> CliResult {
                 *dry_run,
                 read.json,
             ))
+        }
+        Command::Chaos(cli::ChaosCommand::List { limit, read }) => {
+            let client = Client::new(&load(&cli)?)?;
+            block_on(chaos::list(&client, *limit, read.json))
+        }
+        Command::Chaos(cli::ChaosCommand::Show { id, read }) => {
+            let client = Client::new(&load(&cli)?)?;
+            block_on(chaos::show(&client, id, read.json))
         }
         Command::Completions { shell } => {
             // Into a buffer first: the generator panics if its writer fails (a closed pipe).

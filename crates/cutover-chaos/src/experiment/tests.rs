@@ -8,6 +8,7 @@ fn known() -> Known {
     Known {
         services: vec!["web".into()],
         dependencies: vec!["db".into()],
+        slos: vec![("web".into(), "availability".into())],
     }
 }
 
@@ -194,6 +195,92 @@ fn a_chaos_toolkit_experiment_is_read() {
     assert_eq!(e.rollbacks.len(), 1);
 }
 
+#[test]
+fn cpu_stress_scaling_shock_and_burn_rate_are_read_in_both_formats() {
+    let toml = r#"
+title = "load"
+[[hypothesis]]
+probe = "slo-burn-rate"
+service = "web"
+window = "20s"
+max = 2
+[[method]]
+action = "cpu-stress"
+service = "web"
+version = "v2"
+count = 2
+load = 0.8
+for = "10s"
+[[method]]
+action = "scaling-shock"
+service = "web"
+factor = 4
+max_rps = 300
+concurrency = 16
+paths = ["/", "/api"]
+for = "5s"
+"#;
+    let e = parse(toml, Path::new("x.toml"), &known()).unwrap();
+    assert_eq!(
+        e.hypothesis[0].kind,
+        ProbeKind::SloBurnRate {
+            service: "web".into(),
+            slo: "availability".into(),
+            window: Duration::from_secs(20),
+        }
+    );
+    let kinds: Vec<&ActionKind> = e
+        .method
+        .iter()
+        .map(|a| match a {
+            Activity::Action(a) => &a.kind,
+            Activity::Probe(_) => panic!("a probe"),
+        })
+        .collect();
+    assert_eq!(
+        kinds[0],
+        &ActionKind::CpuStress {
+            service: "web".into(),
+            version: Some("v2".into()),
+            count: 2,
+            load: 0.8,
+            duration: Duration::from_secs(10),
+        }
+    );
+    assert_eq!(
+        kinds[1],
+        &ActionKind::ScalingShock {
+            service: "web".into(),
+            factor: 4.0,
+            min_rps: 10.0,
+            max_rps: 300.0,
+            concurrency: 16,
+            paths: vec!["/".into(), "/api".into()],
+            duration: Duration::from_secs(5),
+        }
+    );
+    let json = r#"{"title": "load", "method": [
+      {"type": "action", "name": "burn", "provider": {"type": "python",
+        "module": "chaoscutover.actions", "func": "cpu_stress",
+        "arguments": {"service": "web", "load": 0.5, "for": 3}}},
+      {"type": "probe", "name": "budget", "tolerance": [0, 1], "provider": {"type": "python",
+        "module": "chaoscutover.probes", "func": "slo_burn_rate",
+        "arguments": {"service": "web", "slo": "availability"}}}
+    ]}"#;
+    let e = parse(json, Path::new("x.json"), &known()).unwrap();
+    assert!(matches!(
+        &e.method[0],
+        Activity::Action(Action { kind: ActionKind::CpuStress { load, count: 1, .. }, .. }) if *load == 0.5
+    ));
+    assert!(matches!(
+        &e.method[1],
+        Activity::Probe(Probe {
+            kind: ProbeKind::SloBurnRate { .. },
+            ..
+        })
+    ));
+}
+
 /// Bad input: each row a file and the `line:col: key: message` its first problem must have.
 #[test]
 fn problems_name_their_place() {
@@ -224,6 +311,21 @@ fn problems_name_their_place() {
             "t.toml:4:14: method[0].dependency: no dependency named \"redis\"",
         ),
         ("t.toml", "title = \n", "t.toml:1:9: not valid TOML"),
+        (
+            "t.toml",
+            "title = \"x\"\n[[method]]\naction = \"cpu-stress\"\nservice = \"web\"\nload = 1.5\n",
+            "t.toml:2:1: method[0].load: 1.5 is a share above 0 and at most 1",
+        ),
+        (
+            "t.toml",
+            "title = \"x\"\n[[method]]\naction = \"scaling-shock\"\nservice = \"web\"\nfactor = 1\n",
+            "t.toml:2:1: method[0].factor: 1 must be above 1",
+        ),
+        (
+            "t.toml",
+            "title = \"x\"\n[[hypothesis]]\nprobe = \"slo-burn-rate\"\nservice = \"web\"\nslo = \"latency\"\nmax = 1\n",
+            "t.toml:2:1: hypothesis[0].slo: web has no SLO named \"latency\" (its SLOs: availability)",
+        ),
         (
             "t.json",
             "{\"title\": \"x\",\n \"method\": [{\"type\": \"action\", \"name\": \"k\",\n  \"provider\": {\"type\": \"python\", \"module\": \"chaoscutover.actions\", \"func\": \"kill_instanse\", \"arguments\": {\"service\": \"web\"}}}]}",

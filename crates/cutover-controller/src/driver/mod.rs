@@ -27,7 +27,7 @@ use cutover_core::{
     RouteTable, RouteVersion, ServiceName, Timestamp, Version, Weight,
 };
 use cutover_metrics::{Metrics, VersionSnapshot};
-use cutover_runtime::{Handle, InstanceExit, Recorded, Runtime, StartSpec, Started};
+use cutover_runtime::{Disturbance, Handle, InstanceExit, Recorded, Runtime, StartSpec, Started};
 use cutover_store::{InstanceRow, NewEvent, NewRollout, RolloutRow, ServiceRow, Store};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -114,6 +114,13 @@ enum Request {
         String,
         oneshot::Sender<()>,
     ),
+    /// A chaos experiment's action on one instance, carried out by its runtime.
+    Disturb(
+        ServiceName,
+        InstanceId,
+        Disturbance,
+        oneshot::Sender<Result<String, ControlError>>,
+    ),
 }
 
 /// A cheap, cloneable handle for talking to the driver.
@@ -183,6 +190,21 @@ impl Controller {
     ) -> Result<(), ControlError> {
         self.ask(|tx| Request::Record(service.clone(), kind, message, tx))
             .await
+    }
+
+    /// Has the service's runtime do `how` to one of its instances (docs/reference.md §11:
+    /// `kill-instance`, `cpu-stress`); returns what was done, in words. Runs on the driver's
+    /// thread, which lives as long as the daemon: a process a runtime starts for it (a CPU
+    /// stress's busy loop) dies with the daemon.
+    pub async fn disturb(
+        &self,
+        service: &str,
+        instance: &InstanceId,
+        how: Disturbance,
+    ) -> Result<String, ControlError> {
+        let name = ServiceName::new(service);
+        self.ask(|tx| Request::Disturb(name, instance.clone(), how, tx))
+            .await?
     }
 
     /// Every event the controller records from now on.

@@ -58,7 +58,34 @@ impl Driver {
                 self.record_loose(&name, rollout, kind, message);
                 let _ = tx.send(());
             }
+            Request::Disturb(name, instance, how, tx) => {
+                let r = match self.disturber(&name, &instance, how) {
+                    Ok(runtime) => runtime
+                        .disturb(&instance, how)
+                        .await
+                        .map_err(|e| ControlError::Conflict(e.to_string())),
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send(r);
+            }
         }
+    }
+
+    /// The runtime to carry out a disturbance of `instance`, which must be the service's own:
+    /// an experiment never reaches anything else.
+    fn disturber(
+        &self,
+        name: &ServiceName,
+        instance: &InstanceId,
+        how: Disturbance,
+    ) -> Result<Arc<dyn Runtime>, ControlError> {
+        let svc = self.services.get(name).ok_or_else(|| Self::unknown(name))?;
+        if how != Disturbance::Calm && !svc.instances.contains_key(instance) {
+            return Err(ControlError::NotFound(format!(
+                "{name} has no instance {instance}"
+            )));
+        }
+        Ok(svc.setup.runtime.clone())
     }
 
     pub(super) fn rollout_with_events(&self, id: i64) -> Result<RolloutView, ControlError> {

@@ -18,6 +18,7 @@
 //! supervises them again (`adopt`). Only a graceful stop (`stop_all`) removes them. This module
 //! carries out what the controller decided; it never decides when to start or stop.
 
+mod disturb;
 pub mod image;
 pub mod logs;
 pub mod spec;
@@ -43,7 +44,8 @@ use tokio::sync::{OnceCell, mpsc, watch};
 
 use crate::logs::{TAIL_LINE_BYTES, TAIL_LINES};
 use crate::{
-    BoxFuture, Found, Handle, InstanceExit, Recorded, Runtime, RuntimeError, StartSpec, Started,
+    BoxFuture, Disturbance, Found, Handle, InstanceExit, Recorded, Runtime, RuntimeError,
+    StartSpec, Started,
 };
 use spec::Ended;
 
@@ -243,6 +245,8 @@ struct Inner {
     /// One build (or pull) per image at a time; a second start of the same version waits for
     /// the first one's and then finds the image.
     images: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The CPU stress of each stressed instance (`disturb`): sending ends it early.
+    stresses: Mutex<HashMap<InstanceId, tokio::sync::oneshot::Sender<()>>>,
 }
 
 /// A supervised instance.
@@ -286,6 +290,7 @@ impl DockerRuntime {
                 exits,
                 ctrs: Mutex::new(HashMap::new()),
                 images: Mutex::new(HashMap::new()),
+                stresses: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -631,6 +636,7 @@ impl DockerRuntime {
                 )));
             }
         }
+        self.restore_cpus(&docker, &id).await;
         self.supervise_container(spec_, id, started.addr.port());
         Ok(())
     }
@@ -942,6 +948,14 @@ impl Runtime for DockerRuntime {
 
     fn describe(&self, handle: &Handle) -> String {
         format!("container {}", short(handle.as_str()))
+    }
+
+    fn disturb<'a>(
+        &'a self,
+        instance: &'a InstanceId,
+        how: Disturbance,
+    ) -> BoxFuture<'a, Result<String, RuntimeError>> {
+        Box::pin(DockerRuntime::disturb(self, instance, how))
     }
 }
 

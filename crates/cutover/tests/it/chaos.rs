@@ -393,3 +393,185 @@ fn experiment_files_with_mistakes_exit_2_naming_the_place() {
         stderr(&out)
     );
 }
+
+/// The processes whose command line has `needle`, as `(pid, cmdline)`.
+fn processes_with(needle: &str) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmd.contains(needle) {
+            out.push((pid, cmd));
+        }
+    }
+    out
+}
+
+/// `Cpus_allowed_list` of a process: `0-1`, `1`.
+fn cpus_allowed(pid: u64) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn cpu_stress_a_scaling_shock_and_the_slo_burn_are_felt_and_end_by_themselves() {
+    let d = Daemon::start_with(
+        QUICK_STEPS,
+        "\n[[services.web.slo]]\nname = \"availability\"\nobjective = 99\n",
+    );
+    let exp = r#"
+title = "a rush of users, errors and a noisy neighbour"
+recovery_timeout = "20s"
+
+[[hypothesis]]
+name = "budget"
+probe = "slo-burn-rate"
+service = "web"
+window = "1s"
+max = 1
+
+[[method]]
+action = "scaling-shock"
+service = "web"
+min_rps = 60
+max_rps = 100
+for = "3s"
+
+[[method]]
+action = "inject-errors"
+service = "web"
+rate = 0.5
+for = "1500ms"
+
+[[method]]
+name = "burn while failing"
+probe = "slo-burn-rate"
+service = "web"
+window = "1s"
+max = 1
+
+[[method]]
+action = "cpu-stress"
+service = "web"
+load = 0.9
+for = "4s"
+pause_after = "1s"
+
+[[method]]
+name = "p99 beside the busy loop"
+probe = "p99"
+service = "web"
+window = "1s"
+max = 10000
+"#;
+    let path = write(d.dir.path(), "rush.toml", exp);
+    let before: Vec<(u64, String)> = d.status()["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(crate::harness::pid_of)
+        .map(|p| (p, cpus_allowed(p)))
+        .collect();
+    let child = Command::new(EXE)
+        .args(["-c", d.config.to_str().unwrap()])
+        .args(["chaos", "run", path.to_str().unwrap(), "--json"])
+        .current_dir(d.dir.path())
+        .env_remove("CUTOVER_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While the stress runs: a busy loop beside the instance, both on one CPU.
+    let mut burner = Vec::new();
+    wait_until("the busy loop", Duration::from_secs(30), || {
+        burner = processes_with("__burn");
+        !burner.is_empty()
+    });
+    let multi_cpu = std::thread::available_parallelism().map_or(1, |n| n.get()) > 1;
+    let stressed = before.iter().find(|(p, cpus)| cpus_allowed(*p) != *cpus);
+    if multi_cpu {
+        let (pid, _) = stressed.expect("the stressed instance was pinned to one CPU");
+        let pinned = cpus_allowed(*pid);
+        assert!(!pinned.contains(['-', ',']), "{pinned}");
+        assert!(
+            burner[0].1.ends_with(&format!(" {pinned} ")),
+            "{burner:?} on {pinned}"
+        );
+    }
+    let out = child.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}\n{}", stdout(&out), stderr(&out), d.log()));
+    assert_eq!(out.status.code(), Some(0), "{report:#}\n{}", stderr(&out));
+    assert_eq!(report["verdict"], "held", "{report:#}");
+    let method = report["method"].as_array().unwrap();
+    // The burn probe saw the injected errors spend the budget far faster than allowed.
+    let burn = method[2]["detail"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{report:#}"));
+    assert!(
+        burn.contains("burns its budget at") && burn.contains("outside"),
+        "{report:#}"
+    );
+    assert!(
+        method[3]["detail"].as_str().unwrap().contains("shares CPU"),
+        "{report:#}"
+    );
+    // The shock: 60 req/s (the floor: no other traffic) for 3 s, through the listener.
+    let shock = &report["shocks"][0];
+    let sent = shock["sent"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{report:#}"));
+    assert!((120..=185).contains(&sent), "{report:#}");
+    assert!(shock["ok"].as_u64().unwrap() >= sent / 3, "{report:#}");
+    // Nothing is left: no busy loop, every instance on its CPUs again, no fault.
+    wait_until("no busy loop", Duration::from_secs(5), || {
+        processes_with("__burn").is_empty()
+    });
+    for (pid, cpus) in &before {
+        assert_eq!(&cpus_allowed(*pid), cpus, "pid {pid} got its CPUs back");
+    }
+    assert!(faults(&d).is_empty());
+
+    // The report stays: in `chaos list` and `chaos show`, and on the dashboard.
+    let id = report["id"].as_str().unwrap();
+    let out = d.cli(&["chaos", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list["experiments"][0]["id"], id, "{list:#}");
+    let out = d.cli(&["chaos", "show", id]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("burn while failing") && text.contains("verdict: held"),
+        "{text}"
+    );
+    assert!(text.contains("scaling shock on web"), "{text}");
+    let (status, index) = http(d.api, "GET", "/", Some(&d.token()), "");
+    assert_eq!(status, 200);
+    assert!(index.contains(&format!("/experiments/{id}")), "{index}");
+    let (status, page) = http(
+        d.api,
+        "GET",
+        &format!("/experiments/{id}"),
+        Some(&d.token()),
+        "",
+    );
+    assert_eq!(status, 200);
+    for want in [
+        "Steady state before",
+        "burn while failing",
+        "Scaling shocks",
+        "shares CPU",
+        "held",
+    ] {
+        assert!(page.contains(want), "{want} not on the page: {page}");
+    }
+}

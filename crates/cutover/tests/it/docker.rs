@@ -591,3 +591,109 @@ fn docker_validate_and_up_name_an_engine_that_does_not_answer() {
         assert_eq!(text.trim().lines().count(), 1, "one sentence: {text}");
     }
 }
+
+/// The CPU limit of a container, in `NanoCpus` (0: none).
+fn nano_cpus(id: &str) -> i64 {
+    block_on(async {
+        let docker = engine().client().await.unwrap();
+        docker
+            .inspect_container(id, None)
+            .await
+            .map(|c| c.host_config.and_then(|h| h.nano_cpus).unwrap_or(0))
+            .unwrap_or(0)
+    })
+}
+
+#[test]
+fn docker_chaos_kills_a_container_and_a_cpu_stress_ends_even_when_the_daemon_dies() {
+    let steps = r#"[ { weight = 50, pause = "1s" }, { weight = 100 } ]"#;
+    let mut d = Docked::start("chaos", DEMO_IMAGE, |t| t.replace("STEPS", steps));
+    let first: BTreeSet<String> = d.containers().into_iter().map(|c| c.0).collect();
+    let exp = format!(
+        r#"
+title = "a container dies and another starves"
+[[method]]
+action = "kill-instance"
+service = "{svc}"
+pause_after = "3s"
+[[method]]
+action = "cpu-stress"
+service = "{svc}"
+load = 0.5
+for = "10m"
+[[method]]
+action = "wait"
+for = "10m"
+"#,
+        svc = d.svc
+    );
+    let path = crate::harness::write(d.d.dir.path(), "starve.toml", &exp);
+    let mut run = std::process::Command::new(EXE)
+        .args(["-c", d.d.config.to_str().unwrap()])
+        .args(["chaos", "run", path.to_str().unwrap()])
+        .current_dir(d.d.dir.path())
+        .env_remove("CUTOVER_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The killed container is replaced by a new one (same instance, new id); the stress puts
+    // half a CPU on one of them.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stressed = loop {
+        let ids: Vec<String> = d
+            .containers()
+            .into_iter()
+            .filter(|c| c.2 == "running")
+            .map(|c| c.0)
+            .collect();
+        if let Some(id) = ids.iter().find(|id| nano_cpus(id) == 500_000_000) {
+            break id.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no container was limited: {ids:?}\n{}",
+            d.d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let s = d.wait_for("two healthy again after the kill", |s| {
+        healthy(s, "v1") >= 2
+    });
+    let now: BTreeSet<String> = d.containers().into_iter().map(|c| c.0).collect();
+    assert_eq!(
+        now.difference(&first).count(),
+        1,
+        "one container made anew: {first:?} → {now:?}"
+    );
+    let kinds: Vec<&str> = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(kinds.contains(&"instance-exit"), "{kinds:?}");
+
+    // The daemon dies mid-stress: the container outlives it, and so would its limit, but the
+    // next daemon gives it back when it adopts the container.
+    d.d.kill9();
+    let _ = run.kill();
+    let _ = run.wait();
+    assert_eq!(nano_cpus(&stressed), 500_000_000);
+    d.d.spawn();
+    d.wait_for("v1 healthy on 2 containers again", |s| {
+        healthy(s, "v1") >= 2
+    });
+    let limit = nano_cpus(&stressed);
+    assert!(
+        limit == 0 || limit >= 1_000_000_000,
+        "the adopted container got its CPUs back: {limit}\n{}",
+        d.d.log()
+    );
+    assert!(
+        d.d.log()
+            .contains("finishing the rollbacks of an experiment"),
+        "{}",
+        d.d.log()
+    );
+}
