@@ -639,7 +639,16 @@ impl Chaos {
                 service,
                 version,
                 count,
-            } => self.kill(service, version.as_deref(), *count).await,
+            } => {
+                self.disturb_each(
+                    record,
+                    service,
+                    version.as_deref(),
+                    *count,
+                    Disturbance::Kill,
+                )
+                .await
+            }
             ActionKind::CpuStress {
                 service,
                 version,
@@ -647,15 +656,12 @@ impl Chaos {
                 load,
                 duration,
             } => {
-                self.cpu_stress(
-                    record,
-                    service,
-                    version.as_deref(),
-                    *count,
-                    *load,
-                    *duration,
-                )
-                .await
+                let how = Disturbance::CpuStress {
+                    load: *load,
+                    duration: *duration,
+                };
+                self.disturb_each(record, service, version.as_deref(), *count, how)
+                    .await
             }
             kind @ ActionKind::ScalingShock { .. } => self.shock(record, kind).await,
             ActionKind::InjectLatency {
@@ -786,48 +792,27 @@ impl Chaos {
         Ok(victims)
     }
 
-    /// Kills `count` healthy instances of `version` (stable by default) through their runtime
-    /// (SIGKILL to a process tree, `docker kill` of a container). The runtime sees an exit
-    /// it did not ask for and restarts the instance, as after any crash.
-    async fn kill(
-        &self,
-        service: &str,
-        version: Option<&str>,
-        count: u32,
-    ) -> Result<String, String> {
-        let mut done = Vec::new();
-        for (id, _) in self.victims(service, version, count).await? {
-            let d = self
-                .inner
-                .controller
-                .disturb(service, &id, Disturbance::Kill)
-                .await
-                .map_err(|e| format!("cannot kill {id}: {e}"))?;
-            done.push(d);
-        }
-        Ok(done.join("; "))
-    }
-
-    /// Stresses the CPU of `count` healthy instances; the stresses end by themselves and are
-    /// ended early when the experiment clears.
-    async fn cpu_stress(
+    /// Has the runtime of `count` healthy instances of `version` (stable by default) do `how`
+    /// to each: `Kill` is a SIGKILL to a process tree or a `docker kill` (the runtime sees an
+    /// exit it did not ask for and restarts the instance, as after any crash); a CPU stress
+    /// ends by itself and is written down so that the experiment's clearing ends it early.
+    async fn disturb_each(
         &self,
         record: &Arc<Mutex<Record>>,
         service: &str,
         version: Option<&str>,
         count: u32,
-        load: f64,
-        duration: Duration,
+        how: Disturbance,
     ) -> Result<String, String> {
         let mut done = Vec::new();
         for (id, _) in self.victims(service, version, count).await? {
             let d = self
                 .inner
                 .controller
-                .disturb(service, &id, Disturbance::CpuStress { load, duration })
+                .disturb(service, &id, how)
                 .await
-                .map_err(|e| format!("cannot stress {id}: {e}"))?;
-            {
+                .map_err(|e| format!("{id}: {e}"))?;
+            if matches!(how, Disturbance::CpuStress { .. }) {
                 let mut r = lock(record);
                 r.stressed.push((service.to_owned(), id.to_string()));
                 // Durable before it matters: a crash from here on still calms it at restart.

@@ -191,12 +191,54 @@ pub enum Disturbance {
     Calm,
 }
 
-/// One CPU stress at a time per instance: a second would have to know what the first gives
-/// back at its end.
-pub(crate) fn already_stressed(instance: &InstanceId) -> RuntimeError {
-    RuntimeError::Unsupported(format!(
-        "{instance} is already under a CPU stress; wait for its end or calm it first"
-    ))
+/// The CPU stresses a runtime has under way, by instance: each one's signal to end early.
+#[derive(Default)]
+pub(crate) struct Stresses(
+    std::sync::Mutex<BTreeMap<InstanceId, tokio::sync::oneshot::Sender<()>>>,
+);
+
+impl Stresses {
+    /// Registers a stress of `instance`; the receiver fires on [`Stresses::calm`]. One at a
+    /// time per instance: a second would have to know what the first gives back at its end.
+    pub(crate) fn begin(
+        &self,
+        instance: &InstanceId,
+    ) -> Result<tokio::sync::oneshot::Receiver<()>, RuntimeError> {
+        let mut s = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if s.contains_key(instance) {
+            return Err(RuntimeError::Unsupported(format!(
+                "{instance} is already under a CPU stress; wait for its end or calm it first"
+            )));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        s.insert(instance.clone(), tx);
+        Ok(rx)
+    }
+
+    /// The stress of `instance` ended (by itself or calmed).
+    pub(crate) fn end(&self, instance: &InstanceId) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(instance);
+    }
+
+    /// Ends the stress of `instance` now; its answer in words.
+    pub(crate) fn calm(&self, instance: &InstanceId) -> String {
+        let tx = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(instance);
+        if tx.is_some_and(|tx| tx.send(()).is_ok()) {
+            format!("the CPU stress of {instance} ended")
+        } else {
+            format!("{instance} had no CPU stress")
+        }
+    }
 }
 
 /// A runtime that cannot do `how` to its instances.

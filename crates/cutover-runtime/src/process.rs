@@ -82,8 +82,8 @@ struct Inner {
     keeper: Mutex<Option<OwnedFd>>,
     /// What a previous program of this daemon handed over for instances not yet adopted.
     pending: Mutex<HashMap<InstanceId, Inherited>>,
-    /// The CPU stress of each stressed instance: sending ends it early.
-    stresses: Mutex<HashMap<InstanceId, tokio::sync::oneshot::Sender<()>>>,
+    /// The CPU stresses under way.
+    stresses: crate::Stresses,
 }
 
 /// What an instance needs from the program it outlived when the daemon restarts in place:
@@ -200,7 +200,7 @@ impl ProcessRuntime {
                 cgroups: opts.cgroups,
                 keeper: Mutex::new(None),
                 pending: Mutex::new(HashMap::new()),
-                stresses: Mutex::new(HashMap::new()),
+                stresses: crate::Stresses::default(),
             }),
         }
     }
@@ -842,27 +842,19 @@ impl ProcessRuntime {
         let cpu = *stress::cpus(&original)
             .last()
             .ok_or_else(|| not_running(instance))?;
-        if self
-            .inner
-            .stresses
-            .lock()
-            .is_ok_and(|s| s.contains_key(instance))
-        {
-            return Err(crate::already_stressed(instance));
-        }
-        let burner =
-            stress::spawn_burner(&self.inner.self_exe, load, duration, cpu).map_err(|source| {
-                RuntimeError::Spawn {
+        let calm_rx = self.inner.stresses.begin(instance)?;
+        let burner = match stress::spawn_burner(&self.inner.self_exe, load, duration, cpu) {
+            Ok(b) => b,
+            Err(source) => {
+                self.inner.stresses.end(instance);
+                return Err(RuntimeError::Spawn {
                     program: self.inner.self_exe.display().to_string(),
                     source,
-                }
-            })?;
+                });
+            }
+        };
         let burner_pid = burner.id().unwrap_or(0);
         let pinned = stress::pin_all(&pids, &stress::only(cpu));
-        let (calm_tx, calm_rx) = tokio::sync::oneshot::channel();
-        if let Ok(mut s) = self.inner.stresses.lock() {
-            s.insert(instance.clone(), calm_tx);
-        }
         let rt = self.clone();
         let id = instance.clone();
         tokio::spawn(async move {
@@ -877,9 +869,7 @@ impl ProcessRuntime {
             if let Some(pids) = rt.tree(&id) {
                 stress::pin_all(&pids, &original);
             }
-            if let Ok(mut s) = rt.inner.stresses.lock() {
-                s.remove(&id);
-            }
+            rt.inner.stresses.end(&id);
             tracing::info!(instance = %id, "CPU stress ended");
         });
         Ok(format!(
@@ -887,17 +877,6 @@ impl ProcessRuntime {
             load * 100.0,
             duration.as_millis()
         ))
-    }
-
-    /// Ends the instance's CPU stress now, if it has one.
-    fn calm(&self, instance: &InstanceId) -> bool {
-        let tx = self
-            .inner
-            .stresses
-            .lock()
-            .ok()
-            .and_then(|mut s| s.remove(instance));
-        tx.is_some_and(|tx| tx.send(()).is_ok())
     }
 
     pub async fn stop_all(&self, stop_timeout: Duration) {
@@ -978,11 +957,7 @@ impl Runtime for ProcessRuntime {
         let r = match how {
             Disturbance::Kill => self.kill(instance),
             Disturbance::CpuStress { load, duration } => self.cpu_stress(instance, load, duration),
-            Disturbance::Calm => Ok(if self.calm(instance) {
-                format!("the CPU stress of {instance} ended")
-            } else {
-                format!("{instance} had no CPU stress")
-            }),
+            Disturbance::Calm => Ok(self.inner.stresses.calm(instance)),
         };
         Box::pin(async move { r })
     }

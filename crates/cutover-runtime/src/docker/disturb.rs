@@ -13,19 +13,12 @@ use bollard::query_parameters::KillContainerOptionsBuilder;
 use cutover_core::InstanceId;
 
 use super::{DockerRuntime, engine_message, short};
-use crate::{Disturbance, RuntimeError, already_stressed};
+use crate::{Disturbance, RuntimeError};
 
 /// The least CPU a stressed container keeps: a hundredth of one.
 const FLOOR_CPUS: f64 = 0.01;
 
 impl DockerRuntime {
-    fn stressed(&self, instance: &InstanceId) -> bool {
-        self.inner
-            .stresses
-            .lock()
-            .is_ok_and(|s| s.contains_key(instance))
-    }
-
     fn current(&self, instance: &InstanceId) -> Result<String, RuntimeError> {
         self.inner
             .ctrs
@@ -99,22 +92,9 @@ impl DockerRuntime {
         how: Disturbance,
     ) -> Result<String, RuntimeError> {
         if how == Disturbance::Calm {
-            let tx = self
-                .inner
-                .stresses
-                .lock()
-                .ok()
-                .and_then(|mut s| s.remove(instance));
-            return Ok(if tx.is_some_and(|tx| tx.send(()).is_ok()) {
-                format!("the CPU stress of {instance} ended")
-            } else {
-                format!("{instance} had no CPU stress")
-            });
+            return Ok(self.inner.stresses.calm(instance));
         }
         let id = self.current(instance)?;
-        if matches!(how, Disturbance::CpuStress { .. }) && self.stressed(instance) {
-            return Err(already_stressed(instance));
-        }
         let docker = self.docker().await?;
         match how {
             Disturbance::Kill => {
@@ -137,12 +117,14 @@ impl DockerRuntime {
                 ))
             }
             Disturbance::CpuStress { load, duration } => {
+                let rx = self.inner.stresses.begin(instance)?;
                 let cpus = (1.0 - load).max(FLOOR_CPUS);
-                self.set_nano_cpus(&docker, &id, (cpus * 1e9).round() as i64)
-                    .await?;
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                if let Ok(mut s) = self.inner.stresses.lock() {
-                    s.insert(instance.clone(), tx);
+                if let Err(e) = self
+                    .set_nano_cpus(&docker, &id, (cpus * 1e9).round() as i64)
+                    .await
+                {
+                    self.inner.stresses.end(instance);
+                    return Err(e);
                 }
                 let rt = self.clone();
                 let instance_ = instance.clone();
@@ -151,9 +133,7 @@ impl DockerRuntime {
                         _ = tokio::time::sleep(duration) => {}
                         _ = rx => {}
                     }
-                    if let Ok(mut s) = rt.inner.stresses.lock() {
-                        s.remove(&instance_);
-                    }
+                    rt.inner.stresses.end(&instance_);
                     // The container it runs as now: a crash meanwhile made a new one, which
                     // already has the configured limit.
                     let Ok(id) = rt.current(&instance_) else {

@@ -245,8 +245,8 @@ struct Inner {
     /// One build (or pull) per image at a time; a second start of the same version waits for
     /// the first one's and then finds the image.
     images: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// The CPU stress of each stressed instance (`disturb`): sending ends it early.
-    stresses: Mutex<HashMap<InstanceId, tokio::sync::oneshot::Sender<()>>>,
+    /// The CPU stresses under way (`disturb`).
+    stresses: crate::Stresses,
 }
 
 /// A supervised instance.
@@ -290,7 +290,7 @@ impl DockerRuntime {
                 exits,
                 ctrs: Mutex::new(HashMap::new()),
                 images: Mutex::new(HashMap::new()),
-                stresses: Mutex::new(HashMap::new()),
+                stresses: crate::Stresses::default(),
             }),
         }
     }
