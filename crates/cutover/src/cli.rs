@@ -81,7 +81,8 @@ pub enum Command {
     /// Services, versions, weights, instances and the current step.
     Status {
         service: Option<String>,
-        /// Redraw in place until interrupted.
+        /// Redraw in place until interrupted (with --json: one JSON document a line, each
+        /// time something changed).
         #[arg(long)]
         watch: bool,
         #[command(flatten)]

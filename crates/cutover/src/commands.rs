@@ -470,12 +470,22 @@ pub async fn status(client: &Client, service: Option<&str>, watch: bool, json: b
     if !watch {
         return status_once(client, service, json).await.map(|_| ());
     }
-    let tty = std::io::stdout().is_terminal();
+    let tty = std::io::stdout().is_terminal() && !json;
     let mut last = String::new();
     let closed = crate::output::stdout_closed();
     tokio::pin!(closed);
     loop {
-        let text = status_text(client, service).await?;
+        let text = if json {
+            // One JSON document a line (NDJSON), each time something changed.
+            let services = fetch_services(client, service).await?;
+            let v = match service {
+                Some(_) => serde_json::to_string(&services[0]),
+                None => serde_json::to_string(&Status { services }),
+            };
+            v.map_err(|e| CliError::new(Code::Failure, format!("cannot encode: {e}")))?
+        } else {
+            status_text(client, service).await?
+        };
         if tty {
             // Clear and redraw in place, like `watch`.
             out_raw(&format!("\x1b[H\x1b[2J{text}"))?;

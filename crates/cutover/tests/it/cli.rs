@@ -268,4 +268,23 @@ fn status_watch_prints_plain_blocks_when_not_a_terminal() {
         text.contains("web  STABLE") && text.contains("v1"),
         "{text}"
     );
+
+    // With --json: one Service document a line, a new one when something changed.
+    let mut child = std::process::Command::new(EXE)
+        .args(["-c", d.config.to_str().unwrap()])
+        .args(["status", "web", "--watch", "--json"])
+        .current_dir(d.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["name"], "web", "{first}");
+    assert!(d.cli(&["abort", "web"]).status.success());
+    let mut later = first.clone();
+    while later["candidate"] == first["candidate"] {
+        later = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
