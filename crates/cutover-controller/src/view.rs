@@ -141,4 +141,7 @@ pub enum ControlError {
 pub struct Notice {
     pub event: EventView,
     pub phase: Phase,
+    /// The instance the event is about (an `instance-exit`), for whoever follows instances
+    /// (the signals' crash-loop alert) without reading the message.
+    pub instance: Option<InstanceId>,
 }

@@ -60,6 +60,9 @@ struct World {
     tables: Mutex<Vec<RouteTable>>,
     /// Requests in flight per instance, as the proxy would count them.
     inflight: Mutex<BTreeMap<InstanceId, u64>>,
+    /// What the health check last reported per instance: like the proxy's, it reports
+    /// changes only.
+    reported: Mutex<BTreeMap<InstanceId, Health>>,
 }
 
 impl World {
@@ -97,6 +100,19 @@ impl World {
         for v in &table.versions {
             for b in &v.backends {
                 let up = running.get(&b.instance).is_some_and(|r| r.up);
+                let now = if up {
+                    Health::Healthy
+                } else {
+                    Health::Unhealthy
+                };
+                let before = self
+                    .reported
+                    .lock()
+                    .unwrap()
+                    .insert(b.instance.clone(), now);
+                if before == Some(now) {
+                    continue;
+                }
                 let _ = health.send(HealthChange {
                     service: table.service.clone(),
                     version: v.version.clone(),
@@ -251,7 +267,7 @@ impl Runtime for FakeRuntime {
         })
     }
 
-    fn describe(&self, handle: &Handle) -> String {
+    fn describe(&self, _instance: &InstanceId, handle: &Handle) -> String {
         handle.as_str().to_owned()
     }
 
@@ -278,6 +294,17 @@ impl DataPlane for Plane {
             .flat_map(|v| v.backends.iter().map(|b| b.instance.to_string()))
             .collect();
         self.0.did(Did::Publish(routed));
+        // Like the proxy, the health check forgets instances the table no longer lists.
+        let listed: Vec<InstanceId> = table
+            .versions
+            .iter()
+            .flat_map(|v| v.backends.iter().map(|b| b.instance.clone()))
+            .collect();
+        self.0
+            .reported
+            .lock()
+            .unwrap()
+            .retain(|id, _| listed.contains(id));
         self.0.tables.lock().unwrap().push(table);
     }
 
@@ -289,6 +316,14 @@ impl DataPlane for Plane {
             .get(instance)
             .copied()
             .unwrap_or(0)
+    }
+
+    fn restarted(&self, _service: &ServiceName, instance: &InstanceId) {
+        self.0
+            .reported
+            .lock()
+            .unwrap()
+            .insert(instance.clone(), Health::Unhealthy);
     }
 }
 
@@ -342,6 +377,8 @@ impl Daemon {
         spec: RolloutSpec,
         safety: SafetySetup,
     ) -> Daemon {
+        // A new daemon has a new proxy, whose health check has reported nothing yet.
+        world.reported.lock().unwrap().clear();
         let (health, health_rx) = mpsc::unbounded_channel();
         let (exits, exits_rx) = mpsc::unbounded_channel();
         let runtime = FakeRuntime {

@@ -42,6 +42,7 @@ impl DataPlane for Plane {
     fn inflight(&self, _: &ServiceName, _: &InstanceId) -> u64 {
         0
     }
+    fn restarted(&self, _: &ServiceName, _: &InstanceId) {}
 }
 
 fn addr(port: u16) -> SocketAddr {

@@ -116,6 +116,12 @@ pub trait DataPlane: Send + Sync {
 
     /// Requests to `instance` that have been sent and not yet answered completely.
     fn inflight(&self, service: &ServiceName, instance: &InstanceId) -> u64;
+
+    /// `instance` died and its runtime is starting it again: it takes no traffic until its
+    /// health checks pass again, and that passing is reported as a change (a health checker
+    /// that reports only changes would otherwise never tell, had its probes not failed in
+    /// the short gap).
+    fn restarted(&self, service: &ServiceName, instance: &InstanceId);
 }
 
 #[cfg(test)]

@@ -176,6 +176,21 @@ impl Backends {
         });
     }
 
+    /// The instance died and is started again: unhealthy (no traffic) until `healthy_threshold`
+    /// probes pass, which the health checker then reports. Whether it was known.
+    pub(crate) fn restarted(&self, id: &InstanceId) -> bool {
+        let Some(b) = self.map().get(id).cloned() else {
+            return false;
+        };
+        b.update_health(|h| {
+            h.health = Health::Unhealthy;
+            h.passes = 0;
+            h.failures = 0;
+            h.last_failure = None;
+        });
+        true
+    }
+
     pub(crate) fn inflight(&self, id: &InstanceId) -> u64 {
         self.map()
             .get(id)

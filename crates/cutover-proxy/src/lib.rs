@@ -390,4 +390,12 @@ impl DataPlane for Proxy {
             .map(|s| s.backends.inflight(instance))
             .unwrap_or(0)
     }
+
+    fn restarted(&self, service: &ServiceName, instance: &InstanceId) {
+        if let Some(s) = self.service(service)
+            && s.backends.restarted(instance)
+        {
+            self.recompile(&s);
+        }
+    }
 }

@@ -161,8 +161,10 @@ pub trait Runtime: Send + Sync {
     /// Stops every instance this runtime runs (the daemon is stopping).
     fn stop_all(&self, stop_timeout: Duration) -> BoxFuture<'_, ()>;
 
-    /// A short text for people, e.g. `pid 4242` or `container 3fa2b1c9d0e1`.
-    fn describe(&self, handle: &Handle) -> String;
+    /// A short text for people, e.g. `pid 4242` or `container 3fa2b1c9d0e1`: what the
+    /// instance runs as now (after a crash it was restarted as another process or
+    /// container), else what `handle` names.
+    fn describe(&self, instance: &InstanceId, handle: &Handle) -> String;
 
     /// Does to one running instance what a chaos experiment asks (docs/reference.md §11);
     /// returns what was done, in words. Nothing here outlives the daemon or the stress's end:
@@ -333,7 +335,7 @@ impl Runtime for StaticRuntime {
         Box::pin(async {})
     }
 
-    fn describe(&self, _handle: &Handle) -> String {
+    fn describe(&self, _instance: &InstanceId, _handle: &Handle) -> String {
         "static".to_owned()
     }
 

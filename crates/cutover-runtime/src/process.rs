@@ -942,9 +942,15 @@ impl Runtime for ProcessRuntime {
         Box::pin(ProcessRuntime::stop_all(self, stop_timeout))
     }
 
-    fn describe(&self, handle: &Handle) -> String {
-        match parse_handle(handle) {
-            Some((pid, _)) => format!("pid {pid}"),
+    fn describe(&self, instance: &InstanceId, handle: &Handle) -> String {
+        // The current run's leader: its group id is its pid.
+        let now = self.inner.procs.lock().ok().and_then(|p| {
+            p.get(instance)
+                .map(|h| h.pgid.load(Ordering::SeqCst))
+                .filter(|pid| *pid != 0)
+        });
+        match now.or_else(|| parse_handle(handle).map(|(pid, _)| pid)) {
+            Some(pid) => format!("pid {pid}"),
             None => "process".to_owned(),
         }
     }

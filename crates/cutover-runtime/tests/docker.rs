@@ -240,7 +240,7 @@ async fn a_container_is_named_labelled_published_on_loopback_and_stopped() {
         "published on 127.0.0.1 only"
     );
     assert_eq!(
-        s.rt.describe(&started.handle),
+        s.rt.describe(&started.instance, &started.handle),
         format!("container {}", &started.handle.as_str()[..12])
     );
     // Something listens there: the Engine's published port.

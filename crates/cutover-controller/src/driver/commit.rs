@@ -138,6 +138,7 @@ impl Driver {
                     message: e.message,
                 },
                 phase,
+                instance: None,
             })
             .collect();
         for n in notices {

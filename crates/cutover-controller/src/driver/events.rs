@@ -58,9 +58,13 @@ impl Driver {
             .map(|d| format!("; restarting in {}", fsm::fmt_duration(d)))
             .unwrap_or_default();
         let was_healthy = inst.health == Health::Healthy;
-        // A crashed instance takes no traffic until the health checker admits it again.
+        // A crashed instance takes no traffic until the health checker admits it again, and
+        // the checker must report that admission even if none of its probes failed meanwhile.
         if was_healthy {
             inst.health = Health::Unhealthy;
+        }
+        if e.restart_in.is_some() {
+            self.dataplane.restarted(&e.service, &e.instance);
         }
         let tail = if e.stderr_tail.is_empty() {
             String::new()
@@ -75,7 +79,13 @@ impl Driver {
             .as_ref()
             .is_some_and(|a| a.rollout.candidate == e.version && a.rollout.stable != e.version);
         let msg = format!("instance {} ({}) {how}{again}{tail}", e.instance, e.version);
-        self.record_loose(&e.service, rollout_id, EventKind::InstanceExit, msg.clone());
+        self.record_about(
+            &e.service,
+            rollout_id,
+            EventKind::InstanceExit,
+            Some(&e.instance),
+            msg.clone(),
+        );
         self.update_instance_gauges(&e.service);
         if is_candidate && never_healthy && e.exits >= CRASH_LOOP_EXITS {
             // It will not get healthy by waiting out the deadline: end the rollout now, with

@@ -23,14 +23,30 @@ impl Driver {
         kind: EventKind,
         message: String,
     ) {
+        self.record_about(name, rollout_id, kind, None, message);
+    }
+
+    /// Records an event about one instance (or none), which the notice names.
+    pub(super) fn record_about(
+        &mut self,
+        name: &ServiceName,
+        rollout_id: Option<i64>,
+        kind: EventKind,
+        instance: Option<&InstanceId>,
+        message: String,
+    ) {
         let phase = self.phase(name);
+        let data = match instance {
+            Some(i) => serde_json::json!({ "instance": i.as_str() }).to_string(),
+            None => "{}".to_owned(),
+        };
         let e = NewEvent {
             service: name.to_string(),
             rollout_id,
             at: self.clock.now(),
             kind: kind.as_str().to_owned(),
             message,
-            data: "{}".to_owned(),
+            data,
         };
         tracing::info!(service = %e.service, kind = %e.kind, "{}", e.message);
         match self.store.append_event(&e) {
@@ -45,6 +61,7 @@ impl Driver {
                         message: e.message,
                     },
                     phase,
+                    instance: instance.cloned(),
                 });
             }
             Err(err) => tracing::warn!(error = %err, "could not record an event"),

@@ -23,7 +23,7 @@ impl Driver {
                 version: i.version.clone(),
                 address: i.addr,
                 health: i.health,
-                runs_as: svc.setup.runtime.describe(&i.handle),
+                runs_as: svc.setup.runtime.describe(id, &i.handle),
                 detail: i.detail.clone(),
             })
             .collect();

@@ -946,8 +946,17 @@ impl Runtime for DockerRuntime {
         Box::pin(DockerRuntime::stop_all(self, stop_timeout))
     }
 
-    fn describe(&self, handle: &Handle) -> String {
-        format!("container {}", short(handle.as_str()))
+    fn describe(&self, instance: &InstanceId, handle: &Handle) -> String {
+        // A crash makes a new container for the instance: name the one it runs as now.
+        let now = self.inner.ctrs.lock().ok().and_then(|c| {
+            c.get(instance)
+                .and_then(|c| c.id.lock().ok().map(|g| g.clone()))
+                .filter(|id| !id.is_empty())
+        });
+        format!(
+            "container {}",
+            short(now.as_deref().unwrap_or(handle.as_str()))
+        )
     }
 
     fn disturb<'a>(

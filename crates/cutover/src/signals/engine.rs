@@ -623,6 +623,7 @@ impl Engine {
                     message,
                 },
                 phase: self.phases.get(service).copied().unwrap_or(Phase::Stable),
+                instance: None,
             }),
             Err(err) => tracing::warn!(error = %err, "could not record an alert event"),
         }
@@ -681,14 +682,9 @@ impl Engine {
                     .retain(|_, o| o.labels.get("service") != Some(&service));
             }
             EventKind::InstanceExit => {
-                // "instance web-v1-3 (v1) exited with code 1 …"
-                if let Some(id) = e
-                    .message
-                    .strip_prefix("instance ")
-                    .and_then(|m| m.split(' ').next())
-                {
+                if let Some(id) = &n.instance {
                     self.exits
-                        .entry((service, id.to_owned()))
+                        .entry((service, id.to_string()))
                         .or_default()
                         .push_back(e.at);
                 }

@@ -439,6 +439,7 @@ impl SignalsSource for Handle {
                     message,
                 },
                 phase: Phase::Starting,
+                instance: None,
             }),
             Err(err) => tracing::warn!(error = %err, "could not record the forced deploy"),
         }

@@ -869,3 +869,60 @@ fn dora_figures_match_a_hand_computed_history() {
         assert!(text.contains(want), "{text}");
     }
 }
+
+/// An instance that keeps dying raises `InstanceCrashLooping`, labelled with the instance the
+/// exits were of (the runtime says which; no message is parsed), and only that one.
+#[test]
+fn an_instance_that_keeps_dying_raises_instance_crash_looping() {
+    let mut d = Daemon::create(|t| t.replace("STEPS", "[ { weight = 100 } ]"));
+    d.env = vec![("CUTOVER_SIGNALS_BUCKET".into(), "500ms".into())];
+    d.spawn();
+    let s = d.wait_for("v1 healthy", |s| healthy(s, "v1") >= 2);
+    let victim = s["instances"][0]["id"].as_str().unwrap().to_owned();
+    for round in 0..3 {
+        let s = d.wait_for("the victim healthy", |s| {
+            s["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| i["id"] == victim.as_str() && i["health"] == "healthy")
+        });
+        let inst = s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == victim.as_str())
+            .unwrap()
+            .clone();
+        let pid = crate::harness::pid_of(&inst).unwrap();
+        let killed = Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success(), "round {round}");
+        d.wait_for("the victim's exit seen", |s| {
+            s["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| i["id"] == victim.as_str() && i["runs_as"] != inst["runs_as"])
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let a = json(&d, &["alerts", "--json"]);
+        let crash: Vec<&Value> = a["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["alertname"] == "InstanceCrashLooping")
+            .collect();
+        if let Some(x) = crash.iter().find(|x| x["state"] == "firing") {
+            assert_eq!(x["labels"]["instance"], victim.as_str(), "{a:#}");
+            assert_eq!(crash.len(), 1, "only the victim: {a:#}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no InstanceCrashLooping: {a:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
