@@ -6,6 +6,7 @@
 //! file, line, column and key path, and all of them are reported at once. This crate starts
 //! nothing and reads nothing but the config file.
 
+mod envfile;
 mod raw;
 mod resolve;
 pub mod signals;
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 use cutover_core::{BackupSettings, HealthSpec, RolloutSpec, SafetySpec, ServiceName, Version};
 
+pub use envfile::read_env_file;
 pub use resolve::{parse_duration, parse_memory};
 
 /// A commented, working config for `cutover init`.
@@ -102,6 +104,8 @@ pub struct ServiceSettings {
     pub safety: SafetySpec,
     /// `[[services.NAME.slo]]`, in the order written.
     pub slos: Vec<cutover_signals::slo::SloSpec>,
+    /// `env_file` (absolute): read at each start of an instance, below `--env`; never stored.
+    pub env_file: Option<std::path::PathBuf>,
 }
 
 /// A TCP hop an app uses to reach a dependency, so that faults can reach it too.

@@ -83,6 +83,7 @@ pub struct RawService {
     pub runtime: Option<S<String>>,
     pub command: Option<S<Vec<S<String>>>>,
     pub env: Option<S<BTreeMap<String, String>>>,
+    pub env_file: Option<S<String>>,
     pub reads_port_env: Option<S<bool>>,
     pub upstreams: Option<S<RawUpstreams>>,
     pub instances: Option<S<i64>>,

@@ -823,6 +823,25 @@ fn service(
         .map(|p| chaos::probes(cx, p, &k("probe")))
         .unwrap_or_default();
     let slos = crate::signals::slos(cx, name, s.slo.as_ref());
+    let env_file = s.env_file.as_ref().and_then(|f| {
+        if runtime_name == "static" {
+            cx.err(
+                f,
+                k("env_file"),
+                "static services run nothing, so env_file has no effect; remove it or set runtime = \"process\"",
+            );
+            return None;
+        }
+        let path = beside(&config_dir(cx.file), f.get_ref());
+        // Checked now so that a mistake is found before a deploy; read again at each start.
+        match crate::read_env_file(&path) {
+            Ok(_) => Some(path),
+            Err(e) => {
+                cx.err(f, k("env_file"), e);
+                None
+            }
+        }
+    });
 
     if cx.diags.len() > errors_before {
         return None;
@@ -840,6 +859,7 @@ fn service(
         probes,
         safety,
         slos,
+        env_file,
     })
 }
 

@@ -394,6 +394,7 @@ impl Daemon {
             probe_paths: vec!["/".into()],
             command: vec!["app".into()],
             env: BTreeMap::new(),
+            env_file: None,
             known_versions: None,
             runtime: Arc::new(runtime),
             safety: Arc::new(safety),

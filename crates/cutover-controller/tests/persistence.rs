@@ -81,6 +81,7 @@ fn setup() -> ServiceSetup {
         probe_paths: vec!["/".into()],
         command: Vec::new(),
         env: BTreeMap::new(),
+        env_file: None,
         known_versions: Some(vec![Version::new("v1"), Version::new("v2")]),
         runtime: Arc::new(StaticRuntime::new(upstreams)),
         safety: Default::default(),

@@ -206,56 +206,9 @@ fn parse_env(pairs: &[String]) -> CliResult<BTreeMap<String, String>> {
         .collect()
 }
 
-/// Reads an env file: `KEY=VAL` lines, `#` comments and blank lines, an optional `export `
-/// before the name, and values optionally in matching single or double quotes (taken as they
-/// are: no escapes, no expansion). A `#` after a value is part of it. Messages name the line
-/// but never show it, since it may hold a secret.
+/// Reads `--env-file` (see `cutover_config::read_env_file`); a problem is a usage error.
 pub fn parse_env_file(path: &Path) -> CliResult<BTreeMap<String, String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        CliError::new(
-            Code::Usage,
-            format!("cannot read --env-file {}: {e}", path.display()),
-        )
-    })?;
-    let mut env = BTreeMap::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let line = line.strip_prefix("export ").unwrap_or(line);
-        let bad = |what: &str| {
-            CliError::new(
-                Code::Usage,
-                format!(
-                    "{}:{}: {what} (the line is not shown: it may hold a secret)",
-                    path.display(),
-                    i + 1
-                ),
-            )
-        };
-        let (key, value) = line
-            .split_once('=')
-            .ok_or_else(|| bad("expected KEY=VALUE"))?;
-        let key = key.trim();
-        let valid = key
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid {
-            return Err(bad(
-                "the name before '=' is not a variable name (letters, digits and '_', not starting with a digit)",
-            ));
-        }
-        let value = value.trim();
-        let unquoted = ['"', '\'']
-            .iter()
-            .find_map(|q| value.strip_prefix(*q).and_then(|v| v.strip_suffix(*q)))
-            .unwrap_or(value);
-        env.insert(key.to_owned(), unquoted.to_owned());
-    }
-    Ok(env)
+    cutover_config::read_env_file(path).map_err(|e| CliError::new(Code::Usage, e))
 }
 
 pub struct DeployArgs<'a> {

@@ -824,6 +824,7 @@ fn service_setup(
         spec,
         command,
         env,
+        env_file: s.env_file.clone(),
         known_versions: known,
         runtime,
         safety: Arc::new(safety_setup(s, base)),

@@ -76,6 +76,8 @@ pub struct ServiceSetup {
     pub command: Vec<String>,
     /// The service's configured environment, below any per-rollout `--env`.
     pub env: BTreeMap<String, String>,
+    /// `env_file`: read at each start, between `env` and the rollout's `--env`; never stored.
+    pub env_file: Option<std::path::PathBuf>,
     /// For static services: the versions that exist. `None`: any version can be started.
     pub known_versions: Option<Vec<Version>>,
     pub runtime: Arc<dyn Runtime>,

@@ -72,7 +72,7 @@ impl Driver {
             .as_ref()
             .filter(|a| &a.rollout.candidate == version)
             .map(|a| a.row.env.clone());
-        let env = instance_env(svc, version, rollout_env);
+        let env = instance_env(svc, version, rollout_env)?;
         let spec = StartSpec {
             service: name.clone(),
             version: version.clone(),
@@ -204,8 +204,12 @@ pub(super) fn instance_env(
     svc: &Svc,
     version: &Version,
     rollout_env: Option<BTreeMap<String, String>>,
-) -> BTreeMap<String, String> {
+) -> Result<BTreeMap<String, String>, String> {
     let mut env = svc.setup.env.clone();
+    // Read at each start and never stored: a secret in it stays in the file.
+    if let Some(file) = &svc.setup.env_file {
+        env.extend(cutover_config::read_env_file(file)?);
+    }
     let extra = match rollout_env {
         Some(e) => e,
         None if &svc.stable == version => svc.stable_env.clone(),
@@ -217,5 +221,5 @@ pub(super) fn instance_env(
             .unwrap_or_default(),
     };
     env.extend(extra);
-    env
+    Ok(env)
 }

@@ -172,7 +172,11 @@ impl Driver {
             instance: instance.clone(),
             index: 0,
             command: svc.setup.command.clone(),
-            env: instance_env(svc, &version, rollout_env),
+            env: instance_env(svc, &version, rollout_env).unwrap_or_else(|e| {
+                // It runs already; only a restart after a crash would use this environment.
+                tracing::warn!(instance = %instance, error = %e, "the env_file cannot be read; a restart of this instance runs without it");
+                BTreeMap::new()
+            }),
             port: Some(addr.port()),
         };
         let started = Started {

@@ -443,3 +443,83 @@ fn chart_series_survive_a_restart() {
         "{page}"
     );
 }
+
+/// What the instances of the `env_file` test wrote: `(port, "SECRET MODE")`.
+fn seen(dir: &std::path::Path) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.strip_prefix("seen-")?.to_owned();
+            let text = std::fs::read_to_string(e.path()).ok()?;
+            Some((name, text.trim().to_owned()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn the_service_env_file_is_read_at_each_start_and_never_stored() {
+    let mut d = Daemon::create(|t| {
+        crate::harness::with_command(
+            &t.replace("STEPS", SLOW_STEPS),
+            &format!(
+                "command = [\"/bin/sh\", \"-c\", \"echo \\\"$APP_SECRET $MODE\\\" > seen-{{port}}; exec {EXE} demo-app --port {{port}} --version {{version}}\"]\nenv_file = \".env.web\"\nenv = {{ MODE = \"env\" }}"
+            ),
+        )
+    });
+    let env_file = d.dir.path().join(".env.web");
+    std::fs::write(&env_file, "APP_SECRET=first-secret\nMODE=file\n").unwrap();
+    d.spawn();
+    d.wait_for("v1 healthy", |s| crate::harness::healthy(s, "v1") >= 2);
+    let first = seen(d.dir.path());
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert!(
+        first.iter().all(|(_, t)| t == "first-secret file"),
+        "the file wins over env: {first:?}"
+    );
+
+    // Read again at each start: v2's instances get the file as it is now, below --env.
+    std::fs::write(&env_file, "APP_SECRET=second-secret\nMODE=file\n").unwrap();
+    let out = d.cli(&["deploy", "web", "v2", "--env", "MODE=flag"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.wait_for("v2 healthy", |s| crate::harness::healthy(s, "v2") >= 1);
+    let now = seen(d.dir.path());
+    assert!(
+        now.iter().any(|(_, t)| t == "second-secret flag"),
+        "{now:?}"
+    );
+
+    // Never stored: not in the state database, not in history even with --show-env.
+    let h: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["history", "--show-env", "--json"]).stdout).unwrap();
+    assert!(h["rollouts"][0]["env"].get("APP_SECRET").is_none(), "{h:#}");
+    for f in ["state.db", "state.db-wal"] {
+        let bytes = std::fs::read(d.dir.path().join("state").join(f)).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            !text.contains("-secret"),
+            "{f} holds a value of the env file"
+        );
+    }
+    assert!(!d.log().contains("-secret"));
+
+    // A broken file is found by `validate`, naming both places and never the line.
+    std::fs::write(
+        &env_file,
+        "APP_SECRET=third-secret\nnot an assignment hunter2\n",
+    )
+    .unwrap();
+    let out = d.cli(&["validate"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("services.web.env_file") && err.contains(".env.web:2:"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("hunter2") && !err.contains("third-secret"),
+        "{err}"
+    );
+}
