@@ -5,7 +5,8 @@
 //!
 //! This is the IO edge: probes read the metrics, the controller's views and HTTP answers;
 //! actions go through the fault registry, the controller (deploy, abort) and, for
-//! `kill-instance`, a SIGKILL to the instance's process as its runtime describes it.
+//! `kill-instance` and `cpu-stress`, the instance's runtime (`Controller::disturb`); scaling
+//! shocks are tasks of the daemon's that send through the service's listener.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -96,9 +97,18 @@ pub struct Record {
     pub experiment: Experiment,
     pub run: Run,
     pub report: Report,
-    /// `(service, instance)` of every CPU stress it started, ended when it clears.
+    /// Every CPU stress it started, ended when it clears.
     #[serde(default)]
-    pub stressed: Vec<(String, String)>,
+    pub stressed: Vec<Stressed>,
+}
+
+/// A CPU stress an experiment started.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Stressed {
+    pub service: String,
+    pub instance: String,
+    /// When it ends by itself (Unix milliseconds).
+    pub until_ms: u64,
 }
 
 impl Record {
@@ -812,9 +822,14 @@ impl Chaos {
                 .disturb(service, &id, how)
                 .await
                 .map_err(|e| format!("{id}: {e}"))?;
-            if matches!(how, Disturbance::CpuStress { .. }) {
+            if let Disturbance::CpuStress { duration, .. } = how {
                 let mut r = lock(record);
-                r.stressed.push((service.to_owned(), id.to_string()));
+                let until = wall_now().plus(duration);
+                r.stressed.push(Stressed {
+                    service: service.to_owned(),
+                    instance: id.to_string(),
+                    until_ms: until.0,
+                });
                 // Durable before it matters: a crash from here on still calms it at restart.
                 self.persist(&r);
             }
@@ -892,18 +907,16 @@ impl Chaos {
             let r = lock(record);
             (r.report.id.clone(), r.stressed.clone())
         };
-        let mut n = 0;
-        for (service, instance) in stressed {
-            let i = InstanceId::new(&instance);
-            if let Ok(d) = self
+        let now = wall_now().0;
+        // Those past their end have ended by themselves; calming them again does no harm.
+        let mut n = stressed.iter().filter(|s| s.until_ms > now).count();
+        for s in stressed {
+            let i = InstanceId::new(&s.instance);
+            let _ = self
                 .inner
                 .controller
-                .disturb(&service, &i, Disturbance::Calm)
-                .await
-                && d.ends_with("ended")
-            {
-                n += 1;
-            }
+                .disturb(&s.service, &i, Disturbance::Calm)
+                .await;
         }
         let shocks = lock(&self.inner.shocks).remove(&id).unwrap_or_default();
         for (stop, task) in shocks {

@@ -91,13 +91,11 @@ impl DockerRuntime {
         instance: &InstanceId,
         how: Disturbance,
     ) -> Result<String, RuntimeError> {
-        if how == Disturbance::Calm {
-            return Ok(self.inner.stresses.calm(instance));
-        }
-        let id = self.current(instance)?;
-        let docker = self.docker().await?;
         match how {
+            Disturbance::Calm => Ok(self.inner.stresses.calm(instance)),
             Disturbance::Kill => {
+                let id = self.current(instance)?;
+                let docker = self.docker().await?;
                 let options = KillContainerOptionsBuilder::default()
                     .signal("SIGKILL")
                     .build();
@@ -117,6 +115,8 @@ impl DockerRuntime {
                 ))
             }
             Disturbance::CpuStress { load, duration } => {
+                let id = self.current(instance)?;
+                let docker = self.docker().await?;
                 let rx = self.inner.stresses.begin(instance)?;
                 let cpus = (1.0 - load).max(FLOOR_CPUS);
                 if let Err(e) = self
@@ -153,7 +153,6 @@ impl DockerRuntime {
                     duration.as_millis()
                 ))
             }
-            Disturbance::Calm => unreachable!("handled above"),
         }
     }
 }
