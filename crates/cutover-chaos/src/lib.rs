@@ -9,7 +9,7 @@
 //!   rollbacks), in which rollbacks always run, also after a crash.
 //! - [`exec`]: the daemon's executor: persists every step, runs probes and actions, finishes a
 //!   crashed run's rollbacks at start.
-//! - [`traffic`]: synthetic traffic for quiet canaries, and blackbox probes.
+//! - [`traffic`]: synthetic traffic for quiet canaries, blackbox probes, and scaling shocks.
 //!
 //! It decides nothing about releases (that is the controller's): it only acts through the
 //! controller's handle, the proxy's fault slots and the metrics, and only on cutover's own

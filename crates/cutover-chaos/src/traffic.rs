@@ -1,5 +1,5 @@
-//! Cutover's own traffic: synthetic requests that let a quiet canary be judged, and
-//! scheduled blackbox probes.
+//! Cutover's own traffic: synthetic requests that let a quiet canary be judged, scheduled
+//! blackbox probes, and the load of a `scaling-shock` experiment action.
 //!
 //! Synthetic traffic (`[services.X.analysis] synthetic`) starts for an analysis interval when
 //! the candidate's real requests in the last interval were fewer than `min_requests`: then
@@ -13,6 +13,11 @@
 //! Probes (`[[services.X.probe]]`) ask the service's listener, as a user would, on their
 //! interval, and export `cutover_probe_success` / `cutover_probe_duration_seconds`; a probe
 //! that starts or stops failing is an event.
+//!
+//! A scaling shock ([`run_shock`]) sends [`shock_rate`] requests a second through the
+//! service's listener, as users would (and counted as theirs: the judge, the SLOs and the
+//! alerts are what it tests), with at most `concurrency` in flight: like synthetic traffic, a
+//! beat that finds them all busy is skipped, so a slowed service is never buried.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -232,7 +232,7 @@ fn broken_configs_name_file_line_column_and_key() {
         // Found by serde while reading: unknown keys, wrong types, TOML syntax.
         (
             web("bogus = 1\n"),
-            "cutover.toml:4:1: services.web.bogus: unknown key `bogus`; allowed keys: `listen`, `version`, `runtime`, `command`, `env`, `reads_port_env`, `upstreams`, `instances`, `strategy`, `progress_deadline`, `drain_timeout`, `stop_timeout`, `upstream_timeout`, `health`, `canary`, `blue_green`, `rolling`, `scale_down_delay`, `analysis`, `max_connections`, `probe`, `image`, `port`, `docker`, `hooks`, `smoke`, `database`, `slo`",
+            "cutover.toml:4:1: services.web.bogus: unknown key `bogus`; allowed keys: `listen`, `version`, `runtime`, `command`, `env`, `env_file`, `reads_port_env`, `upstreams`, `instances`, `strategy`, `progress_deadline`, `drain_timeout`, `stop_timeout`, `upstream_timeout`, `health`, `canary`, `blue_green`, `rolling`, `scale_down_delay`, `analysis`, `max_connections`, `probe`, `image`, `port`, `docker`, `hooks`, `smoke`, `database`, `slo`",
         ),
         (
             web("[services.web.canary]\nsteps = [ { weight = 10, wait = \"5s\" }, { weight = 100 } ]\n"),

@@ -42,6 +42,8 @@ enum Did {
     Publish(Vec<String>),
     /// A chaos experiment's action reached the instance.
     Disturb(String, Disturbance),
+    /// A version was prepared (its image made).
+    Prepare(String),
 }
 
 #[derive(Clone, Debug)]
@@ -63,6 +65,8 @@ struct World {
     /// What the health check last reported per instance: like the proxy's, it reports
     /// changes only.
     reported: Mutex<BTreeMap<InstanceId, Health>>,
+    /// Set: versions need preparing (like images), which ends when it reads `true`.
+    image_gate: Mutex<Option<tokio::sync::watch::Receiver<bool>>>,
 }
 
 impl World {
@@ -174,6 +178,22 @@ impl FakeRuntime {
 }
 
 impl Runtime for FakeRuntime {
+    fn needs_prepare(&self) -> bool {
+        self.world.image_gate.lock().unwrap().is_some()
+    }
+
+    fn prepare<'a>(&'a self, version: &'a Version) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            self.world.did(Did::Prepare(version.to_string()));
+            // A slow image build: it ends when the test says so.
+            let gate = self.world.image_gate.lock().unwrap().clone();
+            if let Some(mut g) = gate {
+                let _ = g.wait_for(|open| *open).await;
+            }
+            Ok(())
+        })
+    }
+
     fn start(&self, spec: StartSpec) -> BoxFuture<'_, Result<Started, RuntimeError>> {
         Box::pin(async move {
             let port = 20_000 + self.world.next_port.fetch_add(1, Ordering::SeqCst);
@@ -526,6 +546,36 @@ async fn a_disturbance_reaches_only_the_services_own_instances() {
             .unwrap_err();
     assert!(e.to_string().contains("no instance web-v9-0"), "{e}");
     assert!(d.c.disturb("db", &id, Disturbance::Kill).await.is_err());
+    d.shut_down().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_preparation_runs_off_the_loop_and_its_instances_start_after_it() {
+    let world = Arc::new(World::default());
+    let (gate, opened) = tokio::sync::watch::channel(true);
+    *world.image_gate.lock().unwrap() = Some(opened);
+    let d = Daemon::start(&world, Store::open_in_memory().unwrap(), false);
+    d.until("two healthy v1", |v| healthy_of(v, "v1") == 2)
+        .await;
+    assert!(world.log().contains(&Did::Prepare("v1".into())));
+    // v2's image takes a while to build.
+    gate.send(false).unwrap();
+    d.deploy("v2").await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The deploy was answered and the controller answers on: nothing waits for the build.
+    let v = d.view().await;
+    assert_eq!(v.candidate.as_ref().map(Version::as_str), Some("v2"));
+    assert_eq!(world.running_of("v2").len(), 0, "{:?}", world.log());
+    assert!(world.log().contains(&Did::Prepare("v2".into())));
+    gate.send(true).unwrap();
+    d.until("v2 running", |v| healthy_of(v, "v2") >= 1).await;
+    // Prepared once, then every start of the version goes straight on.
+    let prepares = world
+        .log()
+        .iter()
+        .filter(|x| **x == Did::Prepare("v2".into()))
+        .count();
+    assert_eq!(prepares, 1);
     d.shut_down().await;
 }
 

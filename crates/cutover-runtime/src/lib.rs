@@ -139,6 +139,15 @@ pub trait Runtime: Send + Sync {
     /// Starts one instance; returns once it runs (not once it is healthy).
     fn start(&self, spec: StartSpec) -> BoxFuture<'_, Result<Started, RuntimeError>>;
 
+    /// Whether a version must be prepared ([`Runtime::prepare`]) before its first start.
+    fn needs_prepare(&self) -> bool;
+
+    /// Makes what starting instances of `version` needs and may take long (a container
+    /// image built or pulled). The driver runs it off its loop, once per version, before the
+    /// version's first start, so that a slow build never stalls other services or requests.
+    /// A start still works without it (it prepares what is missing itself).
+    fn prepare<'a>(&'a self, version: &'a Version) -> BoxFuture<'a, Result<(), RuntimeError>>;
+
     /// Stops an instance: its stop signal, then a kill after `stop_timeout`; returns once
     /// nothing of it runs. Idempotent: an unknown instance is already stopped.
     fn stop<'a>(
@@ -291,6 +300,14 @@ impl StaticRuntime {
 }
 
 impl Runtime for StaticRuntime {
+    fn needs_prepare(&self) -> bool {
+        false
+    }
+
+    fn prepare<'a>(&'a self, _version: &'a Version) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     fn start(&self, spec: StartSpec) -> BoxFuture<'_, Result<Started, RuntimeError>> {
         let found = self
             .upstreams

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cutover_core::InstanceId;
+use cutover_core::{InstanceId, Version};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -784,21 +784,25 @@ impl ProcessRuntime {
         Ok(())
     }
 
-    /// The processes of an instance's tree now: its cgroup's, else its group leader.
+    /// The processes of an instance's tree now, its leader first: its cgroup's, else its
+    /// process group's.
     fn tree(&self, instance: &InstanceId) -> Option<Vec<u32>> {
-        let procs = self.inner.procs.lock().ok()?;
-        let p = procs.get(instance)?;
-        let leader = p.pgid.load(Ordering::SeqCst);
-        Some(match &p.leaf {
-            Some(dir) => {
-                let mut pids = contain::cgroup_pids(dir);
-                if pids.is_empty() {
-                    pids.push(leader);
-                }
-                pids
-            }
-            None => vec![leader],
-        })
+        let (leader, leaf) = {
+            let procs = self.inner.procs.lock().ok()?;
+            let p = procs.get(instance)?;
+            (p.pgid.load(Ordering::SeqCst), p.leaf.clone())
+        };
+        let mut pids = match &leaf {
+            Some(dir) => contain::cgroup_pids(dir),
+            None => contain::processes()
+                .into_iter()
+                .filter(|p| p.pgid == leader)
+                .map(|p| p.pid)
+                .collect(),
+        };
+        pids.retain(|p| *p != leader);
+        pids.insert(0, leader);
+        Some(pids)
     }
 
     /// SIGKILL to the instance's whole tree, as a crash would; its supervisor reports the exit
@@ -906,6 +910,15 @@ fn parse_handle(h: &Handle) -> Option<(u32, u32)> {
 }
 
 impl Runtime for ProcessRuntime {
+    fn needs_prepare(&self) -> bool {
+        false
+    }
+
+    fn prepare<'a>(&'a self, _version: &'a Version) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        // A command needs nothing made first.
+        Box::pin(async { Ok(()) })
+    }
+
     fn start(&self, spec: StartSpec) -> BoxFuture<'_, Result<Started, RuntimeError>> {
         Box::pin(ProcessRuntime::start(self, spec))
     }

@@ -129,6 +129,11 @@ impl Driver {
                 kind,
                 message,
             } => self.record_loose(&service, rollout, kind, message),
+            Internal::Prepared {
+                service,
+                version,
+                result,
+            } => self.on_prepared(&service, &version, result).await,
             Internal::ScheduledDone(service) => {
                 if let Some(svc) = self.services.get_mut(&service) {
                     svc.scheduled = None;

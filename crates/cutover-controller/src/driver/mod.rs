@@ -16,7 +16,7 @@
 //! It must not make decisions itself (those are the fsm's and the judge's) and must not be on
 //! the request path: the proxy keeps serving the last table if this task stops.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -240,6 +240,12 @@ enum Internal {
     },
     /// A scheduled backup round of the service ended.
     ScheduledDone(ServiceName),
+    /// A version's runtime preparation (its image) ended.
+    Prepared {
+        service: ServiceName,
+        version: Version,
+        result: Result<(), String>,
+    },
 }
 
 struct Instance {
@@ -294,6 +300,12 @@ struct Svc {
     /// The scheduled backup round in flight, and when the next one is due.
     scheduled: Option<tokio::task::JoinHandle<()>>,
     next_backup: Option<Timestamp>,
+    /// Versions whose runtime preparation (an image) is done, and those being prepared.
+    prepared: BTreeSet<Version>,
+    preparing: BTreeSet<Version>,
+    /// How many instances of each version were last asked for: what to start once its
+    /// preparation is done.
+    want: BTreeMap<Version, u32>,
 }
 
 /// A transition whose write failed, kept to be written again and then carried out.
@@ -387,6 +399,9 @@ pub fn driver(parts: DriverParts) -> (Driver, Controller) {
                 job_seq: 0,
                 scheduled: None,
                 next_backup: None,
+                prepared: BTreeSet::new(),
+                preparing: BTreeSet::new(),
+                want: BTreeMap::new(),
                 setup,
             };
             (name, svc)

@@ -29,6 +29,13 @@ impl Driver {
             self.publish(name);
             return;
         }
+        if let Some(svc) = self.services.get_mut(name) {
+            svc.want.insert(version.clone(), want);
+        }
+        if have < want && !self.ready_to_start(name, version) {
+            // Started once the preparation ends (`Internal::Prepared`).
+            return;
+        }
         let mut failure = None;
         for index in have..want {
             if let Err(reason) = self.start(name, version, index as usize).await {
@@ -39,19 +46,74 @@ impl Driver {
         // Whatever did start is routed, even when a later start of the batch failed.
         self.publish(name);
         if let Some(reason) = failure {
-            let active = self.services.get(name).and_then(|s| s.active.as_ref());
-            let candidate = active.is_some_and(|a| &a.rollout.candidate == version);
-            let rollout_id = active.map(|a| a.rollout.id);
-            self.record_loose(
-                name,
-                rollout_id,
-                EventKind::StartFailed,
-                format!("could not start {version}: {reason}"),
-            );
-            if candidate {
-                // Boxed: the fsm reacts by scaling, which can come back here.
-                Box::pin(self.feed(name, Event::StartFailed { reason })).await;
+            self.start_failed(name, version, reason).await;
+        }
+    }
+
+    /// Whether instances of `version` can be started now; if its runtime must prepare it
+    /// first (an image), starts that off the loop and says no.
+    fn ready_to_start(&mut self, name: &ServiceName, version: &Version) -> bool {
+        let tx = self.internal_tx.clone();
+        let Some(svc) = self.services.get_mut(name) else {
+            return false;
+        };
+        if svc.prepared.contains(version) || !svc.setup.runtime.needs_prepare() {
+            return true;
+        }
+        if svc.preparing.insert(version.clone()) {
+            tracing::info!(service = %name, version = %version, "preparing the version (its image) before its first start");
+            let runtime = svc.setup.runtime.clone();
+            let (service, version) = (name.clone(), version.clone());
+            tokio::spawn(async move {
+                let result = runtime.prepare(&version).await.map_err(|e| e.to_string());
+                let _ = tx.send(Internal::Prepared {
+                    service,
+                    version,
+                    result,
+                });
+            });
+        }
+        false
+    }
+
+    /// A version's preparation ended: its instances start now, or the start failed.
+    pub(super) async fn on_prepared(
+        &mut self,
+        name: &ServiceName,
+        version: &Version,
+        result: Result<(), String>,
+    ) {
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
+        svc.preparing.remove(version);
+        let want = svc.want.get(version).copied().unwrap_or(0);
+        match result {
+            Ok(()) => {
+                svc.prepared.insert(version.clone());
+                Box::pin(self.scale(name, version, want)).await;
             }
+            // Nobody waits for this version any more: nothing failed that matters.
+            Err(_) if want == 0 => {}
+            Err(reason) => self.start_failed(name, version, reason).await,
+        }
+    }
+
+    /// Instances of `version` could not be started: an event, and for a candidate the fsm
+    /// hears it (the rollout fails with the reason).
+    async fn start_failed(&mut self, name: &ServiceName, version: &Version, reason: String) {
+        let active = self.services.get(name).and_then(|s| s.active.as_ref());
+        let candidate = active.is_some_and(|a| &a.rollout.candidate == version);
+        let rollout_id = active.map(|a| a.rollout.id);
+        self.record_loose(
+            name,
+            rollout_id,
+            EventKind::StartFailed,
+            format!("could not start {version}: {reason}"),
+        );
+        if candidate {
+            // Boxed: the fsm reacts by scaling, which can come back here.
+            Box::pin(self.feed(name, Event::StartFailed { reason })).await;
         }
     }
 

@@ -920,6 +920,14 @@ fn cut(line: &str, max: usize) -> String {
 }
 
 impl Runtime for DockerRuntime {
+    fn needs_prepare(&self) -> bool {
+        true
+    }
+
+    fn prepare<'a>(&'a self, version: &'a Version) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async move { self.ensure_image(version).await.map(|_| ()) })
+    }
+
     fn start(&self, spec: StartSpec) -> BoxFuture<'_, Result<Started, RuntimeError>> {
         Box::pin(DockerRuntime::start(self, spec))
     }
