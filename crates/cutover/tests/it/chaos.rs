@@ -155,7 +155,13 @@ fn the_readme_game_day_holds_under_load_and_leaves_no_fault() {
     let tally = load.stop();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}\n{}\n{}", stdout(&out), stderr(&out), d.log()));
-    assert_eq!(out.status.code(), Some(0), "{report:#}\n{}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{report:#}\n{}\n{}",
+        stderr(&out),
+        d.log()
+    );
     assert_eq!(report["verdict"], "held", "{report:#}");
     assert_eq!(report["recovered"], true, "{report:#}");
     let method = report["method"].as_array().unwrap();
@@ -588,4 +594,42 @@ max = 10000
     ] {
         assert!(page.contains(want), "{want} not on the page: {page}");
     }
+
+    // Stopped early (Ctrl-C), a long stress ends at once, with the experiment.
+    let long = write(
+        d.dir.path(),
+        "long.toml",
+        "title = \"long\"\n[[method]]\naction = \"cpu-stress\"\nservice = \"web\"\nload = 0.2\nfor = \"10m\"\n[[method]]\naction = \"wait\"\nfor = \"10m\"\n",
+    );
+    let child = Command::new(EXE)
+        .args(["-c", d.config.to_str().unwrap()])
+        .args(["chaos", "run", long.to_str().unwrap(), "--json"])
+        .current_dir(d.dir.path())
+        .env_remove("CUTOVER_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the long busy loop", Duration::from_secs(30), || {
+        !processes_with("__burn").is_empty()
+    });
+    let interrupted = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let out = child.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", stdout(&out), stderr(&out)));
+    assert_eq!(report["verdict"], "aborted", "{report:#}");
+    assert_eq!(report["stresses_ended"], 1, "{report:#}");
+    // The runtime ends it as the experiment clears: within moments, not 10 minutes.
+    wait_until(
+        "the busy loop gone and the CPUs back",
+        Duration::from_secs(5),
+        || {
+            processes_with("__burn").is_empty()
+                && before.iter().all(|(pid, cpus)| cpus_allowed(*pid) == *cpus)
+        },
+    );
 }
