@@ -418,6 +418,19 @@ fn processes_with(needle: &str) -> Vec<(u32, String)> {
     out
 }
 
+/// `cutover chaos run FILE --json` in the background, its output piped.
+fn chaos_run_json(d: &Daemon, file: &std::path::Path) -> std::process::Child {
+    Command::new(EXE)
+        .args(["-c", d.config.to_str().unwrap()])
+        .args(["chaos", "run", file.to_str().unwrap(), "--json"])
+        .current_dir(d.dir.path())
+        .env_remove("CUTOVER_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// `Cpus_allowed_list` of a process: `0-1`, `1`.
 fn cpus_allowed(pid: u64) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -502,15 +515,7 @@ max = 10000
         .filter_map(crate::harness::pid_of)
         .map(|p| (p, cpus_allowed(p)))
         .collect();
-    let child = Command::new(EXE)
-        .args(["-c", d.config.to_str().unwrap()])
-        .args(["chaos", "run", path.to_str().unwrap(), "--json"])
-        .current_dir(d.dir.path())
-        .env_remove("CUTOVER_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = chaos_run_json(&d, &path);
     // While the stress runs: a busy loop beside the instance, both on one CPU.
     let mut burner = Vec::new();
     wait_until("the busy loop", Duration::from_secs(30), || {
@@ -601,15 +606,7 @@ max = 10000
         "long.toml",
         "title = \"long\"\n[[method]]\naction = \"cpu-stress\"\nservice = \"web\"\nload = 0.2\nfor = \"10m\"\n[[method]]\naction = \"wait\"\nfor = \"10m\"\n",
     );
-    let child = Command::new(EXE)
-        .args(["-c", d.config.to_str().unwrap()])
-        .args(["chaos", "run", long.to_str().unwrap(), "--json"])
-        .current_dir(d.dir.path())
-        .env_remove("CUTOVER_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = chaos_run_json(&d, &long);
     wait_until("the long busy loop", Duration::from_secs(30), || {
         !processes_with("__burn").is_empty()
     });
