@@ -604,11 +604,7 @@ impl Chaos {
                     if res.ok { "within" } else { "outside" },
                     res.tolerance
                 );
-                (
-                    p.name.clone(),
-                    probe_kind_name(&p.kind).to_owned(),
-                    Ok(detail),
-                )
+                (p.name.clone(), p.kind.name().to_owned(), Ok(detail))
             }
             Activity::Action(a) => {
                 if !a.pause_before.is_zero() {
@@ -618,7 +614,7 @@ impl Chaos {
                 if !a.pause_after.is_zero() {
                     tokio::time::sleep(a.pause_after).await;
                 }
-                (a.name.clone(), action_kind_name(&a.kind).to_owned(), r)
+                (a.name.clone(), a.kind.name().to_owned(), r)
             }
         };
         let (ok, detail) = match r {
@@ -1237,12 +1233,4 @@ fn first_service(e: &Experiment) -> Option<String> {
         .find_map(probe_service)
         .or_else(|| e.method.iter().find_map(from_action))
         .or_else(|| e.rollbacks.iter().find_map(from_action))
-}
-
-pub fn action_kind_name(k: &ActionKind) -> &'static str {
-    k.name()
-}
-
-pub fn probe_kind_name(k: &ProbeKind) -> &'static str {
-    k.name()
 }

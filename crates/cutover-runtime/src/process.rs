@@ -773,12 +773,7 @@ impl ProcessRuntime {
             .is_ok();
         if !graceful {
             // The supervisor kills the rest of the tree once the first process is gone.
-            match &leaf {
-                Some(dir) => contain::kill_cgroup(dir),
-                None => {
-                    contain::signal_group(pgid.load(Ordering::SeqCst), libc::SIGKILL);
-                }
-            }
+            sigkill_tree(leaf.as_deref(), pgid.load(Ordering::SeqCst));
             let _ = tokio::time::timeout(GONE_WITHIN * 2, exited.wait_for(|e| *e)).await;
         }
         Ok(())
@@ -818,12 +813,7 @@ impl ProcessRuntime {
                     .map(|h| (h.pgid.load(Ordering::SeqCst), h.leaf.clone()))
             })
             .ok_or_else(|| not_running(instance))?;
-        match &leaf {
-            Some(dir) => contain::kill_cgroup(dir),
-            None => {
-                contain::signal_group(pgid, libc::SIGKILL);
-            }
-        }
+        sigkill_tree(leaf.as_deref(), pgid);
         Ok(format!(
             "SIGKILL sent to {instance} (pid {pgid} and its tree)"
         ))
@@ -979,6 +969,17 @@ impl Runtime for ProcessRuntime {
             Disturbance::Calm => Ok(self.inner.stresses.calm(instance)),
         };
         Box::pin(async move { r })
+    }
+}
+
+/// SIGKILL to an instance's tree: its whole cgroup, else its process group. Returns at once;
+/// the supervisor sees the exit.
+fn sigkill_tree(leaf: Option<&Path>, pgid: u32) {
+    match leaf {
+        Some(dir) => contain::kill_cgroup(dir),
+        None => {
+            contain::signal_group(pgid, libc::SIGKILL);
+        }
     }
 }
 

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use cutover_chaos::exec::{ProbeResult, StepResult, action_kind_name, probe_kind_name};
+use cutover_chaos::exec::{ProbeResult, StepResult};
 use cutover_chaos::experiment::{
     Action, ActionKind, Activity, DependencyMode, Experiment, Known, Probe, ProbeKind,
 };
@@ -362,7 +362,7 @@ fn probe_text(p: &Probe) -> String {
             window,
         } => format!(
             "{} of {service}{} over {}s",
-            probe_kind_name(&p.kind),
+            p.kind.name(),
             version
                 .as_ref()
                 .map(|v| format!(" {v}"))
@@ -488,7 +488,7 @@ fn action_text(a: &Action) -> String {
         ActionKind::AbortRollout { service } => format!("abort a rollout of {service} in progress"),
         ActionKind::Wait { duration } => format!("wait {}", ms(duration)),
     };
-    let mut t = format!("{} ({}): {what}", a.name, action_kind_name(&a.kind));
+    let mut t = format!("{} ({}): {what}", a.name, a.kind.name());
     if !a.pause_before.is_zero() {
         t.push_str(&format!("; pause {} before", ms(&a.pause_before)));
     }

@@ -19,7 +19,8 @@ use crate::{Disturbance, RuntimeError};
 const FLOOR_CPUS: f64 = 0.01;
 
 impl DockerRuntime {
-    fn current(&self, instance: &InstanceId) -> Result<String, RuntimeError> {
+    /// The container `instance` runs as now (a crash makes a new one).
+    pub(super) fn current(&self, instance: &InstanceId) -> Result<String, RuntimeError> {
         self.inner
             .ctrs
             .lock()

@@ -956,11 +956,7 @@ impl Runtime for DockerRuntime {
 
     fn describe(&self, instance: &InstanceId, handle: &Handle) -> String {
         // A crash makes a new container for the instance: name the one it runs as now.
-        let now = self.inner.ctrs.lock().ok().and_then(|c| {
-            c.get(instance)
-                .and_then(|c| c.id.lock().ok().map(|g| g.clone()))
-                .filter(|id| !id.is_empty())
-        });
+        let now = self.current(instance).ok();
         format!(
             "container {}",
             short(now.as_deref().unwrap_or(handle.as_str()))
